@@ -1,0 +1,160 @@
+"""Megatron-style linear layers.
+
+Column-parallel layers split the output dim and need no communication; row-parallel layers
+split the input dim and end with one all-reduce. Column then row = one all-reduce per pair.
+Weights are logical [out, in]; a checkpoint that stores [in, out] (GPT-2's Conv1D) is read
+through a transposed view, so the same cut applies.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.parallel import HeadShard, TPGroup, shard_range
+from workers.tensor_source import TensorSource, copy_into
+
+
+def _param(*shape: int, dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class ReplicatedLinear(nn.Module):
+    """A linear layer every rank holds whole (small projections)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.weight = _param(out_features, in_features, dtype=dtype, device=device)
+        self.weight.weight_loader = lambda p, src, shard_id=None: copy_into(p, src.read(), src.name)
+        self.bias = None
+        if bias:
+            self.bias = _param(out_features, dtype=dtype, device=device)
+            self.bias.weight_loader = self.weight.weight_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Linear whose output features are cut into contiguous ranges, one per rank."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group: TPGroup,
+                 dtype: torch.dtype, device=None):
+        super().__init__()
+        self.group = group
+        self.out_start, self.out_end = shard_range(out_features, group.size, group.rank)
+        local = self.out_end - self.out_start
+        self.weight = _param(local, in_features, dtype=dtype, device=device)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = _param(local, dtype=dtype, device=device)
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, src: TensorSource, shard_id=None) -> None:
+        copy_into(param, src.read_rows(self.out_start, self.out_end), src.name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(nn.Module):
+    """Several column-parallel outputs fused into one matmul (gate_up_proj = [gate; up]).
+
+    Each part is cut by the same rule, so rank r holds [gate_r; up_r].
+    """
+
+    def __init__(self, in_features: int, part_sizes: list[int], bias: bool, group: TPGroup,
+                 dtype: torch.dtype, device=None):
+        super().__init__()
+        self.ranges = [shard_range(n, group.size, group.rank) for n in part_sizes]
+        self.local_sizes = [e - s for s, e in self.ranges]
+        self.weight = _param(sum(self.local_sizes), in_features, dtype=dtype, device=device)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = _param(sum(self.local_sizes), dtype=dtype, device=device)
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, src: TensorSource, shard_id: int) -> None:
+        offset = sum(self.local_sizes[:shard_id])
+        start, end = self.ranges[shard_id]
+        copy_into(param.narrow(0, offset, end - start), src.read_rows(start, end), f"{src.name}[{shard_id}]")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class QKVParallelLinear(nn.Module):
+    """Fused q/k/v projection cut by attention heads.
+
+    Rank r holds its query heads and every KV head they read (a KV head shared by two ranks'
+    query ranges is copied on both). Local layout: [q heads | k heads | v heads].
+    Loads from separate q_proj/k_proj/v_proj (shard_id 'q'/'k'/'v') or from one fused tensor
+    laid out [q; k; v] (shard_id None, GPT-2's c_attn).
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 shard: HeadShard, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.shard, self.head_dim = shard, head_dim
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.q_size = shard.num_heads * head_dim
+        self.kv_size = shard.num_kv_heads * head_dim
+        out = self.q_size + 2 * self.kv_size
+        self.weight = _param(out, hidden_size, dtype=dtype, device=device)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = _param(out, dtype=dtype, device=device)
+            self.bias.weight_loader = self.weight_loader
+
+    def _rows(self, shard_id: str) -> tuple[int, int, int]:
+        """(local offset, checkpoint row start, checkpoint row end) for one of q, k, v."""
+        d, s = self.head_dim, self.shard
+        if shard_id == "q":
+            return 0, s.q_start * d, s.q_end * d
+        offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
+        return offset, s.kv_start * d, s.kv_end * d
+
+    def weight_loader(self, param: nn.Parameter, src: TensorSource, shard_id: str | None = None) -> None:
+        if shard_id is None:  # fused [q; k; v] along the output dim
+            q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            parts = {"q": src.narrow(0, 0, q_rows), "k": src.narrow(0, q_rows, kv_rows),
+                     "v": src.narrow(0, q_rows + kv_rows, kv_rows)}
+            for sid, part in parts.items():
+                self.weight_loader(param, part, sid)
+            return
+        offset, start, end = self._rows(shard_id)
+        copy_into(param.narrow(0, offset, end - start), src.read_rows(start, end), f"{src.name}[{shard_id}]")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        qkv = F.linear(x, self.weight, self.bias)
+        return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+
+class RowParallelLinear(nn.Module):
+    """Linear whose input features are cut across ranks; partial sums meet in one all-reduce.
+
+    `input_sizes` lets the input cut follow a non-uniform producer (o_proj's input is the
+    attention heads, cut by head ranges times head_dim).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group: TPGroup,
+                 dtype: torch.dtype, device=None, input_range: tuple[int, int] | None = None):
+        super().__init__()
+        self.group = group
+        self.in_start, self.in_end = input_range or shard_range(in_features, group.size, group.rank)
+        self.weight = _param(out_features, self.in_end - self.in_start, dtype=dtype, device=device)
+        self.weight.weight_loader = self.weight_loader
+        # Bias only on rank 0, or the all-reduce would add it tp_size times.
+        self.bias = None
+        if bias and group.rank == 0:
+            self.bias = _param(out_features, dtype=dtype, device=device)
+            self.bias.weight_loader = lambda p, src, shard_id=None: copy_into(p, src.read(), src.name)
+
+    def weight_loader(self, param: nn.Parameter, src: TensorSource, shard_id=None) -> None:
+        copy_into(param, src.read_cols(self.in_start, self.in_end), src.name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce(F.linear(x, self.weight, self.bias))

@@ -1,0 +1,42 @@
+"""Normalisation layers; replicated on every rank (they are small and per-token)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workers.tensor_source import TensorSource, copy_into
+
+
+def _replicated_loader(param: nn.Parameter, src: TensorSource, shard_id=None) -> None:
+    copy_into(param, src.read(), src.name)
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm, computed in float32 like the reference."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.weight.weight_loader = _replicated_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    """GPT-2's LayerNorm with weight and bias."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.weight.weight_loader = _replicated_loader
+        self.bias.weight_loader = _replicated_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)

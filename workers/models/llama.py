@@ -1,0 +1,113 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2) built from tensor-parallel layers.
+
+Per block: qkv_proj (column, by heads) -> attention -> o_proj (row, all-reduce);
+gate_up_proj (column) -> SwiGLU -> down_proj (row, all-reduce). Two all-reduces per block.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.config import ModelConfig
+from workers.errors import UnsupportedArchitectureError
+from workers.layers.attention import Attention
+from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from workers.layers.norm import RMSNorm
+from workers.layers.rotary import RotaryEmbedding
+from workers.models.batch import ForwardBatch
+from workers.parallel import TPGroup, head_shard
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, rotary: RotaryEmbedding, dtype, device):
+        super().__init__()
+        shard = head_shard(cfg.num_heads, cfg.num_kv_heads, group.size, group.rank)
+        d = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_heads, cfg.num_kv_heads, shard,
+                                          cfg.attention_bias, dtype, device)
+        # o_proj's input is this rank's heads, so its cut follows the head ranges.
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, cfg.attention_bias, group, dtype, device,
+                                        input_range=(shard.q_start * d, shard.q_end * d))
+        self.attn = Attention(layer_idx, shard, d, d ** -0.5, device)
+        self.rotary = rotary
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.num_heads, shard.num_kv_heads, d
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        o = self.attn(q, k, v.view(t, self.num_kv_heads, self.head_dim), batch.attn)
+        return self.o_proj(o)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, group: TPGroup, dtype, device):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise UnsupportedArchitectureError(f"hidden_act {cfg.hidden_act!r}: the Llama family supports 'silu'")
+        i = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [i, i], cfg.mlp_bias, group, dtype, device)
+        self.down_proj = RowParallelLinear(i, cfg.hidden_size, cfg.mlp_bias, group, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, rotary, dtype, device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, device)
+        self.self_attn = LlamaAttention(cfg, layer_idx, group, rotary, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, device)
+        self.mlp = LlamaMLP(cfg, group, dtype, device)
+
+    def forward(self, positions, x, batch):
+        x = x + self.self_attn(positions, self.input_layernorm(x), batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, group: TPGroup, dtype, device):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group, dtype, device)
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, group, rotary, dtype, device)
+                                    for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, device)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        x = self.embed_tokens(batch.input_ids)
+        for layer in self.layers:
+            x = layer(batch.positions, x, batch)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family model sharded over a TP group; logits come back on rank 0 only."""
+
+    # Our fused parameter <- the checkpoint tensors it is cut from, with the part each one fills.
+    packed_modules = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
+                      "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)]}
+
+    def __init__(self, cfg: ModelConfig, group: TPGroup, dtype: torch.dtype, device):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg, group, dtype, device)
+        tie = self.model.embed_tokens if cfg.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, group, dtype, device, tie_to=tie)
+
+    def checkpoint_sources(self, param_name: str) -> list[tuple[str, object, bool]]:
+        """(checkpoint tensor, shard id, stored transposed) for each tensor that fills a parameter."""
+        for fused, parts in self.packed_modules.items():
+            if f".{fused}." in param_name:
+                return [(param_name.replace(fused, part), sid, False) for part, sid in parts]
+        return [(param_name, None, False)]
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
+        hidden = self.model(batch)
+        return self.lm_head(hidden.index_select(0, batch.logits_indices))

@@ -1,0 +1,213 @@
+"""One rank of a tensor-parallel replica: join the group, load this rank's shard, run steps.
+
+Rank 0 drives: it builds each step's plan, broadcasts it on the CPU group and samples from the
+gathered logits. The other ranks sit in `follow()`, running whatever plan arrives, until STOP.
+The same class runs under the local launcher, inside a Ray actor, or in-process at tp 1.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from workers.config import ModelConfig
+from workers.errors import ConfigError
+from workers.kv_cache import ContiguousKVCache, SeqChunk
+from workers.loader import load_weights, read_generation_eos
+from workers.models import build_model
+from workers.models.batch import ForwardBatch
+from workers.parallel import TPGroup, head_shard
+from workers.step_plan import PlanChannel, PlanOp, StepPlan
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(slots=True)
+class WorkerSpec:
+    """How to build one replica's ranks; identical on every rank."""
+
+    model_path: str
+    tp_size: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    dist_init_method: str | None = None  # tcp://host:port of rank 0's rendezvous
+    backend: str | None = None  # default: nccl on cuda, gloo on cpu
+    num_threads: int | None = None  # torch threads per rank
+    max_model_len: int = 2048
+    max_num_seqs: int = 8
+    collective_timeout_s: float = 300.0
+
+    def validate(self, config: ModelConfig) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError("device", f"{self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not 1 <= self.tp_size <= config.num_heads:
+            raise ConfigError("tp", f"tp={self.tp_size} must be between 1 and the model's {config.num_heads} query heads")
+        if self.max_model_len < 1:
+            raise ConfigError("max_model_len", f"must be >= 1, got {self.max_model_len}")
+
+
+def resolve_backend(spec: WorkerSpec) -> str:
+    return spec.backend or ("nccl" if spec.device == "cuda" else "gloo")
+
+
+class Worker:
+    """A rank: process group, model shard, KV cache."""
+
+    def __init__(self, spec: WorkerSpec, rank: int):
+        t0 = time.perf_counter()
+        self.spec, self.rank = spec, rank
+        self.config = ModelConfig.from_pretrained(spec.model_path)
+        spec.validate(self.config)
+        if spec.num_threads:
+            torch.set_num_threads(spec.num_threads)
+        if spec.device == "cuda":
+            self.device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.group = self._init_group()
+        self.dtype = DTYPES[spec.dtype]
+        self.model = build_model(self.config, self.group, self.dtype, self.device).eval()
+        self.read_counter = load_weights(self.model, spec.model_path)
+        self.eos_token_ids = sorted(set(self.config.eos_token_ids + read_generation_eos(spec.model_path)))
+        self.max_model_len = min(spec.max_model_len, self.config.max_position_embeddings)
+        shard = head_shard(self.config.num_heads, self.config.num_kv_heads, self.group.size, rank)
+        self.cache = ContiguousKVCache(self.config.num_layers, spec.max_num_seqs, self.max_model_len,
+                                       shard.num_kv_heads, self.config.head_dim, self.dtype, self.device)
+        self.channel = PlanChannel(self.group.cpu_group, rank) if self.group.size > 1 else None
+        self.load_seconds = time.perf_counter() - t0
+
+    def _init_group(self) -> TPGroup:
+        spec = self.spec
+        if spec.tp_size == 1:
+            return TPGroup(0, 1)
+        backend = resolve_backend(spec)
+        dist.init_process_group(backend, init_method=spec.dist_init_method, rank=self.rank,
+                                world_size=spec.tp_size, timeout=timedelta(seconds=spec.collective_timeout_s))
+        # The step plan is small host data: it always travels on gloo, beside an NCCL device group.
+        cpu_group = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
+        return TPGroup(self.rank, spec.tp_size, dist.group.WORLD, cpu_group,
+                       stage_on_host=backend == "gloo" and spec.device == "cuda")
+
+    # ---- what every rank runs ------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run one forward; logits [len(logits_indices), vocab] on rank 0, None elsewhere."""
+        dev = self.device
+        batch = ForwardBatch(
+            input_ids=torch.tensor(plan.input_ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(plan.positions, dtype=torch.long, device=dev),
+            attn=self.cache.batch(plan.chunks),
+            logits_indices=torch.tensor(plan.logits_indices, dtype=torch.long, device=dev),
+        )
+        logits = self.model(batch)
+        return None if logits is None else logits.float()
+
+    def follow(self) -> None:
+        """Ranks > 0: run the plans rank 0 broadcasts until it says STOP."""
+        while True:
+            plan = self.channel.recv()
+            if plan.op == PlanOp.STOP:
+                return
+            self.execute(plan)
+
+    def load_report(self) -> dict:
+        """What this rank holds and what it read: the tests compare these with the shard rule."""
+        seen, param_bytes = set(), 0
+        for p in self.model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                param_bytes += p.numel() * p.element_size()
+        return {"rank": self.rank, "pid": os.getpid(), "param_bytes": param_bytes,
+                "bytes_read": self.read_counter.bytes_read, "load_seconds": self.load_seconds,
+                "num_threads": torch.get_num_threads()}
+
+    def close(self) -> None:
+        if self.group.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ---- rank 0 only ---------------------------------------------------------------------
+    def step(self, plan: StepPlan) -> torch.Tensor | None:
+        if self.channel is not None:
+            self.channel.send(plan)
+        return self.execute(plan)
+
+    def stop_followers(self) -> None:
+        if self.channel is not None:
+            self.channel.send(StepPlan.stop())
+
+    def _check_batch(self, prompts: list[list[int]], max_tokens: int) -> None:
+        if not prompts or len(prompts) > self.spec.max_num_seqs:
+            raise ConfigError("prompts", f"need 1..{self.spec.max_num_seqs} prompts, got {len(prompts)}")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ConfigError(f"prompts[{i}]", "is empty")
+            if len(p) + max_tokens > self.max_model_len:
+                raise ConfigError(f"prompts[{i}]", f"{len(p)} prompt tokens + max_tokens {max_tokens} exceed "
+                                                   f"max_model_len {self.max_model_len}")
+
+    def prefill_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Logits at every position of each prompt, concatenated: [sum(len), vocab] (tests, scoring)."""
+        self._check_batch(prompts, 0)
+        ids, pos, chunks = [], [], []
+        for slot, p in enumerate(prompts):
+            ids += p
+            pos += range(len(p))
+            chunks.append(SeqChunk(slot, 0, len(p)))
+        return self.step(StepPlan(PlanOp.STEP, ids, pos, chunks, list(range(len(ids)))))
+
+    def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0,
+                 seed: int | None = None, ignore_eos: bool = False) -> list[list[int]]:
+        """A static batch: prefill all prompts in one step, then decode them together.
+
+        The engine (continuous batching over a paged cache) supersedes this for serving; it is
+        kept as the simplest correct driver for the CLI at tp > 1 and for the benchmark.
+        """
+        if max_tokens < 1:
+            raise ConfigError("max_tokens", f"must be >= 1, got {max_tokens}")
+        if temperature < 0:
+            raise ConfigError("temperature", f"must be >= 0, got {temperature}")
+        self._check_batch(prompts, max_tokens)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        outputs: list[list[int]] = [[] for _ in prompts]
+        live = list(range(len(prompts)))
+        ids, pos, chunks, last = [], [], [], []
+        for slot, p in enumerate(prompts):
+            ids += p
+            pos += range(len(p))
+            chunks.append(SeqChunk(slot, 0, len(p)))
+            last.append(len(ids) - 1)
+        plan = StepPlan(PlanOp.STEP, ids, pos, chunks, last)
+        while True:
+            logits = self.step(plan)
+            if temperature == 0:
+                next_ids = logits.argmax(-1).tolist()
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                next_ids = torch.multinomial(probs, 1, generator=gen).squeeze(-1).tolist()
+            still = []
+            for slot, tok in zip(live, next_ids):
+                outputs[slot].append(tok)
+                done = len(outputs[slot]) >= max_tokens or (not ignore_eos and tok in self.eos_token_ids)
+                if not done:
+                    still.append(slot)
+            live = still
+            if not live:
+                return outputs
+            chunks = [SeqChunk(s, len(prompts[s]) + len(outputs[s]) - 1, 1) for s in live]
+            plan = StepPlan(PlanOp.STEP, [outputs[s][-1] for s in live], [c.start for c in chunks], chunks,
+                            list(range(len(live))))
+
+    def info(self) -> dict:
+        return {"config": asdict(self.config), "eos_token_ids": self.eos_token_ids,
+                "max_model_len": self.max_model_len, "tp_size": self.group.size}
