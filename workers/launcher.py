@@ -13,7 +13,7 @@ import traceback
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
-from workers.errors import WorkerError
+from workers.errors import TpserveError, WorkerError
 from workers.worker import Worker, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,9 @@ class LocalWorkerGroup:
                 raise WorkerError(f"{', '.join(dead)} died during {method}")
         status, value = self._conn.recv()
         if status == "err":
+            dead = [p.name for p in self.processes if not p.is_alive()]
+            if dead and not isinstance(value, TpserveError):  # a collective broke because a peer died
+                raise WorkerError(f"{', '.join(dead)} died during {method}: {value}") from value
             raise value
         return value
 
@@ -143,3 +146,35 @@ class LocalWorkerGroup:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class InProcessWorkerGroup:
+    """tp 1 without a child process: the same interface as LocalWorkerGroup."""
+
+    def __init__(self, spec: WorkerSpec):
+        if spec.tp_size != 1:
+            raise WorkerError(f"an in-process group has one rank, not {spec.tp_size}")
+        self.spec = spec
+        self.worker = Worker(spec, 0)
+        self.reports = [self.worker.load_report()]
+
+    @property
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
+    def call(self, method: str, *args, **kwargs):
+        return getattr(self.worker, method)(*args, **kwargs)
+
+    def close(self) -> None:
+        self.worker.close()
+
+    def __enter__(self) -> "InProcessWorkerGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start_worker_group(spec: WorkerSpec) -> LocalWorkerGroup | InProcessWorkerGroup:
+    """One replica's ranks: in this process at tp 1, one local process per rank above that."""
+    return InProcessWorkerGroup(spec) if spec.tp_size == 1 else LocalWorkerGroup(spec)

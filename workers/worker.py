@@ -208,6 +208,11 @@ class Worker:
             plan = StepPlan(PlanOp.STEP, [outputs[s][-1] for s in live], [c.start for c in chunks], chunks,
                             list(range(len(live))))
 
+    def set_comm_timing(self, on: bool) -> float:
+        """Turn timing of collectives on/off (rank 0); returns the seconds counted so far and resets."""
+        seconds, self.group.comm_seconds, self.group.timed = self.group.comm_seconds, 0.0, on
+        return seconds
+
     def info(self) -> dict:
         return {"config": asdict(self.config), "eos_token_ids": self.eos_token_ids,
                 "max_model_len": self.max_model_len, "tp_size": self.group.size}

@@ -1,0 +1,89 @@
+"""Decode latency at batch 1: tpserve at tp 1, 2, 3 against transformers' generate, in one run.
+
+    python -m benchmarks.decode [--model smollm2-135m] [--tps 1,2,3] [--new-tokens 64]
+
+Prints ms per generated token (prefill excluded: timed as (t(N) - t(1)) / (N - 1)), the share
+of rank 0's decode time spent inside collectives (all-reduce and the logits gather, which
+includes waiting for slower ranks), and each figure's ratio to transformers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from workers.launcher import start_worker_group, threads_per_rank  # noqa: E402
+from workers.model_source import resolve_model  # noqa: E402
+from workers.worker import WorkerSpec  # noqa: E402
+
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def per_token_ms(run, n: int, repeats: int) -> float:
+    """Median over repeats of (t(n) - t(1)) / (n - 1): decode time without the prefill."""
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter(); run(1); t1 = time.perf_counter() - t
+        t = time.perf_counter(); run(n); tn = time.perf_counter() - t
+        samples.append((tn - t1) / (n - 1) * 1e3)
+    return sorted(samples)[len(samples) // 2]
+
+
+def bench_transformers(folder, ids: list[int], n: int, repeats: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads_per_rank(1))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+
+    def run(k):
+        with torch.no_grad():
+            model.generate(x, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
+
+    run(4)  # warm-up
+    return per_token_ms(run, n, repeats)
+
+
+def bench_tpserve(folder, tp: int, ids: list[int], n: int, repeats: int) -> tuple[float, float]:
+    with start_worker_group(WorkerSpec(str(folder), tp_size=tp)) as group:
+        def run(k):
+            group.call("generate", [ids], k, ignore_eos=True)
+
+        run(4)
+        ms = per_token_ms(run, n, repeats)
+        group.call("set_comm_timing", True)
+        t = time.perf_counter(); run(n); total = time.perf_counter() - t
+        comm = group.call("set_comm_timing", False)
+    return ms, comm / total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tps", default="1,2,3")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    folder = resolve_model(args.model)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(folder))(PROMPT).input_ids
+    print(f"model {args.model}, prompt {len(ids)} tokens, {args.new_tokens} new tokens, batch 1, float32, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}")
+    hf = bench_transformers(folder, ids, args.new_tokens, args.repeats)
+    rows = [("transformers generate", "-", hf, None)]
+    for tp in [int(t) for t in args.tps.split(",")]:
+        ms, comm = bench_tpserve(folder, tp, ids, args.new_tokens, args.repeats)
+        rows.append((f"tpserve tp={tp}", str(tp), ms, comm))
+    print(f"{'system':<24}{'ms/token':>10}{'collectives':>13}{'vs transformers':>17}")
+    for name, _, ms, comm in rows:
+        share = "-" if comm is None else f"{comm:.0%}"
+        print(f"{name:<24}{ms:>10.1f}{share:>13}{hf / ms:>16.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Everything that spans replicas or faces clients: CLI, Ray controller, gRPC frontend."""

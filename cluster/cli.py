@@ -1,0 +1,87 @@
+"""`tpserve` command line. Errors print one line and exit non-zero; no tracebacks for bad input."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: ranks share cores
+
+from workers.errors import TpserveError  # noqa: E402
+
+log = logging.getLogger("tpserve")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a Hugging Face-format folder, a .gguf file, or a built-in name (smollm2-135m)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (1..number of query heads)")
+    p.add_argument("--device", default="cpu", choices=None, help="cpu or cuda")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda)")
+
+
+def cmd_prepare(args) -> int:
+    from workers.model_source import resolve_model
+
+    print(resolve_model(args.model))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from cluster.offline import OfflineGenerator
+
+    if args.max_tokens < 1:
+        raise_usage("--max-tokens", f"must be >= 1, got {args.max_tokens}")
+    if args.temperature < 0:
+        raise_usage("--temperature", f"must be >= 0, got {args.temperature}")
+    with OfflineGenerator(args.model, tp=args.tp, device=args.device, dtype=args.dtype) as gen:
+        text = gen.generate_text(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                 seed=args.seed, chat=args.chat)
+    print(text)
+    return 0
+
+
+class UsageError(TpserveError):
+    pass
+
+
+def raise_usage(flag: str, message: str):
+    raise UsageError(f"{flag}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tpserve", description="Tensor-parallel LLM inference")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="resolve a model (convert GGUF once into the cache) and print its folder")
+    p.add_argument("--model", default="smollm2-135m")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("generate", help="generate a completion offline (no server)")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except TpserveError as e:
+        print(f"tpserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Tiny random-weight checkpoints built with transformers and saved like any HF model.
+
+Init std is 0.2 so logits are far from flat and greedy comparisons are not decided by ties.
+Head counts are chosen so tp 2, 3 and 4 all cut unevenly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def make_tiny_llama(folder: Path, tie: bool = False, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=251, hidden_size=72, intermediate_size=100, num_hidden_layers=2,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=8, max_position_embeddings=256,
+        rms_norm_eps=1e-5, initializer_range=0.2, tie_word_embeddings=tie,
+        attention_bias=True, mlp_bias=True, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms and biases away from their 1/0 init, so a slicing bug shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def make_tiny_gpt2(folder: Path, seed: int = 0) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=251, n_embd=48, n_layer=2, n_head=6, n_positions=128, initializer_range=0.2,
+                     bos_token_id=1, eos_token_id=2)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    return Path(folder)

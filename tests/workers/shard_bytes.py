@@ -1,0 +1,46 @@
+"""Independent arithmetic of what each rank must hold (float32): its slices plus what it replicates."""
+from __future__ import annotations
+
+
+def _cut(n: int, tp: int, r: int) -> tuple[int, int]:
+    base, extra = divmod(n, tp)
+    start = r * base + min(r, extra)
+    return start, start + base + (1 if r < extra else 0)
+
+
+def _rows(n: int, tp: int, r: int) -> int:
+    a, b = _cut(n, tp, r)
+    return b - a
+
+
+def llama_rank_bytes(c: dict, tp: int, r: int) -> int:
+    h, i, v, L = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    nh, nkv = c["num_attention_heads"], c["num_key_value_heads"]
+    d = c.get("head_dim") or h // nh
+    q0, q1 = _cut(nh, tp, r)
+    g = nh // nkv
+    kv = (q1 - 1) // g + 1 - q0 // g  # every KV head this rank's queries read, copies included
+    qh = q1 - q0
+    ab, mb = c.get("attention_bias", False), c.get("mlp_bias", False)
+    ir = _rows(i, tp, r)
+    per_layer = 2 * h  # two RMSNorms, replicated
+    per_layer += (qh + 2 * kv) * d * h + (qh + 2 * kv) * d * ab
+    per_layer += h * qh * d + (h if (ab and r == 0) else 0)  # o_proj; its bias on rank 0 only
+    per_layer += 2 * ir * h + 2 * ir * mb + h * ir + (h if (mb and r == 0) else 0)
+    n = L * per_layer + h + _rows(v, tp, r) * h
+    if not c.get("tie_word_embeddings", False):
+        n += _rows(v, tp, r) * h
+    return 4 * n
+
+
+def gpt2_rank_bytes(c: dict, tp: int, r: int) -> int:
+    e, nh, L, v, p = c["n_embd"], c["n_head"], c["n_layer"], c["vocab_size"], c["n_positions"]
+    i = c.get("n_inner") or 4 * e
+    d = e // nh
+    qh = _rows(nh, tp, r)
+    ir = _rows(i, tp, r)
+    per_layer = 4 * e  # ln_1, ln_2 weight + bias, replicated
+    per_layer += 3 * qh * d * (e + 1)  # c_attn weight + bias, this rank's heads
+    per_layer += e * qh * d + (e if r == 0 else 0)
+    per_layer += ir * (e + 1) + e * ir + (e if r == 0 else 0)
+    return 4 * (L * per_layer + 2 * e + _rows(v, tp, r) * e + p * e)
