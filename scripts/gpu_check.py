@@ -1,0 +1,168 @@
+"""Correctness and timing check on an NVIDIA GPU (one card is enough). No weights travel:
+a seeded random Llama-family model is built on the spot.
+
+    python scripts/gpu_check.py            # on the GPU machine (scripts/gpu_check.sh wraps it)
+    python scripts/gpu_check.py --device cpu --small   # a dry run anywhere (the test suite does this)
+
+Checks: tp 1 on the device against transformers (exact greedy tokens in float32 with TF32 off,
+a logit tolerance in bfloat16); an NCCL process group initialised and an all-reduce on the card;
+tp 2 on the same device through gloo (host-staged collectives). NCCL across several GPUs cannot
+be checked on one GPU. Prints a table of timings; exits non-zero if a check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from workers.launcher import free_port, start_worker_group  # noqa: E402
+from workers.worker import WorkerSpec  # noqa: E402
+
+FAILURES: list[str] = []
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    print(f"[{'PASS' if ok else 'FAIL'}] {name} {detail}", flush=True)
+    if not ok:
+        FAILURES.append(name)
+
+
+def build_model(folder: Path, small: bool) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if small:
+        cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                          initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+    else:  # a ~0.5B Llama shape, GQA 4:1
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16,
+                          num_attention_heads=12, num_key_value_heads=3, max_position_embeddings=2048,
+                          initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+
+
+def hf_reference(folder: Path, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+
+
+def hf_greedy(model, prompt: list[int], n: int, device: str) -> tuple[list[int], float]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=n, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+                             eos_token_id=model.config.vocab_size)
+    gaps = [(lambda t: (t[0] - t[1]).item())(s[0].float().topk(2).values) for s in out.logits]
+    return out.sequences[0, len(prompt):].tolist(), min(gaps)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_ms(run, n: int, device: str) -> float:
+    run(4)
+    sync(device); t = time.perf_counter(); run(1); sync(device); t1 = time.perf_counter() - t
+    sync(device); t = time.perf_counter(); run(n); sync(device); tn = time.perf_counter() - t
+    return (tn - t1) / (n - 1) * 1e3
+
+
+def nccl_check() -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    x = torch.full((1024,), 3.0, device="cuda")
+    dist.all_reduce(x)
+    torch.cuda.synchronize()
+    check("nccl: process group + all_reduce on the card (1 rank)", bool((x == 3.0).all()),
+          f"nccl {'.'.join(map(str, torch.cuda.nccl.version()))}")
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--small", action="store_true", help="a tiny model (dry runs)")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    args = ap.parse_args()
+    dev, n = args.device, args.new_tokens
+    if dev == "cuda":
+        if not torch.cuda.is_available():
+            print("no CUDA device visible"); return 2
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cuda {torch.version.cuda}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    timings: list[tuple[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        t = time.perf_counter(); build_model(folder, args.small)
+        print(f"built seeded random model in {time.perf_counter() - t:.1f}s")
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(3, 500, (24,), generator=g).tolist()
+
+        # ---- float32, TF32 off: exact greedy tokens ------------------------------------------
+        ref32 = hf_reference(folder, dev, torch.float32)
+        ref_tokens, gap = hf_greedy(ref32, prompt, n, dev)
+        check("reference margin: top-2 gap > 1e-3 at every position", gap > 1e-3, f"(min gap {gap:.2e})")
+        with torch.no_grad():
+            ref_logits = ref32(torch.tensor([prompt], device=dev)).logits[0].float().cpu()
+        timings.append(("transformers generate fp32", decode_ms(
+            lambda k: hf_greedy(ref32, prompt, k, dev), n, dev)))
+        with start_worker_group(WorkerSpec(str(folder), tp_size=1, device=dev, dtype="float32")) as grp:
+            logits = grp.call("prefill_logits", [prompt]).cpu()
+            rel = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+            check("tp1 fp32 logits vs transformers", rel < 1e-4, f"(rel err {rel:.2e})")
+            ours = grp.call("generate", [prompt], n, ignore_eos=True)[0]
+            check(f"tp1 fp32 greedy {n} tokens == transformers", ours == ref_tokens)
+            timings.append(("tpserve tp1 fp32", decode_ms(
+                lambda k: grp.call("generate", [prompt], k, ignore_eos=True), n, dev)))
+        del ref32
+
+        # ---- bfloat16: a logit tolerance -------------------------------------------------------
+        ref16 = hf_reference(folder, dev, torch.bfloat16)
+        with torch.no_grad():
+            ref16_logits = ref16(torch.tensor([prompt], device=dev)).logits[0].float().cpu()
+        timings.append(("transformers generate bf16", decode_ms(lambda k: hf_greedy(ref16, prompt, k, dev), n, dev)))
+        del ref16
+        with start_worker_group(WorkerSpec(str(folder), tp_size=1, device=dev, dtype="bfloat16")) as grp:
+            logits = grp.call("prefill_logits", [prompt]).cpu()
+            rel = ((logits - ref16_logits).abs().max() / ref16_logits.abs().max()).item()
+            rel32 = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+            check("tp1 bf16 logits vs transformers bf16", rel < 5e-2, f"(rel err {rel:.2e}; vs fp32 {rel32:.2e})")
+            timings.append(("tpserve tp1 bf16", decode_ms(
+                lambda k: grp.call("generate", [prompt], k, ignore_eos=True), n, dev)))
+
+        # ---- NCCL on the card ------------------------------------------------------------------
+        if dev == "cuda":
+            nccl_check()
+
+        # ---- tp 2 on one device through gloo ---------------------------------------------------
+        spec = WorkerSpec(str(folder), tp_size=2, device=dev, dtype="float32", backend="gloo")
+        with start_worker_group(spec) as grp:
+            logits = grp.call("prefill_logits", [prompt]).cpu()
+            rel = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+            check("tp2 (gloo, one device) fp32 logits vs transformers", rel < 1e-4, f"(rel err {rel:.2e})")
+            ours = grp.call("generate", [prompt], n, ignore_eos=True)[0]
+            check(f"tp2 (gloo, one device) greedy {n} tokens == transformers", ours == ref_tokens)
+            timings.append(("tpserve tp2 fp32 via gloo (host-staged)", decode_ms(
+                lambda k: grp.call("generate", [prompt], k, ignore_eos=True), n, dev)))
+
+    print(f"\n{'decode, batch 1':<44}{'ms/token':>10}")
+    for name, ms in timings:
+        print(f"{name:<44}{ms:>10.2f}")
+    print(f"\n{len(FAILURES)} failed" + (f": {', '.join(FAILURES)}" if FAILURES else ""))
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
