@@ -60,9 +60,18 @@ def resolve_model(model: str) -> Path:
 
 
 def _gguf_key(path: Path) -> str:
-    st = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return f"{path.stem}-{digest}"
+    """By content, not location: every checkout's copy of the same file shares one conversion.
+
+    Size plus a hash of the first and last MiB: cheap, and GGUF headers carry the metadata and
+    tensor index, so two different models do not collide.
+    """
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return f"{path.stem}-{h.hexdigest()[:16]}"
 
 
 def convert_gguf(path: Path) -> Path:

@@ -1,0 +1,80 @@
+"""Per-request sampling parameters, validated in one place: a bad value names its field."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from workers.errors import ConfigError
+
+MAX_LOGPROBS = 20
+
+
+class SamplingError(ConfigError):
+    """A sampling parameter is out of range."""
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """What to sample and when to stop. temperature 0 is greedy; top_k 0 or -1 disables top-k."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-n logprobs of each chosen token (0: only the chosen one)
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        def finite(name: str, v) -> float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise SamplingError(name, f"must be a finite number, got {v!r}")
+            return float(v)
+
+        def integer(name: str, v) -> int:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SamplingError(name, f"must be an integer, got {v!r}")
+            return v
+
+        if integer("max_tokens", self.max_tokens) < 1:
+            raise SamplingError("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if finite("temperature", self.temperature) < 0:
+            raise SamplingError("temperature", f"must be >= 0, got {self.temperature}")
+        if not 0 < finite("top_p", self.top_p) <= 1:
+            raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if integer("top_k", self.top_k) < -1:
+            raise SamplingError("top_k", f"must be -1, 0 (disabled) or positive, got {self.top_k}")
+        if not 0 <= finite("min_p", self.min_p) <= 1:
+            raise SamplingError("min_p", f"must be in [0, 1], got {self.min_p}")
+        if finite("repetition_penalty", self.repetition_penalty) <= 0:
+            raise SamplingError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= finite(name, getattr(self, name)) <= 2:
+                raise SamplingError(name, f"must be in [-2, 2], got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= integer("seed", self.seed) < 2**63:
+            raise SamplingError("seed", f"must be in [0, 2^63), got {self.seed}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise SamplingError("stop", "must be a list of non-empty strings")
+        if len(self.stop) > 16:
+            raise SamplingError("stop", f"at most 16 stop strings, got {len(self.stop)}")
+        for t in self.stop_token_ids:
+            if integer("stop_token_ids", t) < 0 or (vocab_size is not None and t >= vocab_size):
+                raise SamplingError("stop_token_ids", f"{t} is outside the vocabulary [0, {vocab_size})")
+        if self.logprobs is not None and not 0 <= integer("logprobs", self.logprobs) <= MAX_LOGPROBS:
+            raise SamplingError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        return self
