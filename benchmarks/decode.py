@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from workers.engine.sampling_params import SamplingParams  # noqa: E402
 from workers.launcher import start_worker_group, threads_per_rank  # noqa: E402
 from workers.model_source import resolve_model  # noqa: E402
 from workers.worker import WorkerSpec  # noqa: E402
@@ -51,7 +52,7 @@ def bench_transformers(folder, ids: list[int], n: int, repeats: int) -> float:
 def bench_tpserve(folder, tp: int, ids: list[int], n: int, repeats: int) -> tuple[float, float]:
     with start_worker_group(WorkerSpec(str(folder), tp_size=tp)) as group:
         def run(k):
-            group.call("generate", [ids], k, ignore_eos=True)
+            group.engine.generate([ids], SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True))
 
         run(4)
         ms = per_token_ms(run, n, repeats)

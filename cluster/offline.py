@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from workers.errors import ConfigError
 from workers.config import ModelConfig
+from workers.engine.sampling_params import SamplingParams
 from workers.launcher import start_worker_group
 from workers.model_source import resolve_model
 from workers.worker import DTYPES, WorkerSpec
@@ -39,8 +40,8 @@ class OfflineGenerator:
     def generate_text(self, prompt: str, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
                       chat: bool = False) -> str:
         ids = self.encode(prompt, chat)
-        out = self.group.call("generate", [ids], max_tokens, temperature=temperature, seed=seed)[0]
-        return self.tokenizer.decode(out, skip_special_tokens=True)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+        return self.group.engine.generate([ids], params)[0].text
 
     def close(self) -> None:
         self.group.close()

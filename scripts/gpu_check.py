@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from workers.engine.sampling_params import SamplingParams  # noqa: E402
 from workers.launcher import free_port, start_worker_group  # noqa: E402
 from workers.worker import WorkerSpec  # noqa: E402
 
@@ -63,6 +64,10 @@ def hf_greedy(model, prompt: list[int], n: int, device: str) -> tuple[list[int],
                              eos_token_id=model.config.vocab_size)
     gaps = [(lambda t: (t[0] - t[1]).item())(s[0].float().topk(2).values) for s in out.logits]
     return out.sequences[0, len(prompt):].tolist(), min(gaps)
+
+
+def greedy(group, prompt: list[int], n: int) -> list[int]:
+    return group.engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0].token_ids
 
 
 def sync(device: str) -> None:
@@ -122,10 +127,10 @@ def main() -> int:
             logits = grp.call("prefill_logits", [prompt]).cpu()
             rel = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
             check("tp1 fp32 logits vs transformers", rel < 1e-4, f"(rel err {rel:.2e})")
-            ours = grp.call("generate", [prompt], n, ignore_eos=True)[0]
+            ours = greedy(grp, prompt, n)
             check(f"tp1 fp32 greedy {n} tokens == transformers", ours == ref_tokens)
             timings.append(("tpserve tp1 fp32", decode_ms(
-                lambda k: grp.call("generate", [prompt], k, ignore_eos=True), n, dev)))
+                lambda k: greedy(grp, prompt, k), n, dev)))
         del ref32
 
         # ---- bfloat16: a logit tolerance -------------------------------------------------------
@@ -140,7 +145,7 @@ def main() -> int:
             rel32 = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
             check("tp1 bf16 logits vs transformers bf16", rel < 5e-2, f"(rel err {rel:.2e}; vs fp32 {rel32:.2e})")
             timings.append(("tpserve tp1 bf16", decode_ms(
-                lambda k: grp.call("generate", [prompt], k, ignore_eos=True), n, dev)))
+                lambda k: greedy(grp, prompt, k), n, dev)))
 
         # ---- NCCL on the card ------------------------------------------------------------------
         if dev == "cuda":
@@ -152,10 +157,10 @@ def main() -> int:
             logits = grp.call("prefill_logits", [prompt]).cpu()
             rel = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
             check("tp2 (gloo, one device) fp32 logits vs transformers", rel < 1e-4, f"(rel err {rel:.2e})")
-            ours = grp.call("generate", [prompt], n, ignore_eos=True)[0]
+            ours = greedy(grp, prompt, n)
             check(f"tp2 (gloo, one device) greedy {n} tokens == transformers", ours == ref_tokens)
             timings.append(("tpserve tp2 fp32 via gloo (host-staged)", decode_ms(
-                lambda k: grp.call("generate", [prompt], k, ignore_eos=True), n, dev)))
+                lambda k: greedy(grp, prompt, k), n, dev)))
 
     print(f"\n{'decode, batch 1':<44}{'ms/token':>10}")
     for name, ms in timings:

@@ -1,19 +1,25 @@
-"""Start a replica's ranks as local processes (no Ray): one process per rank.
+"""Start a replica: its ranks as local processes (or in this process at tp 1), rank 0 hosting
+the engine loop, and an EngineClient for the caller.
 
-The parent talks to rank 0 over a pipe (method calls); rank 0 drives the other ranks through
-the step-plan broadcast. `close()` stops every process and leaves none behind.
+Rank 0 drives the other ranks through the step-plan broadcast. `close()` stops every process
+and leaves none behind. (Under Ray, actors host the same Worker and EngineLoop.)
 """
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
 import os
+import queue
 import socket
-import traceback
+import threading
+import time
 from dataclasses import replace
-from multiprocessing.connection import Connection
+from pathlib import Path
 
-from workers.errors import TpserveError, WorkerError
+from workers.engine.client import EngineClient
+from workers.engine.core import EngineConfig, EngineCore
+from workers.engine.loop import EngineLoop
+from workers.errors import WorkerError
 from workers.worker import Worker, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -30,42 +36,41 @@ def threads_per_rank(ranks_on_node: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, ranks_on_node))
 
 
-def _rank_main(spec: WorkerSpec, rank: int, conn: Connection | None, ready) -> None:
+def load_detokenizer(model_path: str):
+    """The fast tokenizer from tokenizer.json, if the checkpoint has one (tiny test models do not)."""
+    path = Path(model_path) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def _build_engine(spec: WorkerSpec, engine_config: EngineConfig, worker: Worker) -> EngineCore:
+    return EngineCore(worker, load_detokenizer(spec.model_path), engine_config)
+
+
+def _rank_main(spec: WorkerSpec, engine_config: EngineConfig, rank: int, inbox, outbox, ready) -> None:
     try:
         worker = Worker(spec, rank)
+        engine = _build_engine(spec, engine_config, worker) if rank == 0 else None
     except BaseException as e:  # report, then die: the parent raises a WorkerError
         ready.put((rank, "error", f"{type(e).__name__}: {e}"))
         return
     ready.put((rank, "ready", worker.load_report()))
     try:
         if rank == 0:
-            _serve_calls(worker, conn)
+            EngineLoop(engine, inbox, outbox).run()
         else:
             worker.follow()
     finally:
         worker.close()
 
 
-def _serve_calls(worker: Worker, conn: Connection) -> None:
-    while True:
-        try:
-            method, args, kwargs = conn.recv()
-        except EOFError:  # parent went away
-            method, args, kwargs = "shutdown", (), {}
-        if method == "shutdown":
-            worker.stop_followers()
-            return
-        try:
-            conn.send(("ok", getattr(worker, method)(*args, **kwargs)))
-        except Exception as e:
-            log.debug("call %s failed:\n%s", method, traceback.format_exc())
-            conn.send(("err", e))
-
-
 class LocalWorkerGroup:
-    """A tensor-parallel replica as tp local processes; rank 0 answers `call(method, ...)`."""
+    """A tensor-parallel replica as tp local processes; `engine` is its client."""
 
-    def __init__(self, spec: WorkerSpec, start_timeout_s: float = 300.0):
+    def __init__(self, spec: WorkerSpec, engine_config: EngineConfig | None = None, start_timeout_s: float = 300.0):
         if spec.dist_init_method is None and spec.tp_size > 1:
             spec = replace(spec, dist_init_method=f"tcp://127.0.0.1:{free_port()}")
         if spec.num_threads is None:
@@ -74,13 +79,14 @@ class LocalWorkerGroup:
         # Spinning OpenMP threads starve ranks that share cores; children inherit this at spawn.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         ctx = mp.get_context("spawn")
-        ready = ctx.Queue()
-        self._conn, child_conn = ctx.Pipe()
-        self.processes = [ctx.Process(target=_rank_main, args=(spec, r, child_conn if r == 0 else None, ready),
+        ready, self._inbox, self._outbox = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        engine_config = engine_config or EngineConfig()
+        self.processes = [ctx.Process(target=_rank_main, args=(spec, engine_config, r, self._inbox, self._outbox, ready),
                                       name=f"tpserve-rank{r}", daemon=True) for r in range(spec.tp_size)]
         for p in self.processes:
             p.start()
         self.reports: list[dict] = [{} for _ in self.processes]
+        self.engine: EngineClient | None = None
         try:
             for _ in self.processes:
                 rank, status, payload = self._wait_ready(ready, start_timeout_s)
@@ -90,11 +96,10 @@ class LocalWorkerGroup:
         except BaseException:
             self.close()
             raise
+        self.engine = EngineClient(self._inbox, self._outbox,
+                                   is_alive=lambda: all(p.is_alive() for p in self.processes))
 
     def _wait_ready(self, ready, timeout_s: float):
-        import queue
-        import time
-
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -110,26 +115,14 @@ class LocalWorkerGroup:
         return [p.pid for p in self.processes]
 
     def call(self, method: str, *args, **kwargs):
-        """Run `Worker.method` on rank 0 (which drives the other ranks) and return its result."""
-        self._conn.send((method, args, kwargs))
-        while not self._conn.poll(0.2):
-            dead = [p.name for p in self.processes if not p.is_alive()]
-            if dead:
-                raise WorkerError(f"{', '.join(dead)} died during {method}")
-        status, value = self._conn.recv()
-        if status == "err":
-            dead = [p.name for p in self.processes if not p.is_alive()]
-            if dead and not isinstance(value, TpserveError):  # a collective broke because a peer died
-                raise WorkerError(f"{', '.join(dead)} died during {method}: {value}") from value
-            raise value
-        return value
+        """Run a method on rank 0 between engine steps and return its result."""
+        return self.engine.call(method, *args, **kwargs)
 
     def close(self, timeout_s: float = 10.0) -> None:
+        if self.engine is not None:
+            self.engine.close()
         if self.processes and self.processes[0].is_alive():
-            try:
-                self._conn.send(("shutdown", (), {}))
-            except (BrokenPipeError, OSError):
-                pass
+            self._inbox.put(("shutdown",))
         for p in self.processes:
             p.join(timeout_s)
         for p in self.processes:
@@ -139,7 +132,6 @@ class LocalWorkerGroup:
             if p.is_alive():
                 p.kill()
                 p.join()
-        self._conn.close()
 
     def __enter__(self) -> "LocalWorkerGroup":
         return self
@@ -149,23 +141,31 @@ class LocalWorkerGroup:
 
 
 class InProcessWorkerGroup:
-    """tp 1 without a child process: the same interface as LocalWorkerGroup."""
+    """tp 1 without a child process: the engine loop runs on a thread; same interface."""
 
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: WorkerSpec, engine_config: EngineConfig | None = None):
         if spec.tp_size != 1:
             raise WorkerError(f"an in-process group has one rank, not {spec.tp_size}")
         self.spec = spec
         self.worker = Worker(spec, 0)
         self.reports = [self.worker.load_report()]
+        self._inbox, self._outbox = queue.Queue(), queue.Queue()
+        loop = EngineLoop(_build_engine(spec, engine_config or EngineConfig(), self.worker), self._inbox, self._outbox)
+        self._thread = threading.Thread(target=loop.run, name="tpserve-engine", daemon=True)
+        self._thread.start()
+        self.engine = EngineClient(self._inbox, self._outbox, is_alive=self._thread.is_alive)
 
     @property
     def pids(self) -> list[int]:
         return [os.getpid()]
 
     def call(self, method: str, *args, **kwargs):
-        return getattr(self.worker, method)(*args, **kwargs)
+        return self.engine.call(method, *args, **kwargs)
 
     def close(self) -> None:
+        self.engine.close()
+        self._inbox.put(("shutdown",))
+        self._thread.join(10)
         self.worker.close()
 
     def __enter__(self) -> "InProcessWorkerGroup":
@@ -175,6 +175,8 @@ class InProcessWorkerGroup:
         self.close()
 
 
-def start_worker_group(spec: WorkerSpec) -> LocalWorkerGroup | InProcessWorkerGroup:
-    """One replica's ranks: in this process at tp 1, one local process per rank above that."""
-    return InProcessWorkerGroup(spec) if spec.tp_size == 1 else LocalWorkerGroup(spec)
+def start_worker_group(spec: WorkerSpec, engine_config: EngineConfig | None = None):
+    """One replica: in this process at tp 1, one local process per rank above that."""
+    if spec.tp_size == 1:
+        return InProcessWorkerGroup(spec, engine_config)
+    return LocalWorkerGroup(spec, engine_config)

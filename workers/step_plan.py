@@ -1,8 +1,10 @@
 """The compact plan rank 0 sends to the other ranks each step, and its one-broadcast transport.
 
-A plan is packed into one int64 tensor. The transport broadcasts a fixed-size buffer over the
-CPU (gloo) group, so a step costs one broadcast; a plan larger than the buffer (a long prefill)
-spills into a second broadcast of exactly its size.
+A plan is packed into one int64 tensor: per sequence its start position, new-token count and
+block table; then the new token ids and the rows whose logits rank 0 wants. Positions and slot
+mappings are derived on each rank. The transport broadcasts a fixed-size buffer over the CPU
+(gloo) group, so a step costs one broadcast; a larger plan (a long prefill) spills into a second
+broadcast of exactly its size.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from enum import IntEnum
 import torch
 import torch.distributed as dist
 
-from workers.kv_cache import SeqChunk
+from workers.paged_cache import PagedSeq
 
 
 class PlanOp(IntEnum):
@@ -22,39 +24,42 @@ class PlanOp(IntEnum):
 
 @dataclass(slots=True)
 class StepPlan:
-    """Everything a rank needs to run one forward: tokens, positions, cache placement, outputs wanted."""
+    """Everything a rank needs to run one forward."""
 
     op: PlanOp
+    seqs: list[PagedSeq]
     input_ids: list[int]
-    positions: list[int]
-    chunks: list[SeqChunk]
     logits_indices: list[int]
 
     @classmethod
     def stop(cls) -> "StepPlan":
-        return cls(PlanOp.STOP, [], [], [], [])
+        return cls(PlanOp.STOP, [], [], [])
+
+    def positions(self) -> list[int]:
+        return [p for s in self.seqs for p in range(s.start, s.start + s.length)]
 
     def encode(self) -> torch.Tensor:
-        header = [int(self.op), len(self.chunks), len(self.input_ids), len(self.logits_indices)]
-        flat = [x for c in self.chunks for x in (c.slot, c.start, c.length)]
-        return torch.tensor(header + flat + self.input_ids + self.positions + self.logits_indices, dtype=torch.int64)
+        v = [int(self.op), len(self.seqs), len(self.input_ids), len(self.logits_indices)]
+        for s in self.seqs:
+            v += [s.start, s.length, len(s.block_table), *s.block_table]
+        return torch.tensor(v + self.input_ids + self.logits_indices, dtype=torch.int64)
 
     @classmethod
     def decode(cls, t: torch.Tensor) -> "StepPlan":
         v = t.tolist()
-        op, n_chunks, n_tok, n_logits = v[:4]
-        i = 4
-        chunks = [SeqChunk(*v[i + 3 * k:i + 3 * k + 3]) for k in range(n_chunks)]
-        i += 3 * n_chunks
-        ids, pos = v[i:i + n_tok], v[i + n_tok:i + 2 * n_tok]
-        i += 2 * n_tok
-        return cls(PlanOp(op), ids, pos, chunks, v[i:i + n_logits])
+        op, n_seqs, n_tok, n_logits = v[:4]
+        i, seqs = 4, []
+        for _ in range(n_seqs):
+            start, length, nb = v[i:i + 3]
+            seqs.append(PagedSeq(start, length, v[i + 3:i + 3 + nb]))
+            i += 3 + nb
+        return cls(PlanOp(op), seqs, v[i:i + n_tok], v[i + n_tok:i + n_tok + n_logits])
 
 
 class PlanChannel:
     """Broadcasts plans from rank 0 over a gloo group: one collective per step in the common case."""
 
-    def __init__(self, group: dist.ProcessGroup | None, rank: int, capacity: int = 8192):
+    def __init__(self, group: dist.ProcessGroup | None, rank: int, capacity: int = 16384):
         self.group, self.rank, self.capacity = group, rank, capacity
         self.buffer = torch.zeros(capacity, dtype=torch.int64)
         self.broadcasts = 0

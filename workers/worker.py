@@ -17,10 +17,10 @@ import torch.distributed as dist
 
 from workers.config import ModelConfig
 from workers.errors import ConfigError
-from workers.kv_cache import ContiguousKVCache, SeqChunk
 from workers.loader import load_weights, read_generation_eos
 from workers.models import build_model
 from workers.models.batch import ForwardBatch
+from workers.paged_cache import PagedKVCache, PagedSeq
 from workers.parallel import TPGroup, head_shard
 from workers.step_plan import PlanChannel, PlanOp, StepPlan
 
@@ -42,7 +42,10 @@ class WorkerSpec:
     backend: str | None = None  # default: nccl on cuda, gloo on cpu
     num_threads: int | None = None  # torch threads per rank
     max_model_len: int = 2048
-    max_num_seqs: int = 8
+    block_size: int = 16
+    # KV-cache bytes per rank. None: 256 MiB on CPU; on CUDA, gpu_memory_utilization of what is free.
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.85
     collective_timeout_s: float = 300.0
 
     def validate(self, config: ModelConfig) -> None:
@@ -54,6 +57,10 @@ class WorkerSpec:
             raise ConfigError("tp", f"tp={self.tp_size} must be between 1 and the model's {config.num_heads} query heads")
         if self.max_model_len < 1:
             raise ConfigError("max_model_len", f"must be >= 1, got {self.max_model_len}")
+        if self.block_size < 1:
+            raise ConfigError("block_size", f"must be >= 1, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise ConfigError("kv_cache_memory", f"must be a positive number of bytes, got {self.kv_cache_memory}")
 
 
 def resolve_backend(spec: WorkerSpec) -> str:
@@ -81,9 +88,11 @@ class Worker:
         self.read_counter = load_weights(self.model, spec.model_path)
         self.eos_token_ids = sorted(set(self.config.eos_token_ids + read_generation_eos(spec.model_path)))
         self.max_model_len = min(spec.max_model_len, self.config.max_position_embeddings)
+        self.block_size = spec.block_size
+        self.num_blocks = self._agree_num_blocks()
         shard = head_shard(self.config.num_heads, self.config.num_kv_heads, self.group.size, rank)
-        self.cache = ContiguousKVCache(self.config.num_layers, spec.max_num_seqs, self.max_model_len,
-                                       shard.num_kv_heads, self.config.head_dim, self.dtype, self.device)
+        self.cache = PagedKVCache(self.config.num_layers, self.num_blocks, self.block_size, shard.num_kv_heads,
+                                  self.config.head_dim, self.dtype, self.device)
         self.channel = PlanChannel(self.group.cpu_group, rank) if self.group.size > 1 else None
         self.load_seconds = time.perf_counter() - t0
 
@@ -99,6 +108,26 @@ class Worker:
         return TPGroup(self.rank, spec.tp_size, dist.group.WORLD, cpu_group,
                        stage_on_host=backend == "gloo" and spec.device == "cuda")
 
+    def _agree_num_blocks(self) -> int:
+        """Blocks that fit this rank's budget, then the minimum over ranks: every rank must hold
+        the same block ids, although uneven head cuts give ranks different KV heads per block."""
+        shard = head_shard(self.config.num_heads, self.config.num_kv_heads, self.group.size, self.rank)
+        per_block = PagedKVCache.bytes_per_block(self.config.num_layers, self.block_size, shard.num_kv_heads,
+                                                 self.config.head_dim, self.dtype)
+        budget = self.spec.kv_cache_memory
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * self.spec.gpu_memory_utilization)
+            else:
+                budget = 256 << 20
+        n = torch.tensor([budget // per_block], dtype=torch.int64)
+        if self.group.size > 1:
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=self.group.cpu_group)
+        if int(n) < 1:
+            raise ConfigError("kv_cache_memory", f"{budget} bytes hold no KV block of {per_block} bytes")
+        return int(n)
+
     # ---- what every rank runs ------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
@@ -106,8 +135,8 @@ class Worker:
         dev = self.device
         batch = ForwardBatch(
             input_ids=torch.tensor(plan.input_ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(plan.positions, dtype=torch.long, device=dev),
-            attn=self.cache.batch(plan.chunks),
+            positions=torch.tensor(plan.positions(), dtype=torch.long, device=dev),
+            attn=self.cache.batch(plan.seqs),
             logits_indices=torch.tensor(plan.logits_indices, dtype=torch.long, device=dev),
         )
         logits = self.model(batch)
@@ -146,67 +175,23 @@ class Worker:
         if self.channel is not None:
             self.channel.send(StepPlan.stop())
 
-    def _check_batch(self, prompts: list[list[int]], max_tokens: int) -> None:
-        if not prompts or len(prompts) > self.spec.max_num_seqs:
-            raise ConfigError("prompts", f"need 1..{self.spec.max_num_seqs} prompts, got {len(prompts)}")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ConfigError(f"prompts[{i}]", "is empty")
-            if len(p) + max_tokens > self.max_model_len:
-                raise ConfigError(f"prompts[{i}]", f"{len(p)} prompt tokens + max_tokens {max_tokens} exceed "
-                                                   f"max_model_len {self.max_model_len}")
-
     def prefill_logits(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Logits at every position of each prompt, concatenated: [sum(len), vocab] (tests, scoring)."""
-        self._check_batch(prompts, 0)
-        ids, pos, chunks = [], [], []
-        for slot, p in enumerate(prompts):
-            ids += p
-            pos += range(len(p))
-            chunks.append(SeqChunk(slot, 0, len(p)))
-        return self.step(StepPlan(PlanOp.STEP, ids, pos, chunks, list(range(len(ids)))))
+        """Logits at every position of each prompt, concatenated: [sum(len), vocab].
 
-    def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0,
-                 seed: int | None = None, ignore_eos: bool = False) -> list[list[int]]:
-        """A static batch: prefill all prompts in one step, then decode them together.
-
-        The engine (continuous batching over a paged cache) supersedes this for serving; it is
-        kept as the simplest correct driver for the CLI at tp > 1 and for the benchmark.
+        A diagnostic for tests and scoring, run outside the engine: it borrows the first blocks
+        of the cache, so it must not run while the engine has requests in flight.
         """
-        if max_tokens < 1:
-            raise ConfigError("max_tokens", f"must be >= 1, got {max_tokens}")
-        if temperature < 0:
-            raise ConfigError("temperature", f"must be >= 0, got {temperature}")
-        self._check_batch(prompts, max_tokens)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        outputs: list[list[int]] = [[] for _ in prompts]
-        live = list(range(len(prompts)))
-        ids, pos, chunks, last = [], [], [], []
-        for slot, p in enumerate(prompts):
+        seqs, ids, next_block = [], [], 0
+        for i, p in enumerate(prompts):
+            if not p or len(p) > self.max_model_len:
+                raise ConfigError(f"prompts[{i}]", f"needs 1..{self.max_model_len} tokens, got {len(p)}")
+            nb = -(-len(p) // self.block_size)
+            if next_block + nb > self.num_blocks:
+                raise ConfigError("prompts", f"need more than the cache's {self.num_blocks} blocks")
+            seqs.append(PagedSeq(0, len(p), list(range(next_block, next_block + nb))))
+            next_block += nb
             ids += p
-            pos += range(len(p))
-            chunks.append(SeqChunk(slot, 0, len(p)))
-            last.append(len(ids) - 1)
-        plan = StepPlan(PlanOp.STEP, ids, pos, chunks, last)
-        while True:
-            logits = self.step(plan)
-            if temperature == 0:
-                next_ids = logits.argmax(-1).tolist()
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                next_ids = torch.multinomial(probs, 1, generator=gen).squeeze(-1).tolist()
-            still = []
-            for slot, tok in zip(live, next_ids):
-                outputs[slot].append(tok)
-                done = len(outputs[slot]) >= max_tokens or (not ignore_eos and tok in self.eos_token_ids)
-                if not done:
-                    still.append(slot)
-            live = still
-            if not live:
-                return outputs
-            chunks = [SeqChunk(s, len(prompts[s]) + len(outputs[s]) - 1, 1) for s in live]
-            plan = StepPlan(PlanOp.STEP, [outputs[s][-1] for s in live], [c.start for c in chunks], chunks,
-                            list(range(len(live))))
+        return self.step(StepPlan(PlanOp.STEP, seqs, ids, list(range(len(ids)))))
 
     def set_comm_timing(self, on: bool) -> float:
         """Turn timing of collectives on/off (rank 0); returns the seconds counted so far and resets."""
@@ -215,4 +200,5 @@ class Worker:
 
     def info(self) -> dict:
         return {"config": asdict(self.config), "eos_token_ids": self.eos_token_ids,
-                "max_model_len": self.max_model_len, "tp_size": self.group.size}
+                "max_model_len": self.max_model_len, "tp_size": self.group.size,
+                "num_blocks": self.num_blocks, "block_size": self.block_size}

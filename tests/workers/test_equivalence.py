@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.workers.reference import reference_greedy, reference_logits, relative_error
 from tests.workers.shard_bytes import gpt2_rank_bytes, llama_rank_bytes
+from workers.engine.sampling_params import SamplingParams
 from workers.launcher import start_worker_group
 from workers.worker import WorkerSpec
 
@@ -22,7 +23,12 @@ TINY_PROMPTS = [torch.randint(3, 251, (n,), generator=g).tolist() for n in (7, 1
 
 
 def _group(folder, tp):
-    return start_worker_group(WorkerSpec(str(folder), tp_size=tp))
+    return start_worker_group(WorkerSpec(str(folder), tp_size=tp, kv_cache_memory=32 << 20))
+
+
+def greedy(group, prompts, n):
+    done = group.engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    return [c.token_ids for c in done]
 
 
 def _check_bytes(group, folder, rank_bytes):
@@ -55,7 +61,7 @@ def test_tiny_llama_logits_match_transformers(llama_group, llama_ref):
 
 
 def test_tiny_llama_greedy_matches_transformers_generate(llama_group, llama_ref):
-    ours = llama_group.call("generate", TINY_PROMPTS, 16, ignore_eos=True)
+    ours = greedy(llama_group, TINY_PROMPTS, 16)
     assert ours == [reference_greedy(llama_ref, p, 16) for p in TINY_PROMPTS]
 
 
@@ -81,7 +87,7 @@ def test_tiny_gpt2_logits_match_transformers(gpt2_group, gpt2_ref):
 
 
 def test_tiny_gpt2_greedy_matches_transformers_generate(gpt2_group, gpt2_ref):
-    ours = gpt2_group.call("generate", TINY_PROMPTS, 16, ignore_eos=True)
+    ours = greedy(gpt2_group, TINY_PROMPTS, 16)
     assert ours == [reference_greedy(gpt2_ref, p, 16) for p in TINY_PROMPTS]
 
 
@@ -118,7 +124,7 @@ def test_smollm2_logits_match_transformers(smol_group, smollm2_reference, smol_p
 
 
 def test_smollm2_greedy_32_tokens_match_transformers_generate(smol_group, smol_greedy_ref, smol_prompts):
-    ours = smol_group.call("generate", smol_prompts, 32, ignore_eos=True)
+    ours = greedy(smol_group, smol_prompts, 32)
     assert ours == smol_greedy_ref
 
 

@@ -1,6 +1,8 @@
 """The local launcher: one process per rank, the plan broadcast drives them, nothing left behind."""
 import psutil
 
+from workers.engine.sampling_params import SamplingParams
+
 from workers.launcher import LocalWorkerGroup, threads_per_rank
 from workers.worker import WorkerSpec
 
@@ -10,7 +12,7 @@ def test_group_processes_exit_on_close_and_threads_are_shared(tiny_llama_dir):
     pids = group.pids
     assert len(set(pids)) == 3 and all(psutil.pid_exists(p) for p in pids)
     assert [r["num_threads"] for r in group.reports] == [threads_per_rank(3)] * 3
-    group.call("generate", [[5, 6, 7]], 3, ignore_eos=True)
+    group.engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))
     group.close()
     for p in pids:
         assert not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
@@ -26,7 +28,7 @@ def test_a_killed_rank_turns_into_an_error_not_a_hang(tiny_llama_dir):
         psutil.Process(group.pids[1]).kill()
         with pytest.raises(WorkerError):
             # rank 0 blocks in the broadcast until gloo notices the peer is gone, or dies with it
-            group.call("generate", [[5, 6, 7]], 50, ignore_eos=True)
+            group.engine.generate([[5, 6, 7]], SamplingParams(max_tokens=50, ignore_eos=True))
     finally:
         group.close()
     assert not any(p.is_alive() for p in group.processes)

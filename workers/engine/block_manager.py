@@ -1,0 +1,142 @@
+"""The paged KV cache's bookkeeping: fixed-size blocks, a free list, reference counts, and a
+prefix cache of full blocks keyed by the hash of their whole token prefix.
+
+A freed block that holds a hashed prefix is not wiped: it waits in an LRU list where a later
+request with the same prefix can pick it up, and is evicted (oldest first) only when a fresh
+block is needed and the plain free list is empty.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from workers.engine.sequence import Sequence
+
+
+def chain_hash(prev: int | None, tokens: list[int] | tuple[int, ...]) -> int:
+    """Hash of a block given the hash of everything before it (so equal blocks after different
+    prefixes do not collide by construction)."""
+    return hash((prev, tuple(tokens)))
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = field(default_factory=tuple)  # checked on a hit: a hash collision is a miss
+
+
+@dataclass(slots=True)
+class BlockStats:
+    prefix_hit_tokens: int = 0
+    prefix_queried_tokens: int = 0
+    evictions: int = 0
+
+
+class BlockManager:
+    """Owns block ids [0, num_blocks); sequences hold them in their block tables."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_ids: deque[int] = deque(range(num_blocks))
+        self.cached_free: OrderedDict[int, None] = OrderedDict()  # ref 0 but holding a hashed prefix, LRU first
+        self.hash_to_block: dict[int, int] = {}
+        self.stats = BlockStats()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_ids) + len(self.cached_free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _take(self) -> int:
+        if self.free_ids:
+            bid = self.free_ids.popleft()
+        else:
+            bid, _ = self.cached_free.popitem(last=False)  # evict the least recently used prefix
+            self.stats.evictions += 1
+            blk = self.blocks[bid]
+            if blk.hash is not None and self.hash_to_block.get(blk.hash) == bid:
+                del self.hash_to_block[blk.hash]
+        blk = self.blocks[bid]
+        blk.hash, blk.token_ids, blk.ref_count = None, (), 1
+        return bid
+
+    def _ref(self, bid: int) -> None:
+        blk = self.blocks[bid]
+        if blk.ref_count == 0:
+            self.cached_free.pop(bid, None)
+        blk.ref_count += 1
+
+    def match_prefix(self, seq: Sequence) -> None:
+        """Admit a sequence with no blocks: share every cached full block of its prefix.
+
+        At least the last token is left to compute, because the step that computes it yields
+        the logits for the next token.
+        """
+        tokens = seq.all_token_ids
+        bs = self.block_size
+        usable = (len(tokens) - 1) // bs
+        self.stats.prefix_queried_tokens += len(seq.prompt_token_ids)
+        prev = None
+        if self.enable_prefix_caching:
+            for i in range(usable):
+                chunk = tuple(tokens[i * bs:(i + 1) * bs])
+                h = chain_hash(prev, chunk)
+                bid = self.hash_to_block.get(h)
+                if bid is None or self.blocks[bid].token_ids != chunk:
+                    break
+                self._ref(bid)
+                seq.block_table.append(bid)
+                seq.block_hashes.append(h)
+                prev = h
+        seq.num_computed_tokens = len(seq.block_table) * bs
+        seq.num_prefix_cached_tokens = min(seq.num_computed_tokens, len(seq.prompt_token_ids))
+        self.stats.prefix_hit_tokens += seq.num_prefix_cached_tokens
+
+    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_needed(num_tokens) - len(seq.block_table) <= self.num_free_blocks
+
+    def grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give seq enough blocks for num_tokens; False (and nothing taken) if too few are free."""
+        need = self.blocks_needed(num_tokens) - len(seq.block_table)
+        if need > self.num_free_blocks:
+            return False
+        for _ in range(need):
+            seq.block_table.append(self._take())
+        return True
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Hash the blocks that became full and computed, so later requests can share them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        full = min(seq.num_computed_tokens, seq.num_tokens) // bs
+        prev = seq.block_hashes[-1] if seq.block_hashes else None
+        for i in range(len(seq.block_hashes), full):
+            chunk = tuple(seq.token_at(j) for j in range(i * bs, (i + 1) * bs))
+            h = chain_hash(prev, chunk)
+            blk = self.blocks[seq.block_table[i]]
+            if h not in self.hash_to_block:
+                self.hash_to_block[h] = blk.block_id
+                blk.hash, blk.token_ids = h, chunk
+            seq.block_hashes.append(h)
+            prev = h
+
+    def free(self, seq: Sequence) -> None:
+        """Return every block of seq; hashed ones stay findable until evicted."""
+        for bid in reversed(seq.block_table):  # tail first, so a prefix's head is evicted last
+            blk = self.blocks[bid]
+            blk.ref_count -= 1
+            if blk.ref_count == 0:
+                if blk.hash is not None and self.hash_to_block.get(blk.hash) == bid:
+                    self.cached_free[bid] = None
+                else:
+                    blk.hash, blk.token_ids = None, ()
+                    self.free_ids.append(bid)
+        seq.block_table, seq.block_hashes = [], []

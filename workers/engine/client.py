@@ -1,0 +1,185 @@
+"""The caller's side of a replica's engine: submit requests, stream their deltas, abort, call.
+
+A reader thread takes the engine's per-step messages and hands each delta to its request's
+stream. Streams iterate synchronously or, when made with an event loop, asynchronously.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from workers.engine.outputs import EngineStats, RequestOutput
+from workers.engine.sampling_params import SamplingParams
+from workers.errors import ConfigError, WorkerError
+
+
+def raise_for(out: RequestOutput) -> None:
+    if out.finish_reason != "error":
+        return
+    if out.error_field:
+        raise ConfigError(out.error_field, out.error.split(": ", 1)[-1])
+    raise WorkerError(out.error or "request failed")
+
+
+@dataclass(slots=True)
+class Completion:
+    """A finished request, its deltas joined."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[dict] = field(default_factory=list)
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    computed_prompt_tokens: int = 0
+    num_preemptions: int = 0
+    num_deltas: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.token_ids += out.new_token_ids
+        self.text += out.new_text
+        self.logprobs += out.logprobs or []
+        self.num_deltas += 1
+        self.prompt_tokens = out.prompt_tokens
+        self.cached_prompt_tokens = out.cached_prompt_tokens
+        self.computed_prompt_tokens = out.computed_prompt_tokens
+        self.num_preemptions = out.num_preemptions
+        if out.finished:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+
+
+class RequestStream:
+    """Deltas of one request, in order; iteration ends after the finished one."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None):
+        self.request_id = request_id
+        self._loop = loop
+        self._q: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+
+    def push(self, out: RequestOutput) -> None:  # reader thread
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._q.put_nowait, out)
+        else:
+            self._q.put(out)
+
+    def __iter__(self):
+        while True:
+            out = self._q.get()
+            raise_for(out)
+            yield out
+            if out.finished:
+                return
+
+    async def __aiter__(self):
+        while True:
+            out = await self._q.get()
+            raise_for(out)
+            yield out
+            if out.finished:
+                return
+
+    def result(self) -> Completion:
+        c = Completion(self.request_id)
+        for out in self:
+            c.add(out)
+        return c
+
+
+class EngineClient:
+    def __init__(self, inbox, outbox, is_alive: Callable[[], bool]):
+        self._inbox, self._outbox, self._is_alive = inbox, outbox, is_alive
+        self._streams: dict[str, RequestStream] = {}
+        self._calls: dict[int, Future] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self.stats = EngineStats()
+        self.dead: str | None = None
+        self._closed = False
+        self._reader = threading.Thread(target=self._read, name="engine-client-reader", daemon=True)
+        self._reader.start()
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+        request_id = request_id or uuid.uuid4().hex
+        stream = RequestStream(request_id, loop)
+        with self._lock:
+            if self.dead:
+                stream.push(RequestOutput(request_id, finished=True, finish_reason="error", error=self.dead))
+                return stream
+            if request_id in self._streams:
+                raise ConfigError("request_id", f"{request_id!r} is already in flight")
+            self._streams[request_id] = stream
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Submit all prompts at once (they batch in the engine) and wait for every completion."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        streams = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        return [s.result() for s in streams]
+
+    def call(self, method: str, *args, timeout: float | None = None, **kwargs):
+        fut: Future = Future()
+        with self._lock:
+            if self.dead:
+                raise WorkerError(self.dead)
+            call_id = next(self._ids)
+            self._calls[call_id] = fut
+        self._inbox.put(("call", call_id, method, args, kwargs))
+        return fut.result(timeout)
+
+    # ---- reader ----------------------------------------------------------------------------------------
+    def _read(self) -> None:
+        while not self._closed:
+            try:
+                msg = self._outbox.get(timeout=0.2)
+            except queue.Empty:
+                if not self._is_alive():
+                    self._fail_all("a rank of the replica died")
+                    return
+                continue
+            except (EOFError, OSError):
+                self._fail_all("the replica's channel closed")
+                return
+            kind = msg[0]
+            if kind == "step":
+                _, outputs, self.stats = msg
+                for out in outputs:
+                    with self._lock:
+                        stream = self._streams.pop(out.request_id, None) if out.finished \
+                            else self._streams.get(out.request_id)
+                    if stream is not None:
+                        stream.push(out)
+            elif kind == "result":
+                _, call_id, ok, value = msg
+                fut = self._calls.pop(call_id, None)
+                if fut is not None:
+                    fut.set_result(value) if ok else fut.set_exception(value)
+            elif kind == "fatal":
+                self._fail_all(f"replica failed: {msg[1]}")
+                return
+
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            self.dead = reason
+            streams, self._streams = self._streams, {}
+            calls, self._calls = self._calls, {}
+        for rid, s in streams.items():
+            s.push(RequestOutput(rid, finished=True, finish_reason="error", error=f"WorkerError: {reason}"))
+        for fut in calls.values():
+            fut.set_exception(WorkerError(reason))
+
+    def close(self) -> None:
+        self._closed = True

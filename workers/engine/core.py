@@ -1,0 +1,194 @@
+"""EngineCore: rank 0's synchronous engine. add_request / abort / step.
+
+Each step: schedule -> one plan for every rank -> forward -> sample on rank 0 -> detokenise ->
+one list of deltas (the caller ships it as one message per step).
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+from workers.engine.block_manager import BlockManager
+from workers.engine.detokenizer import DetokState, Detokenizer
+from workers.engine.outputs import EngineStats, RequestOutput
+from workers.engine.sampler import sample
+from workers.engine.sampling_params import SamplingError, SamplingParams
+from workers.engine.scheduler import Scheduler, SchedulerConfig
+from workers.engine.sequence import FinishReason, Sequence
+from workers.errors import ConfigError
+from workers.paged_cache import PagedSeq
+from workers.step_plan import PlanOp, StepPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Scheduling knobs of one replica's engine."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+
+    def validate(self) -> "EngineConfig":
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens", f"must be >= 1, got {self.max_num_batched_tokens}")
+        return self
+
+
+@dataclass(slots=True)
+class _Live:
+    seq: Sequence
+    detok: DetokState
+    pending_logprobs: list
+
+
+class EngineCore:
+    """Continuous batching over the paged cache of `worker` (a rank-0 Worker)."""
+
+    def __init__(self, worker, tokenizer, config: EngineConfig | None = None):
+        config = (config or EngineConfig()).validate()
+        self.worker = worker
+        self.vocab_size = worker.config.vocab_size
+        self.max_model_len = worker.max_model_len
+        self.eos_token_ids = set(worker.eos_token_ids)
+        self.block_manager = BlockManager(worker.num_blocks, worker.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   self.max_model_len), self.block_manager)
+        self.detok = Detokenizer(tokenizer) if tokenizer is not None else None
+        self.live: dict[str, _Live] = {}
+        self.stats = EngineStats(num_blocks=worker.num_blocks)
+        self._rng = random.Random(0x7E5E)
+
+    # ---- requests --------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises a typed error naming the field if it cannot be served."""
+        if request_id in self.live:
+            raise ConfigError("request_id", f"{request_id!r} is already running")
+        params.validate(self.vocab_size)
+        if not prompt_token_ids:
+            raise ConfigError("prompt", "is empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ConfigError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise ConfigError("prompt", f"{n} tokens; the context holds {self.max_model_len}")
+        if n + params.max_tokens > self.max_model_len:
+            raise SamplingError("max_tokens", f"prompt ({n}) + max_tokens ({params.max_tokens}) exceeds the "
+                                              f"context of {self.max_model_len} tokens")
+        need = self.block_manager.blocks_needed(n + params.max_tokens)
+        if need > self.block_manager.num_blocks:
+            raise SamplingError("max_tokens", f"prompt + max_tokens need {need} KV blocks; the cache has "
+                                              f"{self.block_manager.num_blocks}")
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq.seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        detok = self.detok.start(seq.prompt_token_ids, params.stop) if self.detok else None
+        self.live[request_id] = _Live(seq, detok, [])
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request at once and free its blocks; None if it is not (or no longer) live."""
+        live = self.live.pop(request_id, None)
+        if live is None:
+            return None
+        self.scheduler.finish(live.seq)
+        self.stats.aborted += 1
+        live.seq.finish_reason = FinishReason.ABORT
+        return self._output(live, [], final=True)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        seqs, ids, logits_rows, sampling = [], [], [], []
+        n_prefill = n_decode = 0
+        for c in sched.chunks:
+            s = c.seq
+            start = s.num_computed_tokens
+            seqs.append(PagedSeq(start, c.num_tokens, list(s.block_table)))
+            ids += [s.token_at(i) for i in range(start, start + c.num_tokens)]
+            if c.samples:
+                logits_rows.append(len(ids) - 1)
+                sampling.append(s)
+            if c.num_tokens == 1 and start >= len(s.prompt_token_ids):
+                n_decode += 1
+            else:
+                n_prefill += 1
+        logits = self.worker.step(StepPlan(PlanOp.STEP, seqs, ids, logits_rows)) if ids else None
+        self._count_step(len(sched.chunks), n_prefill, n_decode)
+        for c in sched.chunks:
+            s = c.seq
+            prompt_part = max(0, min(len(s.prompt_token_ids), s.num_computed_tokens + c.num_tokens)
+                              - s.num_computed_tokens)
+            s.num_computed_prefill_tokens += prompt_part
+            self.stats.prompt_tokens_computed += prompt_part
+            s.num_computed_tokens += c.num_tokens
+            self.block_manager.register_computed(s)
+        outputs = []
+        if sampling:
+            for s, r in zip(sampling, sample(logits, sampling)):
+                out = self._append(self.live[s.request_id], r)
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def _count_step(self, n_seqs: int, n_prefill: int, n_decode: int) -> None:
+        st = self.stats
+        st.steps += 1
+        st.max_seqs_in_step = max(st.max_seqs_in_step, n_seqs)
+        if n_prefill and n_decode:
+            st.mixed_steps += 1
+
+    def _append(self, live: _Live, r) -> RequestOutput | None:
+        seq, p = live.seq, live.seq.params
+        seq.output_token_ids.append(r.token_id)
+        self.stats.generated_tokens += 1
+        if p.logprobs is not None:
+            live.pending_logprobs.append({"token_id": r.token_id, "logprob": r.logprob, "top": r.top_logprobs or []})
+        new_ids = [r.token_id]
+        if not p.ignore_eos and r.token_id in self.eos_token_ids:
+            seq.finish_reason, seq.stop_reason = FinishReason.STOP, r.token_id
+        elif r.token_id in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = FinishReason.STOP, r.token_id
+        if live.detok is not None and seq.finish_reason is None:
+            hit = self.detok.add_token(live.detok, seq.all_token_ids)
+            if hit is not None:
+                seq.finish_reason, seq.stop_reason = FinishReason.STOP, hit
+        if seq.finish_reason is None and (len(seq.output_token_ids) >= p.max_tokens
+                                          or seq.num_tokens >= self.max_model_len):
+            seq.finish_reason = FinishReason.LENGTH
+        final = seq.finish_reason is not None
+        if final:
+            self.live.pop(seq.request_id, None)
+            self.scheduler.finish(seq)
+            self.stats.finished += 1
+        return self._output(live, new_ids, final)
+
+    def _output(self, live: _Live, new_ids: list[int], final: bool) -> RequestOutput:
+        seq = live.seq
+        text = self.detok.take_delta(live.detok, final) if live.detok is not None else ""
+        logprobs, live.pending_logprobs = (live.pending_logprobs or None), []
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=new_ids, new_text=text, finished=final,
+            finish_reason=seq.finish_reason.value if final and seq.finish_reason else None,
+            stop_reason=seq.stop_reason if final else None, logprobs=logprobs,
+            prompt_tokens=len(seq.prompt_token_ids), output_tokens=len(seq.output_token_ids),
+            cached_prompt_tokens=seq.num_prefix_cached_tokens,
+            computed_prompt_tokens=seq.num_computed_prefill_tokens, num_preemptions=seq.num_preemptions)
+
+    def snapshot(self) -> EngineStats:
+        st = self.stats
+        st.running, st.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        st.free_blocks = self.block_manager.num_free_blocks
+        st.preemptions = self.scheduler.num_preemptions
+        st.prefix_hit_tokens = self.block_manager.stats.prefix_hit_tokens
+        st.prefix_queried_tokens = self.block_manager.stats.prefix_queried_tokens
+        return EngineStats(**{k: getattr(st, k) for k in st.__slots__})

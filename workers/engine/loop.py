@@ -1,0 +1,87 @@
+"""The loop rank 0 runs: take requests between steps, step while there is work, and ship each
+step's deltas as one message. Channels are queue-like (queue.Queue in-process, multiprocessing
+queues across processes, an actor's mailbox under Ray), so the loop does not know its host.
+
+Inbox messages:  ("add", id, prompt_ids, params) | ("abort", id) | ("call", n, method, args, kwargs) | ("shutdown",)
+Outbox messages: ("step", [RequestOutput], EngineStats) | ("result", n, ok, value) | ("fatal", message)
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import traceback
+
+from workers.engine.core import EngineCore
+from workers.engine.outputs import RequestOutput
+from workers.errors import TpserveError
+
+log = logging.getLogger(__name__)
+
+# Calls the client may make on rank 0, and who answers them.
+WORKER_CALLS = {"prefill_logits", "load_report", "set_comm_timing", "info"}
+
+
+class EngineLoop:
+    def __init__(self, engine: EngineCore, inbox, outbox):
+        self.engine, self.inbox, self.outbox = engine, inbox, outbox
+
+    def _drain(self, block: bool) -> list[tuple]:
+        msgs = []
+        try:
+            msgs.append(self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait())
+            while True:
+                msgs.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return msgs
+
+    def run(self) -> None:
+        try:
+            while True:
+                outputs: list[RequestOutput] = []
+                for msg in self._drain(block=not self.engine.has_work()):
+                    if msg[0] == "shutdown":
+                        self._flush(outputs)
+                        return
+                    self._handle(msg, outputs)
+                if self.engine.has_work():
+                    outputs += self.engine.step()
+                self._flush(outputs)
+        except Exception as e:  # a broken collective or a bug: the replica cannot go on
+            log.error("engine loop failed:\n%s", traceback.format_exc())
+            self.outbox.put(("fatal", f"{type(e).__name__}: {e}"))
+            raise
+        finally:
+            self.engine.worker.stop_followers()
+
+    def _flush(self, outputs: list[RequestOutput]) -> None:
+        if outputs:
+            self.outbox.put(("step", outputs, self.engine.snapshot()))
+
+    def _handle(self, msg: tuple, outputs: list[RequestOutput]) -> None:
+        kind = msg[0]
+        if kind == "add":
+            _, request_id, prompt_ids, params = msg
+            try:
+                self.engine.add_request(request_id, prompt_ids, params)
+            except TpserveError as e:
+                outputs.append(RequestOutput(request_id, finished=True, finish_reason="error", error=str(e),
+                                             error_field=getattr(e, "field", None), prompt_tokens=len(prompt_ids)))
+        elif kind == "abort":
+            out = self.engine.abort(msg[1])
+            if out is not None:
+                outputs.append(out)
+        elif kind == "call":
+            _, call_id, method, args, kwargs = msg
+            try:
+                if method == "stats":
+                    value = self.engine.snapshot()
+                elif method in WORKER_CALLS:
+                    value = getattr(self.engine.worker, method)(*args, **kwargs)
+                else:
+                    raise TpserveError(f"unknown engine call {method!r}")
+                self.outbox.put(("result", call_id, True, value))
+            except Exception as e:
+                self.outbox.put(("result", call_id, False, e))
+        else:
+            log.warning("ignoring unknown engine message %r", kind)

@@ -1,0 +1,44 @@
+"""What the engine emits per step: one delta per request that advanced (batched per step)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """New tokens and text of one request since its previous output; `finished` on the last one."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: str | int | None = None
+    logprobs: list[dict] | None = None  # per new token: {"token_id", "logprob", "top": [(id, logprob)]}
+    prompt_tokens: int = 0
+    output_tokens: int = 0  # total so far
+    cached_prompt_tokens: int = 0
+    computed_prompt_tokens: int = 0  # prompt tokens run through the model (prefix-cache misses, recompute)
+    num_preemptions: int = 0
+    error: str | None = None  # typed error message when finish_reason == "error"
+    error_field: str | None = None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters a scheduler exposes; the tests and the metrics read them."""
+
+    steps: int = 0
+    running: int = 0
+    waiting: int = 0
+    num_blocks: int = 0
+    free_blocks: int = 0
+    max_seqs_in_step: int = 0
+    mixed_steps: int = 0  # steps that ran prefill and decode together
+    preemptions: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_queried_tokens: int = 0
+    prompt_tokens_computed: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    aborted: int = 0

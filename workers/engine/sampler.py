@@ -1,0 +1,109 @@
+"""Rank 0's sampler: batched logits processing, then one draw per sequence.
+
+Order (as in vLLM/HF): penalties on raw logits -> temperature -> top-k -> top-p -> min-p -> draw.
+A seeded request's token i is drawn with a generator seeded by (seed, i), so its text does not
+depend on what else is in the batch, on preemption, or on which replica resumes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.engine.sequence import Sequence
+
+_MASK = float("-inf")
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_id: int
+    logprob: float | None = None  # of the chosen token under the model's (unprocessed) distribution
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+def token_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for token `index` of a request seeded with `seed` (splitmix64 mixing)."""
+    x = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """In place. Repetition (HF): tokens seen in prompt or output are divided/multiplied.
+    Presence/frequency (OpenAI): subtracted per output token seen / per occurrence."""
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if not p.needs_penalties:
+            continue
+        x = logits[row]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.all_token_ids)), dtype=torch.long, device=x.device)
+            vals = x[seen]
+            x[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
+            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=x.device)
+            counts = torch.bincount(out, minlength=x.shape[0]).to(x.dtype)
+            x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
+
+
+def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p for the sampled (non-greedy) rows; returns probabilities."""
+    dev = logits.device
+    temp = torch.tensor([s.params.temperature for s in seqs], device=dev).unsqueeze(1)
+    logits = logits / temp
+    top_k = [s.params.top_k for s in seqs]
+    top_p = [s.params.top_p for s in seqs]
+    min_p = [s.params.min_p for s in seqs]
+    vocab = logits.shape[-1]
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        k = torch.tensor([k if k > 0 else vocab for k in top_k], device=dev).unsqueeze(1)
+        ranks = torch.arange(vocab, device=dev).unsqueeze(0)
+        drop = ranks >= k
+        probs = sorted_logits.masked_fill(drop, _MASK).softmax(-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        before = probs.cumsum(-1) - probs
+        drop |= before >= torch.tensor(top_p, device=dev).unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(drop, _MASK)
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    if any(m > 0 for m in min_p):
+        m = torch.tensor(min_p, device=dev).unsqueeze(1)
+        probs = probs.masked_fill(probs < m * probs.max(-1, keepdim=True).values, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+    """logits [B, V] float32 (rank 0's gathered logits) -> one SampleResult per sequence."""
+    want_logprobs = any(s.params.logprobs is not None for s in seqs)
+    raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
+    if any(s.params.needs_penalties for s in seqs):
+        logits = logits.clone()
+        apply_penalties(logits, seqs)
+    chosen = logits.argmax(-1)
+    sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, device=logits.device)
+        probs = _filter(logits.index_select(0, rows), [seqs[i] for i in sampled_rows])
+        for j, i in enumerate(sampled_rows):
+            seq = seqs[i]
+            g = torch.Generator(device=probs.device).manual_seed(token_seed(seq.seed, len(seq.output_token_ids)))
+            # Exponential race: argmax(p / E), E ~ Exp(1), draws exactly from p with one generator call.
+            noise = torch.empty_like(probs[j]).exponential_(generator=g)
+            chosen[i] = (probs[j] / noise).argmax()
+    ids = chosen.tolist()
+    results = []
+    for i, seq in enumerate(seqs):
+        r = SampleResult(ids[i])
+        n = seq.params.logprobs
+        if n is not None:
+            lp = raw_logprobs[i]
+            r.logprob = float(lp[ids[i]])
+            if n > 0:
+                vals, idx = lp.topk(n)
+                r.top_logprobs = list(zip(idx.tolist(), vals.tolist()))
+        results.append(r)
+    return results

@@ -1,0 +1,70 @@
+"""A request inside the engine: its tokens, its KV blocks, how much of it is computed."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from workers.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """Prompt + generated tokens. KV for the first `num_computed_tokens` is in `block_table`.
+
+    Prefill, chunked prefill, decode and recompute after preemption are one thing: compute the
+    tokens [num_computed_tokens, num_tokens); when that reaches the end, sample the next one.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chain hashes of the full, computed blocks
+    num_computed_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    # Counters the tests and metrics read.
+    num_prefix_cached_tokens: int = 0  # prompt tokens served from the prefix cache (last admission)
+    num_computed_prefill_tokens: int = 0  # prompt tokens actually run through the model, all admissions
+    num_preemptions: int = 0
+    # Sampling seed for unseeded requests, fixed at admission so a recompute draws the same.
+    seed: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_at(self, i: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: blocks were returned; prompt + outputs so far will be prefilled again."""
+        self.block_table, self.block_hashes = [], []
+        self.num_computed_tokens = 0
+        self.status = SequenceStatus.WAITING
+        self.num_preemptions += 1
