@@ -19,6 +19,12 @@ def tiny_llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sharp_llama_dir(tmp_path_factory):
+    """The tiny Llama with spread-out logits: clear greedy margins over hundreds of positions."""
+    return make_tiny_llama(tmp_path_factory.mktemp("sharp-llama"), logit_scale=8.0)
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory):
     return make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 

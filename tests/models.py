@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 
-def make_tiny_llama(folder: Path, tie: bool = False, seed: int = 0) -> Path:
+def make_tiny_llama(folder: Path, tie: bool = False, seed: int = 0, logit_scale: float = 1.0) -> Path:
+    """logit_scale > 1 spreads the logits, so top-2 gaps stay clear of near-ties over many positions."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -27,6 +28,7 @@ def make_tiny_llama(folder: Path, tie: bool = False, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+        model.lm_head.weight.mul_(logit_scale)
     model.save_pretrained(folder)
     return Path(folder)
 
