@@ -29,16 +29,23 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from cluster.offline import OfflineGenerator
+    from cluster.offline import OfflineGenerator, read_prompts_file, write_results
 
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise_usage("--prompt", "give exactly one of --prompt and --prompts-file")
     if args.max_tokens < 1:
         raise_usage("--max-tokens", f"must be >= 1, got {args.max_tokens}")
     if args.temperature < 0:
         raise_usage("--temperature", f"must be >= 0, got {args.temperature}")
-    with OfflineGenerator(args.model, tp=args.tp, device=args.device, dtype=args.dtype) as gen:
-        text = gen.generate_text(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                                 seed=args.seed, chat=args.chat)
-    print(text)
+    requests = read_prompts_file(args.prompts_file, args) if args.prompts_file else None
+    with OfflineGenerator(args.model, tp=args.tp, device=args.device, dtype=args.dtype,
+                          kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len) as gen:
+        if requests is None:
+            print(gen.generate_text(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                    seed=args.seed, chat=args.chat))
+            return 0
+        results = gen.generate_many(requests, chat=args.chat)
+    write_results(results, args.out)
     return 0
 
 
@@ -61,11 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate a completion offline (no server)")
     _add_model_args(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="one prompt (or use --prompts-file)")
+    p.add_argument("--prompts-file", help="JSONL, one object a line: prompt, and optionally max_tokens, "
+                                           "temperature, top_p, top_k, seed, stop; all run concurrently")
+    p.add_argument("--out", help="JSONL results, in input order (default: stdout)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV-cache bytes per rank")
+    p.add_argument("--max-model-len", type=int, default=2048)
     p.set_defaults(func=cmd_generate)
     return parser
 
