@@ -1,15 +1,48 @@
-"""The KV-cache interface the models attend through, and a simple contiguous cache.
+"""The KV-cache interface the models attend through.
 
-A model never touches cache storage: each attention layer calls `batch.attn.attend(layer, q, k, v)`
-with this step's new tokens, flattened over sequences. The cache stores k/v and returns each
-token's attention output over its sequence's whole past. `paged_cache.PagedKVCache` implements
-it; the models do not know which cache they run on.
+A model never touches cache storage: each attention layer calls `batch.attn.attend(layer, q, k, v,
+heads, scale)` with this step's new tokens, flattened over sequences. The cache stores k/v and
+returns each token's attention output over its sequence's whole past. `paged_cache.PagedKVCache`
+implements it; the models do not know which cache they run on.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLayout:
+    """How this rank's query heads read its KV heads (GQA, possibly cut mid-group).
+
+    kv_index[h]: local KV head of local query head h (None when it is the identity, i.e. MHA).
+    grid [KVH, gmax]: local query heads grouped by KV head, padded by repeating a member; with
+    `inverse` it turns a decode step's heads into KVH "sequences" of gmax queries each, so one SDPA
+    call serves all groups without copying K/V per query head.
+    """
+
+    kv_index: torch.Tensor | None
+    grid: torch.Tensor | None  # None when groups are already uniform and contiguous
+    inverse: torch.Tensor | None
+    num_kv_heads: int
+    group: int  # gmax
+
+    @classmethod
+    def build(cls, kv_index: list[int], num_kv_heads: int, device=None) -> "HeadLayout":
+        groups = [[h for h, j in enumerate(kv_index) if j == k] for k in range(num_kv_heads)]
+        gmax = max(len(g) for g in groups)
+        identity = kv_index == list(range(len(kv_index)))
+        uniform = all(len(g) == gmax for g in groups)  # contiguous by construction (cuts are contiguous)
+        grid = inverse = None
+        if not uniform:
+            grid = torch.tensor([g + [g[0]] * (gmax - len(g)) for g in groups], device=device).flatten()
+            inverse = torch.tensor([k * gmax + g.index(h) for h in range(len(kv_index))
+                                    for k, g in enumerate(groups) if h in g], device=device)
+        kvi = None if identity else torch.tensor(kv_index, device=device)
+        return cls(kvi, grid, inverse, num_kv_heads, gmax)
 
 
 class AttentionBatch(ABC):
@@ -17,15 +50,12 @@ class AttentionBatch(ABC):
 
     @abstractmethod
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               kv_index: torch.Tensor | None, scale: float) -> torch.Tensor:
-        """q [T, H, D], k/v [T, KVH, D] for the new tokens -> output [T, H, D].
-
-        kv_index maps each local query head to its local KV head (None: one KV head per query head).
-        """
+               heads: HeadLayout, scale: float) -> torch.Tensor:
+        """q [T, H, D], k/v [T, KVH, D] for the new tokens -> output [T, H, D]."""
 
 
 def expand_kv(x: torch.Tensor, kv_index: torch.Tensor | None) -> torch.Tensor:
-    """[KVH, S, D] -> [H, S, D] by the query-to-KV head map (GQA, possibly uneven per rank)."""
+    """[KVH, S, D] -> [H, S, D] by the query-to-KV head map."""
     return x if kv_index is None else x.index_select(0, kv_index)
 
 

@@ -1,10 +1,11 @@
-"""The paged KV cache: per layer, a flat pool of num_blocks * block_size slots for this rank's
-KV heads. A sequence's token at position p lives in slot table[p // bs] * bs + p % bs.
+"""The paged KV cache: per layer, num_blocks blocks of block_size slots for this rank's KV heads.
+A sequence's token at position p lives in block table[p // bs], offset p % bs.
 
 Attention for a step: every new token's k/v is written to its slot first (one index_copy per
 layer), then decoding sequences (one new token each) attend in one batched SDPA over their
-gathered, padded contexts, and prefill chunks attend one sequence at a time (causal, offset by
-what is already cached).
+gathered, padded block lists, and prefill chunks attend one sequence at a time (causal, offset by
+what is already cached). Gathers move whole blocks (contiguous bs x KVH x D chunks), and decode
+never copies K/V per query head (see HeadLayout).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workers.kv_cache import AttentionBatch, causal_attention, expand_kv
+from workers.kv_cache import AttentionBatch, HeadLayout, causal_attention, expand_kv
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +29,11 @@ class PagedSeq:
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size, self.device = num_blocks, block_size, device
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -47,47 +49,63 @@ class PagedAttentionBatch(AttentionBatch):
     def __init__(self, cache: PagedKVCache, seqs: list[PagedSeq]):
         self.cache = cache
         bs, dev = cache.block_size, cache.device
-        slot_mapping, decode_rows, decode_ctx, self.prefills = [], [], [], []
+        slots, decode_rows, decode_tables, decode_lens, self.prefills = [], [], [], [], []
         row = 0
         for s in seqs:
+            pos = torch.arange(s.start, s.start + s.length)
             table = torch.tensor(s.block_table, dtype=torch.long)
-            ctx_pos = torch.arange(s.start + s.length)
-            ctx_slots = table[ctx_pos // bs] * bs + ctx_pos % bs
-            slot_mapping.append(ctx_slots[s.start:])
+            slots.append(table[pos // bs] * bs + pos % bs)
+            nb = -(-(s.start + s.length) // bs)
             if s.length == 1:
                 decode_rows.append(row)
-                decode_ctx.append(ctx_slots)
+                decode_tables.append(s.block_table[:nb])
+                decode_lens.append(s.start + 1)
             else:
-                self.prefills.append((row, s.length, s.start, ctx_slots.to(dev)))
+                self.prefills.append((row, s.length, s.start, table[:nb].to(dev)))
             row += s.length
-        self.slot_mapping = torch.cat(slot_mapping).to(dev) if slot_mapping else torch.empty(0, dtype=torch.long)
-        self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev) if decode_rows else None
+        self.slot_mapping = torch.cat(slots).to(dev) if slots else torch.empty(0, dtype=torch.long)
+        self.decode_rows = None
         if decode_rows:
-            lens = torch.tensor([len(c) for c in decode_ctx])
-            width = int(lens.max())
-            gather = torch.zeros(len(decode_ctx), width, dtype=torch.long)
-            for i, c in enumerate(decode_ctx):
-                gather[i, :len(c)] = c
-            self.decode_gather = gather.to(dev)
-            # [B, 1, 1, width]: True where a key position belongs to the sequence
-            self.decode_mask = (torch.arange(width)[None, :] < lens[:, None]).to(dev)[:, None, None, :]
+            width = max(len(t) for t in decode_tables)
+            tables = torch.zeros(len(decode_tables), width, dtype=torch.long)
+            for i, t in enumerate(decode_tables):
+                tables[i, :len(t)] = torch.tensor(t)
+            lens = torch.tensor(decode_lens)
+            self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
+            self.decode_tables = tables.to(dev)
+            # [B, 1, 1, W]: True where a key position belongs to the sequence
+            self.decode_mask = (torch.arange(width * bs)[None, :] < lens[:, None]).to(dev)[:, None, None, :]
 
-    def attend(self, layer, q, k, v, kv_index, scale):
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kc.index_copy_(0, self.slot_mapping, k)
-        vc.index_copy_(0, self.slot_mapping, v)
+    def attend(self, layer, q, k, v, heads, scale):
+        with torch.profiler.record_function("tpserve.attention"):
+            return self._attend(layer, q, k, v, heads, scale)
+
+    def _attend(self, layer, q, k, v, heads: HeadLayout, scale):
+        kc, vc = self.cache.k[layer], self.cache.v[layer]  # [NB, bs, KVH, D]
+        nb, bs, kvh, d = kc.shape
+        kc.view(nb * bs, kvh, d).index_copy_(0, self.slot_mapping, k)
+        vc.view(nb * bs, kvh, d).index_copy_(0, self.slot_mapping, v)
         out = torch.empty_like(q)
         if self.decode_rows is not None:
-            keys = kc[self.decode_gather].transpose(1, 2)  # [B, KVH, W, D]
-            values = vc[self.decode_gather].transpose(1, 2)
-            if kv_index is not None:
-                keys, values = keys.index_select(1, kv_index), values.index_select(1, kv_index)
-            qd = q.index_select(0, self.decode_rows).unsqueeze(2)  # [B, H, 1, D]
-            o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=self.decode_mask, scale=scale)
-            out.index_copy_(0, self.decode_rows, o.squeeze(2))
-        for row, length, start, ctx_slots in self.prefills:
-            keys = expand_kv(kc[ctx_slots].transpose(0, 1), kv_index)  # [H, L, D]
-            values = expand_kv(vc[ctx_slots].transpose(0, 1), kv_index)
+            b, w = self.decode_tables.shape
+            flat = self.decode_tables.view(-1)  # index_select on dim 0 copies whole blocks (memcpy)
+            keys = kc.index_select(0, flat).view(b, w * bs, kvh, d).transpose(1, 2)  # [B, KVH, W, D]
+            values = vc.index_select(0, flat).view(b, w * bs, kvh, d).transpose(1, 2)
+            qd = q.index_select(0, self.decode_rows)  # [B, H, D]
+            if heads.grid is not None:
+                qd = qd.index_select(1, heads.grid)
+            # Each KV head's query group plays the role of a query axis: no K/V copy per query head.
+            o = F.scaled_dot_product_attention(qd.view(b, kvh, heads.group, d), keys, values,
+                                               attn_mask=self.decode_mask, scale=scale)
+            o = o.reshape(b, kvh * heads.group, d)
+            if heads.inverse is not None:
+                o = o.index_select(1, heads.inverse)
+            out.index_copy_(0, self.decode_rows, o)
+        for row, length, start, table in self.prefills:
+            ctx = start + length
+            keys = kc.index_select(0, table).view(-1, kvh, d)[:ctx].transpose(0, 1)  # [KVH, L, D]
+            values = vc.index_select(0, table).view(-1, kvh, d)[:ctx].transpose(0, 1)
+            keys, values = expand_kv(keys, heads.kv_index), expand_kv(values, heads.kv_index)
             o = causal_attention(q[row:row + length].transpose(0, 1), keys, values, start, scale)
             out[row:row + length] = o.transpose(0, 1)
         return out

@@ -96,10 +96,11 @@ class TPGroup:
             return x
         if self.stage_on_host and x.is_cuda:
             return x.copy_(self.all_reduce(x.cpu()))
-        if self.timed:
-            return self._timed(dist.all_reduce, x)
-        dist.all_reduce(x, group=self.device_group)
-        return x
+        with torch.profiler.record_function("tpserve.all_reduce"):
+            if self.timed:
+                return self._timed(dist.all_reduce, x)
+            dist.all_reduce(x, group=self.device_group)
+            return x
 
     def gather_last_dim(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
         """Concatenate each rank's slice of the last dim on rank 0 (None elsewhere).
@@ -118,7 +119,8 @@ class TPGroup:
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
         t = time.perf_counter()
-        dist.gather(x, parts, dst=0, group=self.device_group)
+        with torch.profiler.record_function("tpserve.all_reduce"):
+            dist.gather(x, parts, dst=0, group=self.device_group)
         if self.timed:
             self._sync(x)
             self.comm_seconds += time.perf_counter() - t

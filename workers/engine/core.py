@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import random
+
+import torch
 from dataclasses import dataclass
 
 from workers.engine.block_manager import BlockManager
@@ -134,7 +136,9 @@ class EngineCore:
             self.block_manager.register_computed(s)
         outputs = []
         if sampling:
-            for s, r in zip(sampling, sample(logits, sampling)):
+            with torch.profiler.record_function("tpserve.sample"):
+                results = sample(logits, sampling)
+            for s, r in zip(sampling, results):
                 out = self._append(self.live[s.request_id], r)
                 if out is not None:
                     outputs.append(out)

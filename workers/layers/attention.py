@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.kv_cache import AttentionBatch
+from workers.kv_cache import AttentionBatch, HeadLayout
 from workers.parallel import HeadShard
 
 
@@ -19,12 +19,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx, self.head_dim, self.scale = layer_idx, head_dim, scale
         self.num_heads, self.num_kv_heads = shard.num_heads, shard.num_kv_heads
-        index = shard.kv_index()
-        identity = index == list(range(len(index)))
-        self.register_buffer("kv_index", None if identity else torch.tensor(index, device=device), persistent=False)
+        self.heads = HeadLayout.build(shard.kv_index(), shard.num_kv_heads, device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
         """q [T, H, D], k/v [T, KVH, D] (positions already applied) -> [T, H * D]."""
         t = q.shape[0]
-        out = attn.attend(self.layer_idx, q, k, v, self.kv_index, self.scale)
+        out = attn.attend(self.layer_idx, q, k, v, self.heads, self.scale)
         return out.reshape(t, self.num_heads * self.head_dim)
