@@ -49,6 +49,51 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from cluster.serve import ServeOptions, serve
+
+    opts = ServeOptions(model=args.model, tp=args.tp, replicas=args.replicas, device=args.device, dtype=args.dtype,
+                        ray_address=args.ray_address, host=args.host, port=args.port, metrics_port=args.metrics_port,
+                        served_model_name=args.served_model_name, max_model_len=args.max_model_len,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        kv_cache_memory=args.kv_cache_memory, max_queue_len=args.max_queue_len,
+                        drain_timeout_s=args.drain_timeout, ray_num_cpus=args.ray_num_cpus)
+    return serve(opts, ready_file=args.ready_file)
+
+
+def cmd_client(args) -> int:
+    import grpc
+
+    from cluster.api.tpserve.v1 import tpserve_pb2 as pb
+    from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
+
+    sampling = pb.SamplingParameters(max_tokens=args.max_tokens, temperature=args.temperature)
+    if args.seed is not None:
+        sampling.seed = args.seed
+    sampling.stop.extend(args.stop or [])
+    req = pb.GenerateRequest(model=args.model or "", sampling=sampling)
+    if args.chat:
+        req.messages.messages.append(pb.ChatMessage(role="user", content=args.prompt))
+    else:
+        req.prompt = args.prompt
+    with grpc.insecure_channel(args.target) as channel:
+        stub = pb_grpc.TpserveServiceStub(channel)
+        try:
+            final = None
+            for msg in stub.Generate(req, timeout=args.timeout):
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+                final = msg
+            sys.stdout.write("\n")
+            if final is not None and args.verbose:
+                print(f"[{pb.FinishReason.Name(final.finish_reason)}; prompt {final.prompt_tokens} tokens, "
+                      f"completion {final.completion_tokens}]", file=sys.stderr)
+        except grpc.RpcError as e:
+            print(f"tpserve: error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
 class UsageError(TpserveError):
     pass
 
@@ -79,6 +124,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV-cache bytes per rank")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="run the cluster: Ray replicas behind a gRPC frontend")
+    _add_model_args(p)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start an embedded one)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics (0: off)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV-cache bytes per rank")
+    p.add_argument("--max-queue-len", type=int, default=256, help="requests admitted beyond the replicas' batches")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
+    p.add_argument("--ray-num-cpus", type=int, default=None, help="logical CPUs of an embedded Ray")
+    p.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("client", help="stream a completion from a running server")
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append")
+    p.add_argument("--chat", action="store_true")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.set_defaults(func=cmd_client)
     return parser
 
 

@@ -46,3 +46,20 @@ def make_tiny_gpt2(folder: Path, seed: int = 0) -> Path:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
     return Path(folder)
+
+
+def make_tiny_llama_with_tokenizer(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A tiny random Llama over SmolLM2's real tokenizer: servable through the text APIs, fast to load."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=0.2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (Path(tokenizer_dir) / name).exists():
+            shutil.copy(Path(tokenizer_dir) / name, Path(folder) / name)
+    return Path(folder)

@@ -24,6 +24,9 @@ WORKER_CALLS = {"prefill_logits", "load_report", "set_comm_timing", "info"}
 class EngineLoop:
     def __init__(self, engine: EngineCore, inbox, outbox):
         self.engine, self.inbox, self.outbox = engine, inbox, outbox
+        # An abort can overtake its add when the transport does not keep order (a threaded actor):
+        # remember such aborts so the add that follows is refused at once.
+        self._early_aborts: dict[str, None] = {}
 
     def _drain(self, block: bool) -> list[tuple]:
         msgs = []
@@ -62,6 +65,10 @@ class EngineLoop:
         kind = msg[0]
         if kind == "add":
             _, request_id, prompt_ids, params = msg
+            if self._early_aborts.pop(request_id, 1) is None:
+                outputs.append(RequestOutput(request_id, finished=True, finish_reason="abort",
+                                             prompt_tokens=len(prompt_ids)))
+                return
             try:
                 self.engine.add_request(request_id, prompt_ids, params)
             except TpserveError as e:
@@ -71,6 +78,10 @@ class EngineLoop:
             out = self.engine.abort(msg[1])
             if out is not None:
                 outputs.append(out)
+            elif msg[1] not in self.engine.live:
+                self._early_aborts[msg[1]] = None
+                while len(self._early_aborts) > 10_000:  # aborts of long-finished requests: forget them
+                    self._early_aborts.pop(next(iter(self._early_aborts)))
         elif kind == "call":
             _, call_id, method, args, kwargs = msg
             try:

@@ -1,0 +1,295 @@
+"""The Open Inference Protocol v2 (KServe / Triton `inference.GRPCInferenceService`) on
+tritonclient's generated stubs, so existing Triton clients work unchanged.
+
+Inputs: text_input (BYTES, shape [1] or [1, 1]), max_tokens (INT32/UINT32), and optionally
+stream (BOOL), temperature, top_p (FP32/FP64), top_k (INT32/INT64), random_seed (UINT64/INT64),
+stop_words (BYTES), sampling_parameters (BYTES, a JSON object). Output: text_output (BYTES),
+never including the prompt. ModelInfer answers once; ModelStreamInfer sends one response per
+engine step, each echoing the request id, the last with triton_final_response=true, the finish
+reason and output_tokens. Errors inside a stream travel in error_message ("INVALID_ARGUMENT: ...")
+and the stream stays open.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+
+import grpc
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from cluster.frontend.core import Frontend, status_of
+from cluster.frontend.validate import InvalidArgument, NotFound, check_prompt_ids, check_text, checked_params
+from workers.engine.sampling_params import SamplingParams
+
+SERVER_NAME, SERVER_VERSION = "tpserve", "0.1.0"
+# name -> (accepted datatypes, numpy dtype per datatype)
+NUMERIC = {"INT32": np.int32, "UINT32": np.uint32, "INT64": np.int64, "UINT64": np.uint64,
+           "FP32": np.float32, "FP64": np.float64, "BOOL": np.bool_}
+INPUTS = {"text_input": ("BYTES",), "max_tokens": ("INT32", "UINT32", "INT64", "UINT64"), "stream": ("BOOL",),
+          "temperature": ("FP32", "FP64"), "top_p": ("FP32", "FP64"), "top_k": ("INT32", "INT64", "UINT32"),
+          "random_seed": ("UINT64", "INT64", "INT32", "UINT32"), "stop_words": ("BYTES",),
+          "sampling_parameters": ("BYTES",)}
+JSON_PARAMS = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
+               "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float, "seed": int,
+               "stop": list, "stop_token_ids": list, "ignore_eos": bool, "logprobs": int}
+
+
+def _bytes_elements(field: str, raw: bytes) -> list[bytes]:
+    """Length-prefixed BYTES elements (4-byte little-endian length, then the bytes)."""
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise InvalidArgument(field, "truncated BYTES element length")
+        (n,) = struct.unpack_from("<I", raw, i)
+        i += 4
+        if i + n > len(raw):
+            raise InvalidArgument(field, f"BYTES element of {n} bytes runs past the end of the tensor")
+        out.append(raw[i:i + n])
+        i += n
+    return out
+
+
+def read_inputs(request: pb.ModelInferRequest) -> dict[str, list]:
+    """name -> list of elements, from `contents` or `raw_input_contents`, checked for dtype and shape."""
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise InvalidArgument("raw_input_contents", f"{len(request.raw_input_contents)} buffers for "
+                                                    f"{len(request.inputs)} inputs")
+    values: dict[str, list] = {}
+    for idx, t in enumerate(request.inputs):
+        if t.name not in INPUTS:
+            raise InvalidArgument(t.name or "inputs", f"unknown input; accepted: {', '.join(INPUTS)}")
+        if t.datatype not in INPUTS[t.name]:
+            raise InvalidArgument(t.name, f"datatype {t.datatype!r}; expected {' or '.join(INPUTS[t.name])}")
+        shape = list(t.shape)
+        if t.name != "stop_words" and shape not in ([1], [1, 1]):
+            raise InvalidArgument(t.name, f"shape {shape}; expected [1] or [1, 1]")
+        count = int(np.prod(shape)) if shape else 1
+        if request.raw_input_contents:
+            raw = request.raw_input_contents[idx]
+            if t.datatype == "BYTES":
+                elems = [b for b in _bytes_elements(t.name, raw)]
+            else:
+                dt = np.dtype(NUMERIC[t.datatype])
+                if len(raw) != dt.itemsize * count:
+                    raise InvalidArgument(t.name, f"{len(raw)} raw bytes for {count} {t.datatype} element(s)")
+                elems = np.frombuffer(raw, dtype=dt).tolist()
+        else:
+            c = t.contents
+            elems = {"BYTES": list(c.bytes_contents), "BOOL": list(c.bool_contents), "INT32": list(c.int_contents),
+                     "INT64": list(c.int64_contents), "UINT32": list(c.uint_contents),
+                     "UINT64": list(c.uint64_contents), "FP32": list(c.fp32_contents),
+                     "FP64": list(c.fp64_contents)}[t.datatype]
+        if len(elems) != count:
+            raise InvalidArgument(t.name, f"{len(elems)} element(s) for shape {shape}")
+        values[t.name] = elems
+    return values
+
+
+def _text(field: str, b: bytes) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(field, "is not valid UTF-8") from None
+
+
+def build_params(values: dict[str, list], limits) -> SamplingParams:
+    if "max_tokens" not in values:
+        raise InvalidArgument("max_tokens", "is required")
+    p = SamplingParams(max_tokens=int(values["max_tokens"][0]))
+    if "sampling_parameters" in values:
+        raw = _text("sampling_parameters", values["sampling_parameters"][0])
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise InvalidArgument("sampling_parameters", f"not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise InvalidArgument("sampling_parameters", "must be a JSON object")
+        for k, v in obj.items():
+            if k not in JSON_PARAMS:
+                raise InvalidArgument(f"sampling_parameters.{k}", f"unknown; accepted: {', '.join(JSON_PARAMS)}")
+            kind = JSON_PARAMS[k]
+            if kind is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
+                raise InvalidArgument(f"sampling_parameters.{k}", f"must be {kind.__name__}, got {v!r}")
+            setattr(p, k, v)
+    if "temperature" in values:
+        p.temperature = float(values["temperature"][0])
+    if "top_p" in values:
+        p.top_p = float(values["top_p"][0])
+    if "top_k" in values:
+        p.top_k = int(values["top_k"][0])
+    if "random_seed" in values:
+        p.seed = int(values["random_seed"][0])
+    if "stop_words" in values:
+        p.stop = [_text("stop_words", b) for b in values["stop_words"]]
+    return checked_params(p, "", limits)
+
+
+def _bytes_tensor(name: str, text: str) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
+    data = text.encode("utf-8")
+    return (pb.ModelInferResponse.InferOutputTensor(name=name, datatype="BYTES", shape=[1]),
+            struct.pack("<I", len(data)) + data)
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, frontend: Frontend, is_ready):
+        self.fe, self.is_ready = frontend, is_ready
+
+    @property
+    def name(self) -> str:
+        return self.fe.limits.name
+
+    def _check_model(self, name: str, version: str = "") -> None:
+        if name != self.name:
+            raise NotFound(f"model {name!r} is not served here; this server serves {self.name!r}")
+        if version not in ("", "1"):
+            raise NotFound(f"model {name!r} has no version {version!r}; it has version 1")
+
+    async def _guard(self, context, fn):
+        try:
+            return await fn()
+        except Exception as e:
+            status = status_of(e)
+            if status is None:
+                raise
+            await context.abort(*status)
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.is_ready())
+
+    async def ModelReady(self, request, context):
+        async def run():
+            self._check_model(request.name, request.version)
+            return pb.ModelReadyResponse(ready=self.is_ready())
+        return await self._guard(context, run)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=["model_configuration"])
+
+    async def ModelMetadata(self, request, context):
+        async def run():
+            self._check_model(request.name, request.version)
+            T = pb.ModelMetadataResponse.TensorMetadata
+            return pb.ModelMetadataResponse(
+                name=self.name, versions=["1"], platform="tpserve",
+                inputs=[T(name="text_input", datatype="BYTES", shape=[1]),
+                        T(name="max_tokens", datatype="INT32", shape=[1]),
+                        T(name="stream", datatype="BOOL", shape=[1]),
+                        T(name="temperature", datatype="FP32", shape=[1]),
+                        T(name="top_p", datatype="FP32", shape=[1]),
+                        T(name="top_k", datatype="INT32", shape=[1]),
+                        T(name="random_seed", datatype="UINT64", shape=[1]),
+                        T(name="stop_words", datatype="BYTES", shape=[-1]),
+                        T(name="sampling_parameters", datatype="BYTES", shape=[1])],
+                outputs=[T(name="text_output", datatype="BYTES", shape=[1])])
+        return await self._guard(context, run)
+
+    async def ModelConfig(self, request, context):
+        async def run():
+            self._check_model(request.name, request.version)
+            cfg = mc.ModelConfig(
+                name=self.name, platform="tpserve", backend="tpserve", max_batch_size=0,
+                model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
+                input=[mc.ModelInput(name="text_input", data_type=mc.TYPE_STRING, dims=[1]),
+                       mc.ModelInput(name="max_tokens", data_type=mc.TYPE_INT32, dims=[1]),
+                       mc.ModelInput(name="stream", data_type=mc.TYPE_BOOL, dims=[1], optional=True),
+                       mc.ModelInput(name="temperature", data_type=mc.TYPE_FP32, dims=[1], optional=True),
+                       mc.ModelInput(name="top_p", data_type=mc.TYPE_FP32, dims=[1], optional=True),
+                       mc.ModelInput(name="top_k", data_type=mc.TYPE_INT32, dims=[1], optional=True),
+                       mc.ModelInput(name="random_seed", data_type=mc.TYPE_UINT64, dims=[1], optional=True),
+                       mc.ModelInput(name="stop_words", data_type=mc.TYPE_STRING, dims=[-1], optional=True),
+                       mc.ModelInput(name="sampling_parameters", data_type=mc.TYPE_STRING, dims=[1],
+                                     optional=True)],
+                output=[mc.ModelOutput(name="text_output", data_type=mc.TYPE_STRING, dims=[1])])
+            return pb.ModelConfigResponse(config=cfg)
+        return await self._guard(context, run)
+
+    def _prepare(self, request: pb.ModelInferRequest, streaming: bool):
+        self._check_model(request.model_name, request.model_version)
+        values = read_inputs(request)
+        if "text_input" not in values:
+            raise InvalidArgument("text_input", "is required")
+        prompt = check_text("text_input", _text("text_input", values["text_input"][0]))
+        params = build_params(values, self.fe.limits)
+        stream = bool(values.get("stream", [False])[0])
+        if stream and not streaming:
+            raise InvalidArgument("stream", "stream=true needs ModelStreamInfer; ModelInfer returns the whole text")
+        ids = check_prompt_ids(self.fe.encoder.encode(prompt), params.max_tokens, self.fe.limits, "text_input")
+        return ids, params
+
+    def _response(self, request, text: str, final: bool, finish_reason: str | None,
+                  output_tokens: int) -> pb.ModelInferResponse:
+        tensor, raw = _bytes_tensor("text_output", text)
+        r = pb.ModelInferResponse(model_name=self.name, model_version="1", id=request.id, outputs=[tensor],
+                                  raw_output_contents=[raw])
+        if final:
+            r.parameters["triton_final_response"].bool_param = True
+            r.parameters["finish_reason"].string_param = finish_reason or ""
+            r.parameters["output_tokens"].int64_param = output_tokens
+        return r
+
+    async def ModelInfer(self, request, context):
+        async def run():
+            ids, params = self._prepare(request, streaming=False)
+            text, reason, n = "", None, 0
+            async for out in self.fe.stream(ids, params):
+                text += out.new_text
+                n = out.output_tokens
+                reason = out.finish_reason
+            return self._response(request, text, True, reason, n)
+        return await self._guard(context, run)
+
+    async def _stream_one(self, request, out_q: asyncio.Queue) -> None:
+        try:
+            ids, params = self._prepare(request, streaming=True)
+            async for out in self.fe.stream(ids, params):
+                if out.new_text or out.finished:
+                    await out_q.put(pb.ModelStreamInferResponse(infer_response=self._response(
+                        request, out.new_text, out.finished, out.finish_reason, out.output_tokens)))
+        except Exception as e:
+            status = status_of(e)
+            if status is None:
+                raise
+            code, message = status
+            await out_q.put(pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}",
+                                                        infer_response=pb.ModelInferResponse(id=request.id)))
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Requests on one stream run concurrently (decoupled); their responses interleave."""
+        out_q: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+        done_reading = asyncio.Event()
+
+        async def read():
+            try:
+                async for request in request_iterator:
+                    t = asyncio.create_task(self._stream_one(request, out_q))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+            finally:
+                done_reading.set()
+                await out_q.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await out_q.get()
+                if item is not None:
+                    yield item
+                elif done_reading.is_set() and not tasks and out_q.empty():
+                    return
+                elif done_reading.is_set():
+                    await asyncio.wait(set(tasks) or {asyncio.create_task(asyncio.sleep(0))})
+                    await out_q.put(None)
+        finally:
+            reader.cancel()
+            for t in list(tasks):
+                t.cancel()

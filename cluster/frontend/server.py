@@ -1,0 +1,60 @@
+"""The grpc.aio server: tpserve.v1, KServe v2, grpc.health.v1 and server reflection.
+
+Health: the overall service "" and the model's name are SERVING once a replica is ready and
+NOT_SERVING while draining or with none ready; "liveness" is SERVING while the process answers.
+"""
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import service_pb2 as kserve_pb
+from tritonclient.grpc import service_pb2_grpc as kserve_grpc
+
+from cluster.api.tpserve.v1 import tpserve_pb2, tpserve_pb2_grpc
+from cluster.frontend.core import Frontend
+from cluster.frontend.kserve_api import KServeServicer
+from cluster.frontend.tpserve_api import TpserveServicer
+
+MAX_MESSAGE_BYTES = 16 << 20
+LIVENESS = "liveness"
+
+
+class Server:
+    def __init__(self, frontend: Frontend, host: str, port: int):
+        self.frontend = frontend
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                               ("grpc.so_reuseport", 0)])
+        tpserve_pb2_grpc.add_TpserveServiceServicer_to_server(TpserveServicer(frontend), self.server)
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(frontend, self.is_ready), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (tpserve_pb2.DESCRIPTOR.services_by_name["TpserveService"].full_name,
+                 kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {host}:{port}")
+        self._serving: bool | None = None
+
+    def is_ready(self) -> bool:
+        return bool(self.frontend.router.ready) and not self.frontend.router.draining
+
+    async def start(self) -> None:
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        await self.update_health()
+        await self.server.start()
+
+    async def update_health(self) -> None:
+        serving = self.is_ready()
+        if serving == self._serving:
+            return
+        self._serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(self.frontend.limits.name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        await self.server.stop(grace_s)

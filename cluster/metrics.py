@@ -1,0 +1,38 @@
+"""Prometheus metrics of a frontend (names in the style tpserve_<what>_<unit>)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.ttft = Histogram("tpserve_time_to_first_token_seconds", "Time from admission to the first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("tpserve_inter_token_latency_seconds", "Gap between successive token deliveries",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("tpserve_e2e_request_latency_seconds", "Admission to the final token",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("tpserve_requests_running", "Requests admitted and not finished", registry=r)
+        self.waiting = Gauge("tpserve_requests_waiting", "Requests queued in replica engines", registry=r)
+        self.refused = Counter("tpserve_requests_refused_total", "Requests refused with RESOURCE_EXHAUSTED", registry=r)
+        self.aborted = Counter("tpserve_requests_aborted_total", "Requests cancelled or past their deadline", registry=r)
+        self.generated = Counter("tpserve_generation_tokens_total", "Tokens generated", registry=r)
+        self.kv_usage = Gauge("tpserve_kv_cache_usage_ratio", "Share of KV blocks in use", ["replica"], registry=r)
+        self.prefix_hits = Gauge("tpserve_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+                                 ["replica"], registry=r)
+
+    def serve(self, port: int, host: str) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def update_replicas(self, statuses: list[dict]) -> None:
+        waiting = 0
+        for s in statuses:
+            st = s["stats"]
+            waiting += st.waiting
+            if st.num_blocks:
+                self.kv_usage.labels(s["replica_id"]).set(1 - st.free_blocks / st.num_blocks)
+            self.prefix_hits.labels(s["replica_id"]).set(st.prefix_hit_tokens)
+        self.waiting.set(waiting)

@@ -1,0 +1,138 @@
+"""Scheduling requests onto replicas: least outstanding work, prefix affinity on ties, and a
+bounded admission queue (beyond it, refuse at once).
+
+Outstanding work of a replica = prompt tokens of its requests not yet answered + tokens they may
+still generate. The router learns the replica set from the controller and keeps one engine client
+per replica (tokens arrive as one batched message per engine step).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import ray
+
+from cluster.replica import engine_client
+from workers.engine.client import EngineClient, RequestStream
+from workers.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+AFFINITY_TOKENS = 64  # prefix length that identifies a "same system prompt" for affinity
+
+
+class Unavailable(Exception):
+    """No replica is ready."""
+
+
+class Overloaded(Exception):
+    """The admission queue is full."""
+
+
+@dataclass(slots=True, eq=False)
+class ReplicaHandle:
+    replica_id: str
+    rank0: object
+    client: EngineClient
+    workers: list[dict]
+    tp_size: int
+    outstanding: int = 0
+    in_flight: int = 0
+    routed: int = 0
+    prefixes: OrderedDict = field(default_factory=OrderedDict)  # recent prompt-prefix keys, LRU
+
+    def remember(self, key: int) -> None:
+        self.prefixes[key] = None
+        self.prefixes.move_to_end(key)
+        while len(self.prefixes) > 256:
+            self.prefixes.popitem(last=False)
+
+
+class Router:
+    def __init__(self, controller, max_num_seqs: int, max_queue_len: int):
+        self.controller = controller
+        self.max_num_seqs, self.max_queue_len = max_num_seqs, max_queue_len
+        self.replicas: dict[str, ReplicaHandle] = {}
+        self.in_flight = 0
+        self.refused = 0
+        self.draining = False
+
+    # ---- replica set --------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Sync with the controller's replica list (blocking; run it off the event loop)."""
+        listed = ray.get(self.controller.list_replicas.remote(), timeout=30)
+        ready = {r["replica_id"]: r for r in listed if r["state"] == "ready"}
+        for rid in list(self.replicas):
+            if rid not in ready:
+                self.replicas.pop(rid).client.close()
+        for rid, r in ready.items():
+            if rid not in self.replicas:
+                self.replicas[rid] = ReplicaHandle(rid, r["rank0"], engine_client(r["rank0"]), r["workers"], r["tp_size"])
+        for h in self.replicas.values():
+            busy = h.in_flight > 0
+            self.controller.report_progress.remote(h.replica_id, h.client.stats.steps, busy)
+
+    @property
+    def ready(self) -> list[ReplicaHandle]:
+        return [h for h in self.replicas.values() if h.client.dead is None]
+
+    def capacity(self) -> int:
+        return len(self.ready) * self.max_num_seqs + self.max_queue_len
+
+    # ---- routing --------------------------------------------------------------------------------------
+    def pick(self, prompt_ids: list[int]) -> ReplicaHandle:
+        ready = self.ready
+        if not ready:
+            raise Unavailable("no replica is ready")
+        key = hash(tuple(prompt_ids[:AFFINITY_TOKENS]))
+        least = min(h.outstanding for h in ready)
+        tied = [h for h in ready if h.outstanding == least]
+        for h in tied:
+            if key in h.prefixes:
+                return h
+        return min(tied, key=lambda h: h.routed)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+               loop: asyncio.AbstractEventLoop) -> tuple[ReplicaHandle, RequestStream]:
+        if self.draining:
+            raise Unavailable("the server is draining")
+        if self.in_flight >= self.capacity():
+            self.refused += 1
+            raise Overloaded(f"{self.in_flight} requests in flight; the admission bound is {self.capacity()}")
+        h = self.pick(prompt_ids)
+        h.remember(hash(tuple(prompt_ids[:AFFINITY_TOKENS])))
+        h.outstanding += len(prompt_ids) + params.max_tokens
+        h.in_flight += 1
+        h.routed += 1
+        self.in_flight += 1
+        return h, h.client.add_request(prompt_ids, params, request_id=request_id, loop=loop)
+
+    def progress(self, h: ReplicaHandle, tokens: int) -> None:
+        h.outstanding -= tokens
+
+    def done(self, h: ReplicaHandle, remaining: int) -> None:
+        h.outstanding -= remaining
+        h.in_flight -= 1
+        self.in_flight -= 1
+
+    def status(self) -> list[dict]:
+        out = []
+        for h in self.replicas.values():
+            try:
+                st = h.client.call("stats", timeout=5) if h.client.dead is None else h.client.stats
+            except Exception:
+                st = h.client.stats
+            out.append({"replica_id": h.replica_id, "state": "ready" if h.client.dead is None else "unhealthy",
+                        "tp_size": h.tp_size, "workers": h.workers, "stats": st, "routed": h.routed})
+        return out
+
+    def close(self) -> None:
+        for h in self.replicas.values():
+            h.client.close()
+
+
+def now() -> float:
+    return time.monotonic()

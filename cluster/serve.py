@@ -1,0 +1,170 @@
+"""`tpserve serve`: Ray (embedded, or joined), the controller, the router and the gRPC server.
+
+Embedded Ray (no --ray-address): lean (no dashboard, no usage stats, loopback, a small object
+store); this process owns everything and SIGTERM tears it all down. Joined: the controller is a
+detached named actor shared by frontends; a frontend's SIGTERM drains only its own streams.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+from workers.config import ModelConfig
+from workers.engine.core import EngineConfig
+from workers.errors import ConfigError
+from workers.model_source import BUILTIN_MODELS, resolve_model
+from workers.worker import DTYPES, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ServeOptions:
+    model: str = "smollm2-135m"
+    tp: int = 1
+    replicas: int = 1
+    device: str = "cpu"
+    dtype: str | None = None
+    ray_address: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9090
+    served_model_name: str | None = None
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    kv_cache_memory: int | None = None
+    max_queue_len: int = 256
+    drain_timeout_s: float = 30.0
+    ray_num_cpus: int | None = None
+
+    def validate(self) -> None:
+        for name, lo in (("tp", 1), ("replicas", 0), ("max_num_seqs", 1), ("max_queue_len", 0),
+                         ("max_model_len", 1), ("max_num_batched_tokens", 1)):
+            if getattr(self, name) < lo:
+                raise ConfigError(name.replace("_", "-"), f"must be >= {lo}, got {getattr(self, name)}")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(name.replace("_", "-"), f"{getattr(self, name)} is not a TCP port")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError("device", f"{self.device!r} is not one of cpu, cuda")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def served_name(opts: ServeOptions) -> str:
+    if opts.served_model_name:
+        return opts.served_model_name
+    if opts.model in BUILTIN_MODELS:
+        return opts.model
+    return os.path.basename(os.path.normpath(opts.model))
+
+
+def init_ray(opts: ServeOptions) -> bool:
+    """Join --ray-address, or start a lean local Ray. Returns True when this process owns Ray."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray
+
+    if opts.ray_address:
+        ray.init(address=opts.ray_address, namespace="tpserve", log_to_driver=False)
+        return False
+    cpus = opts.ray_num_cpus or max(opts.replicas * opts.tp, os.cpu_count() or 1)
+    ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 << 20, namespace="tpserve",
+             _node_ip_address="127.0.0.1", log_to_driver=False)
+    return True
+
+
+def build_spec(opts: ServeOptions) -> tuple[WorkerSpec, ModelConfig]:
+    folder = resolve_model(opts.model)
+    cfg = ModelConfig.from_pretrained(folder)
+    spec = WorkerSpec(str(folder), tp_size=opts.tp, device=opts.device,
+                      dtype=opts.dtype or ("bfloat16" if opts.device == "cuda" else "float32"),
+                      max_model_len=opts.max_model_len, kv_cache_memory=opts.kv_cache_memory)
+    spec.validate(cfg)
+    return spec, cfg
+
+
+async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: ModelConfig, owns_ray: bool,
+                       ready_file: str | None = None) -> None:
+    from cluster.frontend.core import Frontend
+    from cluster.frontend.server import Server
+    from cluster.frontend.tokenize import PromptEncoder
+    from cluster.frontend.validate import ModelLimits
+    from cluster.metrics import Metrics
+    from cluster.router import Router
+
+    name = served_name(opts)
+    encoder = PromptEncoder(spec.model_path)
+    max_len = min(spec.max_model_len, cfg.max_position_embeddings)
+    limits = ModelLimits(name, cfg.vocab_size, max_len)
+    info = {"name": name, "architecture": cfg.model_type, "max_model_len": max_len, "tp_size": spec.tp_size,
+            "vocab_size": cfg.vocab_size, "dtype": spec.dtype, "device": spec.device,
+            "has_chat_template": encoder.has_chat_template}
+    router = Router(controller, opts.max_num_seqs, opts.max_queue_len)
+    metrics = Metrics()
+    if opts.metrics_port:
+        metrics.serve(opts.metrics_port, opts.host)
+    frontend = Frontend(router, encoder, limits, info, metrics)
+    server = Server(frontend, opts.host, opts.port)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"tpserve: serving {name!r} on {opts.host}:{server.port} (tpserve.v1, KServe v2, health, reflection); "
+          f"metrics on :{opts.metrics_port}", flush=True)
+    announced = False
+    try:
+        while not stop.is_set():
+            await loop.run_in_executor(None, router.refresh)
+            await server.update_health()
+            if server.is_ready() and not announced:
+                announced = True
+                print(f"tpserve: ready ({len(router.ready)} replica(s) x tp {spec.tp_size}); try:\n"
+                      f"  tpserve client --target {opts.host}:{server.port} --prompt 'Hello'", flush=True)
+                if ready_file:
+                    open(ready_file, "w").write(str(server.port))
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+        # Drain: refuse new work, let streams in flight finish within the grace period.
+        router.draining = True
+        await server.update_health()
+        deadline = loop.time() + opts.drain_timeout_s
+        while router.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        await server.stop(grace_s=1.0)
+    finally:
+        router.close()
+        if owns_ray:
+            import ray
+
+            ray.get(controller.shutdown.remote(), timeout=60)
+            ray.shutdown()
+
+
+def serve(opts: ServeOptions, ready_file: str | None = None) -> int:
+    opts.validate()
+    spec, cfg = build_spec(opts)
+    owns = init_ray(opts)
+    import ray
+
+    from cluster.controller import ClusterConfig, get_or_create_controller
+
+    try:
+        config = ClusterConfig(served_name(opts), spec,
+                               EngineConfig(opts.max_num_seqs, opts.max_num_batched_tokens).validate(), opts.replicas)
+        controller, created = get_or_create_controller(config, detached=not owns)
+        if not created:
+            log.info("found the running controller for %s", config.model_name)
+        asyncio.run(run_frontend(opts, controller, spec, cfg, owns, ready_file))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    return 0

@@ -1,0 +1,120 @@
+"""Start, readiness, shutdown, and a frontend joined to an existing (multi-node) Ray cluster.
+
+These use a tiny random Llama over SmolLM2's tokenizer, so replicas load in a second.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.api.tpserve.v1 import tpserve_pb2 as pb
+from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
+from tests.cluster.conftest import ServeProcess
+
+
+def check(target: str, service: str = "") -> int | None:
+    try:
+        with grpc.insecure_channel(target) as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
+                                                        timeout=1).status
+    except grpc.RpcError:
+        return None
+
+
+def test_health_turns_serving_only_after_replicas_load_and_sigterm_leaves_nothing(tmp_path, tiny_text_model):
+    server = ServeProcess(["--model", str(tiny_text_model), "--tp", "2", "--replicas", "1", "--kv-cache-memory",
+                           str(8 << 20), "--drain-timeout", "20"], tmp_path, wait=False)
+    seen: list[int | None] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.append(check(server.target))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    server.wait_ready()
+    time.sleep(0.3)
+    stop.set()
+    watcher.join()
+    statuses = [s for s in seen if s is not None]
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses  # answered while replicas loaded
+    assert statuses[-1] == health_pb2.HealthCheckResponse.SERVING
+    first_serving = statuses.index(health_pb2.HealthCheckResponse.SERVING)
+    assert all(s == health_pb2.HealthCheckResponse.SERVING for s in statuses[first_serving:])
+    assert check(server.target, "liveness") == health_pb2.HealthCheckResponse.SERVING
+
+    # A stream in flight when SIGTERM arrives finishes (or ends with a status); nothing is left behind.
+    family = [server.proc.pid] + [p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)]
+    assert len(family) > 3  # Ray's processes and the two rank actors
+    stub = pb_grpc.TpserveServiceStub(server.channel())
+    call = stub.Generate(pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParameters(
+        max_tokens=200, temperature=0, ignore_eos=True)), timeout=60)
+    it = iter(call)
+    next(it)
+    server.proc.send_signal(15)
+    rest, code = list(it), grpc.StatusCode.OK
+    assert rest and rest[-1].finish_reason == pb.FINISH_REASON_LENGTH and rest[-1].completion_tokens == 200
+    assert server.proc.wait(90) == 0
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in family):
+        assert time.monotonic() < deadline, [p for p in family if psutil.pid_exists(p)]
+        time.sleep(0.5)
+    server.kill()
+    assert code == grpc.StatusCode.OK
+
+
+@pytest.fixture
+def ray_cluster():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False,
+                                                            "object_store_memory": 128 << 20})
+    cluster.add_node(num_cpus=4, object_store_memory=128 << 20)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def test_replicas_spread_over_nodes_and_survive_a_joined_frontend(tmp_path, tiny_text_model, ray_cluster):
+    args = ["--model", str(tiny_text_model), "--tp", "2", "--replicas", "2", "--kv-cache-memory", str(8 << 20),
+            "--ray-address", ray_cluster.address, "--served-model-name", "tiny"]
+    first = ServeProcess(args, tmp_path)
+    try:
+        st = pb_grpc.TpserveServiceStub(first.channel()).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
+        assert len(st.replicas) == 2
+        nodes = []
+        for r in st.replicas:
+            assert len({w.node_id for w in r.workers}) == 1  # a replica's ranks share a node
+            nodes.append(r.workers[0].node_id)
+        assert len(set(nodes)) == 2  # each node had room for both; tpserve spread them
+        ids = {r.replica_id for r in st.replicas}
+    finally:
+        assert first.terminate() == 0
+    second = ServeProcess(args, tmp_path)
+    try:
+        stub = pb_grpc.TpserveServiceStub(second.channel())
+        st = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
+        assert {r.replica_id for r in st.replicas} == ids  # found the running replicas, started none
+        out = stub.Complete(pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParameters(max_tokens=3)), timeout=60)
+        assert out.completion_tokens == 3
+    finally:
+        assert second.terminate() == 0
+    import ray
+
+    ray.init(address=ray_cluster.address, namespace="tpserve")
+    try:
+        controller = ray.get_actor("controller:tiny", namespace="tpserve")
+        assert len(ray.get(controller.list_replicas.remote())) == 2  # still running after both frontends left
+        ray.get(controller.shutdown.remote(), timeout=60)
+        ray.kill(controller)
+    finally:
+        ray.shutdown()
