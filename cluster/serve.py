@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 from workers.config import ModelConfig
@@ -164,6 +165,8 @@ def serve(opts: ServeOptions, ready_file: str | None = None) -> int:
         if not created:
             log.info("found the running controller for %s", config.model_name)
         asyncio.run(run_frontend(opts, controller, spec, cfg, owns, ready_file))
+        # Let Ray's own threads settle before it shuts down: a poll in flight must not race it.
+        time.sleep(0.2)
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -78,9 +78,9 @@ def test_tritonclient_infer_and_stream_infer_give_the_same_text(cluster):
 
     got, done = [], threading.Event()
 
-    def callback(res, err):
-        got.append((res, err))
-        if err is not None or res.get_response().parameters["triton_final_response"].bool_param:
+    def callback(result, error):
+        got.append((result, error))
+        if error is not None or result.get_response().parameters["triton_final_response"].bool_param:
             done.set()
 
     client.start_stream(callback=callback)
@@ -100,7 +100,8 @@ def test_sixteen_concurrent_requests_spread_over_both_replicas(cluster):
     results = [None] * 16
 
     def run(i):
-        results[i] = stub(cluster).Complete(greedy_request(f"Question {i}: what is {i} plus {i}?", n=4), timeout=180)
+        results[i] = stub(cluster).Complete(greedy_request(f"Question {i}: what is {i} plus {i}?", n=4, ignore_eos=True),
+                                          timeout=180)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
     for t in threads:

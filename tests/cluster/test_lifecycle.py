@@ -74,11 +74,12 @@ def test_health_turns_serving_only_after_replicas_load_and_sigterm_leaves_nothin
 @pytest.fixture
 def ray_cluster():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False,
-                                                            "object_store_memory": 128 << 20})
-    cluster.add_node(num_cpus=4, object_store_memory=128 << 20)
+    loopback = {"node_ip_address": "127.0.0.1", "object_store_memory": 128 << 20}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False, **loopback})
+    cluster.add_node(num_cpus=4, **loopback)
     cluster.wait_for_nodes()
     yield cluster
     cluster.shutdown()
@@ -89,11 +90,15 @@ def test_replicas_spread_over_nodes_and_survive_a_joined_frontend(tmp_path, tiny
             "--ray-address", ray_cluster.address, "--served-model-name", "tiny"]
     first = ServeProcess(args, tmp_path)
     try:
-        st = pb_grpc.TpserveServiceStub(first.channel()).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
-        assert len(st.replicas) == 2
+        stub = pb_grpc.TpserveServiceStub(first.channel())
+        deadline = time.monotonic() + 120
+        while len((st := stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)).replicas) < 2:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.3)
         nodes = []
         for r in st.replicas:
-            assert len({w.node_id for w in r.workers}) == 1  # a replica's ranks share a node
+            assert len(r.workers) == 2 and len({w.node_id for w in r.workers}) == 1  # ranks share a node
+            assert all(w.node_ip == "127.0.0.1" for w in r.workers)
             nodes.append(r.workers[0].node_id)
         assert len(set(nodes)) == 2  # each node had room for both; tpserve spread them
         ids = {r.replica_id for r in st.replicas}

@@ -181,5 +181,8 @@ class EngineClient:
         for fut in calls.values():
             fut.set_exception(WorkerError(reason))
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the reader; it returns within one poll, so nothing calls the transport after this."""
         self._closed = True
+        if self._reader is not threading.current_thread():
+            self._reader.join(timeout_s)
