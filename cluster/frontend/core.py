@@ -35,6 +35,23 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
+def abort_on_error(handler):
+    """Unary handlers: an expected error becomes its gRPC status; anything else stays a bug."""
+    import functools
+
+    @functools.wraps(handler)
+    async def wrapped(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except Exception as e:
+            status = status_of(e)
+            if status is None:
+                raise
+            await context.abort(*status)
+
+    return wrapped
+
+
 class Frontend:
     def __init__(self, router: Router, encoder, limits: ModelLimits, model_info: dict, metrics: Metrics):
         self.router, self.encoder, self.limits = router, encoder, limits

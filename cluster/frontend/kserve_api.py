@@ -21,7 +21,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from cluster.frontend.core import Frontend, status_of
+from cluster.frontend.core import Frontend, abort_on_error, status_of
 from cluster.frontend.validate import InvalidArgument, NotFound, check_prompt_ids, check_text, checked_params
 from workers.engine.sampling_params import SamplingParams
 
@@ -150,67 +150,55 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if version not in ("", "1"):
             raise NotFound(f"model {name!r} has no version {version!r}; it has version 1")
 
-    async def _guard(self, context, fn):
-        try:
-            return await fn()
-        except Exception as e:
-            status = status_of(e)
-            if status is None:
-                raise
-            await context.abort(*status)
-
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.is_ready())
 
+    @abort_on_error
     async def ModelReady(self, request, context):
-        async def run():
-            self._check_model(request.name, request.version)
-            return pb.ModelReadyResponse(ready=self.is_ready())
-        return await self._guard(context, run)
+        self._check_model(request.name, request.version)
+        return pb.ModelReadyResponse(ready=self.is_ready())
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=["model_configuration"])
 
+    @abort_on_error
     async def ModelMetadata(self, request, context):
-        async def run():
-            self._check_model(request.name, request.version)
-            T = pb.ModelMetadataResponse.TensorMetadata
-            return pb.ModelMetadataResponse(
-                name=self.name, versions=["1"], platform="tpserve",
-                inputs=[T(name="text_input", datatype="BYTES", shape=[1]),
-                        T(name="max_tokens", datatype="INT32", shape=[1]),
-                        T(name="stream", datatype="BOOL", shape=[1]),
-                        T(name="temperature", datatype="FP32", shape=[1]),
-                        T(name="top_p", datatype="FP32", shape=[1]),
-                        T(name="top_k", datatype="INT32", shape=[1]),
-                        T(name="random_seed", datatype="UINT64", shape=[1]),
-                        T(name="stop_words", datatype="BYTES", shape=[-1]),
-                        T(name="sampling_parameters", datatype="BYTES", shape=[1])],
-                outputs=[T(name="text_output", datatype="BYTES", shape=[1])])
-        return await self._guard(context, run)
+        self._check_model(request.name, request.version)
+        T = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=self.name, versions=["1"], platform="tpserve",
+            inputs=[T(name="text_input", datatype="BYTES", shape=[1]),
+                    T(name="max_tokens", datatype="INT32", shape=[1]),
+                    T(name="stream", datatype="BOOL", shape=[1]),
+                    T(name="temperature", datatype="FP32", shape=[1]),
+                    T(name="top_p", datatype="FP32", shape=[1]),
+                    T(name="top_k", datatype="INT32", shape=[1]),
+                    T(name="random_seed", datatype="UINT64", shape=[1]),
+                    T(name="stop_words", datatype="BYTES", shape=[-1]),
+                    T(name="sampling_parameters", datatype="BYTES", shape=[1])],
+            outputs=[T(name="text_output", datatype="BYTES", shape=[1])])
 
+    @abort_on_error
     async def ModelConfig(self, request, context):
-        async def run():
-            self._check_model(request.name, request.version)
-            cfg = mc.ModelConfig(
-                name=self.name, platform="tpserve", backend="tpserve", max_batch_size=0,
-                model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
-                input=[mc.ModelInput(name="text_input", data_type=mc.TYPE_STRING, dims=[1]),
-                       mc.ModelInput(name="max_tokens", data_type=mc.TYPE_INT32, dims=[1]),
-                       mc.ModelInput(name="stream", data_type=mc.TYPE_BOOL, dims=[1], optional=True),
-                       mc.ModelInput(name="temperature", data_type=mc.TYPE_FP32, dims=[1], optional=True),
-                       mc.ModelInput(name="top_p", data_type=mc.TYPE_FP32, dims=[1], optional=True),
-                       mc.ModelInput(name="top_k", data_type=mc.TYPE_INT32, dims=[1], optional=True),
-                       mc.ModelInput(name="random_seed", data_type=mc.TYPE_UINT64, dims=[1], optional=True),
-                       mc.ModelInput(name="stop_words", data_type=mc.TYPE_STRING, dims=[-1], optional=True),
-                       mc.ModelInput(name="sampling_parameters", data_type=mc.TYPE_STRING, dims=[1],
-                                     optional=True)],
-                output=[mc.ModelOutput(name="text_output", data_type=mc.TYPE_STRING, dims=[1])])
-            return pb.ModelConfigResponse(config=cfg)
-        return await self._guard(context, run)
+        self._check_model(request.name, request.version)
+        cfg = mc.ModelConfig(
+            name=self.name, platform="tpserve", backend="tpserve", max_batch_size=0,
+            model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
+            input=[mc.ModelInput(name="text_input", data_type=mc.TYPE_STRING, dims=[1]),
+                   mc.ModelInput(name="max_tokens", data_type=mc.TYPE_INT32, dims=[1]),
+                   mc.ModelInput(name="stream", data_type=mc.TYPE_BOOL, dims=[1], optional=True),
+                   mc.ModelInput(name="temperature", data_type=mc.TYPE_FP32, dims=[1], optional=True),
+                   mc.ModelInput(name="top_p", data_type=mc.TYPE_FP32, dims=[1], optional=True),
+                   mc.ModelInput(name="top_k", data_type=mc.TYPE_INT32, dims=[1], optional=True),
+                   mc.ModelInput(name="random_seed", data_type=mc.TYPE_UINT64, dims=[1], optional=True),
+                   mc.ModelInput(name="stop_words", data_type=mc.TYPE_STRING, dims=[-1], optional=True),
+                   mc.ModelInput(name="sampling_parameters", data_type=mc.TYPE_STRING, dims=[1],
+                                 optional=True)],
+            output=[mc.ModelOutput(name="text_output", data_type=mc.TYPE_STRING, dims=[1])])
+        return pb.ModelConfigResponse(config=cfg)
 
     def _prepare(self, request: pb.ModelInferRequest, streaming: bool):
         self._check_model(request.model_name, request.model_version)
@@ -236,16 +224,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             r.parameters["output_tokens"].int64_param = output_tokens
         return r
 
+    @abort_on_error
     async def ModelInfer(self, request, context):
-        async def run():
-            ids, params = self._prepare(request, streaming=False)
-            text, reason, n = "", None, 0
-            async for out in self.fe.stream(ids, params):
-                text += out.new_text
-                n = out.output_tokens
-                reason = out.finish_reason
-            return self._response(request, text, True, reason, n)
-        return await self._guard(context, run)
+        ids, params = self._prepare(request, streaming=False)
+        text, reason, n = "", None, 0
+        async for out in self.fe.stream(ids, params):
+            text += out.new_text
+            n = out.output_tokens
+            reason = out.finish_reason
+        return self._response(request, text, True, reason, n)
 
     async def _stream_one(self, request, out_q: asyncio.Queue) -> None:
         try:

@@ -5,7 +5,7 @@ import grpc
 
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
-from cluster.frontend.core import Frontend, status_of
+from cluster.frontend.core import Frontend, abort_on_error, status_of
 from cluster.frontend.validate import (InvalidArgument, check_model, check_prompt_ids, check_text, checked_params,
                                        finite)
 from workers.engine.outputs import RequestOutput
@@ -71,55 +71,43 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
             await context.abort(*status)
 
     @staticmethod
-    def _response(out: RequestOutput) -> pb.GenerateResponse:
-        r = pb.GenerateResponse(request_id=out.request_id, text=out.new_text, token_ids=out.new_token_ids,
-                                logprobs=logprobs_of(out.logprobs))
+    def _add(reply, out: RequestOutput):
+        """Append a delta to a GenerateResponse or CompleteResponse (same field names); the final
+        delta also sets the finish reason and counts."""
+        reply.request_id = out.request_id
+        reply.text += out.new_text
+        reply.token_ids.extend(out.new_token_ids)
+        reply.logprobs.extend(logprobs_of(out.logprobs))
         if out.finished:
-            r.finish_reason = FINISH.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
-            r.prompt_tokens, r.completion_tokens = out.prompt_tokens, out.output_tokens
-            r.cached_prompt_tokens = out.cached_prompt_tokens
+            reply.finish_reason = FINISH.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+            reply.prompt_tokens, reply.completion_tokens = out.prompt_tokens, out.output_tokens
+            reply.cached_prompt_tokens = out.cached_prompt_tokens
             if isinstance(out.stop_reason, str):
-                r.stop_reason = out.stop_reason
-        return r
+                reply.stop_reason = out.stop_reason
+        return reply
 
+    def _response(self, out: RequestOutput) -> pb.GenerateResponse:
+        return self._add(pb.GenerateResponse(), out)
+
+    @abort_on_error
     async def Complete(self, request, context):
-        try:
-            ids, params = self._prepare(request)
-            reply = pb.CompleteResponse()
-            async for out in self.fe.stream(ids, params, request.request_id or None):
-                reply.request_id = out.request_id
-                reply.text += out.new_text
-                reply.token_ids.extend(out.new_token_ids)
-                reply.logprobs.extend(logprobs_of(out.logprobs))
-                if out.finished:
-                    reply.finish_reason = FINISH.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
-                    reply.prompt_tokens, reply.completion_tokens = out.prompt_tokens, out.output_tokens
-                    reply.cached_prompt_tokens = out.cached_prompt_tokens
-                    if isinstance(out.stop_reason, str):
-                        reply.stop_reason = out.stop_reason
-            return reply
-        except Exception as e:
-            status = status_of(e)
-            if status is None:
-                raise
-            await context.abort(*status)
+        ids, params = self._prepare(request)
+        reply = pb.CompleteResponse()
+        async for out in self.fe.stream(ids, params, request.request_id or None):
+            self._add(reply, out)
+        return reply
 
+    @abort_on_error
     async def Tokenize(self, request, context):
-        try:
-            check_model(request.model, self.fe.limits.name)
-            kind = request.WhichOneof("input")
-            if kind == "text":
-                ids = self.fe.encoder.encode(check_text("text", request.text))
-            elif kind == "messages":
-                ids = self.fe.encoder.encode_chat(messages_of(request.messages))
-            else:
-                raise InvalidArgument("input", "give text or messages")
-            return pb.TokenizeResponse(token_ids=ids)
-        except Exception as e:
-            status = status_of(e)
-            if status is None:
-                raise
-            await context.abort(*status)
+        check_model(request.model, self.fe.limits.name)
+        kind = request.WhichOneof("input")
+        if kind == "text":
+            ids = self.fe.encoder.encode(check_text("text", request.text))
+        elif kind == "messages":
+            ids = self.fe.encoder.encode_chat(messages_of(request.messages))
+        else:
+            raise InvalidArgument("input", "give text or messages")
+        return pb.TokenizeResponse(token_ids=ids)
 
     async def GetModelInfo(self, request, context):
         i = self.fe.model_info
