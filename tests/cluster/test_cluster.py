@@ -198,3 +198,31 @@ def test_cluster_status_reports_replicas_workers_and_kv(cluster):
         assert r.state == pb.REPLICA_STATE_READY and r.tp_size == 2
         assert [w.rank for w in r.workers] == [0, 1] and all(w.pid > 0 for w in r.workers)
         assert r.kv_blocks_total > 0
+
+
+def test_prometheus_metrics_count_requests_and_kv_use(cluster):
+    import urllib.request
+
+    stub(cluster).Complete(greedy_request(n=3), timeout=120)
+    stub(cluster).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)  # refreshes per-replica gauges
+    text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).read().decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line.startswith("tpserve_") and " " in line}
+    assert values["tpserve_time_to_first_token_seconds_count"] >= 1
+    assert values["tpserve_inter_token_latency_seconds_count"] >= 2
+    assert values["tpserve_e2e_request_latency_seconds_count"] >= 1
+    assert values["tpserve_generation_tokens_total"] >= 3
+    assert any(k.startswith("tpserve_kv_cache_usage_ratio{") for k in values)
+
+
+def test_client_cli_streams_the_completion(cluster):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "client", "--target", cluster.target,
+                           "--prompt", "What is the capital of France?", "--chat", "--max-tokens", "20"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Paris" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "client", "--target", cluster.target,
+                          "--prompt", "hi", "--temperature", "-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.temperature" in bad.stderr

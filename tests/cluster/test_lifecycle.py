@@ -119,6 +119,11 @@ def test_replicas_spread_over_nodes_and_survive_a_joined_frontend(tmp_path, tiny
     try:
         controller = ray.get_actor("controller:tiny", namespace="tpserve")
         assert len(ray.get(controller.list_replicas.remote())) == 2  # still running after both frontends left
+        ray.get(controller.scale.remote(1))  # scale at run time
+        deadline = time.monotonic() + 60
+        while len(ray.get(controller.list_replicas.remote())) != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
         ray.get(controller.shutdown.remote(), timeout=60)
         ray.kill(controller)
     finally:
