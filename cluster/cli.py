@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
+    sub.add_parser("bench", help="load-test a running server (tpserve bench --help)", add_help=False)
+
     p = sub.add_parser("client", help="stream a completion from a running server")
     p.add_argument("--target", default="127.0.0.1:50051")
     p.add_argument("--prompt", required=True)
@@ -158,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: `tpserve bench ...` and `tpserve bench compare A B`
+        logging.basicConfig(level=logging.WARNING)
+        from cluster.bench.main import main as bench_main
+
+        try:
+            return bench_main(argv[1:])
+        except TpserveError as e:
+            print(f"tpserve: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -26,6 +26,7 @@ from cluster.frontend.validate import InvalidArgument, NotFound, check_prompt_id
 from workers.engine.sampling_params import SamplingParams
 
 SERVER_NAME, SERVER_VERSION = "tpserve", "0.1.0"
+_READ_DONE, _TASK_DONE = object(), object()  # ModelStreamInfer's queue sentinels
 # name -> (accepted datatypes, numpy dtype per datatype)
 NUMERIC = {"INT32": np.int32, "UINT32": np.uint32, "INT64": np.int64, "UINT64": np.uint64,
            "FP32": np.float32, "FP64": np.float64, "BOOL": np.bool_}
@@ -248,34 +249,37 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             code, message = status
             await out_q.put(pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}",
                                                         infer_response=pb.ModelInferResponse(id=request.id)))
+        finally:
+            await out_q.put(_TASK_DONE)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Requests on one stream run concurrently (decoupled); their responses interleave."""
+        """Requests on one stream run concurrently (decoupled); their responses interleave as they come."""
         out_q: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
-        done_reading = asyncio.Event()
+        active = 0
 
         async def read():
+            nonlocal active
             try:
                 async for request in request_iterator:
+                    active += 1
                     t = asyncio.create_task(self._stream_one(request, out_q))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
             finally:
-                done_reading.set()
-                await out_q.put(None)
+                await out_q.put(_READ_DONE)
 
         reader = asyncio.create_task(read())
+        reading = True
         try:
-            while True:
+            while reading or active:
                 item = await out_q.get()
-                if item is not None:
+                if item is _READ_DONE:
+                    reading = False
+                elif item is _TASK_DONE:
+                    active -= 1
+                else:
                     yield item
-                elif done_reading.is_set() and not tasks and out_q.empty():
-                    return
-                elif done_reading.is_set():
-                    await asyncio.wait(set(tasks) or {asyncio.create_task(asyncio.sleep(0))})
-                    await out_q.put(None)
         finally:
             reader.cancel()
             for t in list(tasks):

@@ -1,0 +1,163 @@
+"""`tpserve bench` and `tpserve bench compare`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import asdict
+
+from cluster.bench import HARNESS_VERSION
+from cluster.bench.metrics import record_dict, summarize
+from cluster.bench.runner import LoadSpec, harness_overhead_ms, run_load
+from cluster.bench.workload import WorkloadSpec, make_workload
+from workers.errors import ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="host:port of the server (the only address contacted)")
+    p.add_argument("--protocol", default="tpserve", choices=["tpserve", "kserve"])
+    p.add_argument("--model", default="", help="model name (default: the server's)")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, help="closed loop: requests always in flight")
+    load.add_argument("--request-rate", type=float, help="open loop: Poisson arrivals per second")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps (1 = Poisson)")
+    p.add_argument("--sweep", default=None, help="comma list of concurrencies (or rates with --request-rate)")
+    p.add_argument("--num-requests", type=int, default=100)
+    p.add_argument("--duration", type=float, default=None, help="stop sending after this many seconds")
+    p.add_argument("--warmup", type=int, default=2, help="requests sent first and not counted")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workload", default="random", choices=["fixed", "random", "longtail", "shared-prefix", "file"])
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--input-range", default="32,256")
+    p.add_argument("--output-range", default="16,128")
+    p.add_argument("--prefix-len", type=int, default=256)
+    p.add_argument("--workload-file", default=None)
+    p.add_argument("--slo-ttft-ms", type=float, default=None)
+    p.add_argument("--slo-tpot-ms", type=float, default=None)
+    p.add_argument("--slo-e2e-ms", type=float, default=None)
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request deadline (s)")
+    p.add_argument("--out", default=None, help="JSON report")
+    p.add_argument("--plot", default=None, help="PNG: TTFT/TPOT distributions and, for a sweep, the frontier")
+    p.add_argument("--name", default=None, help="label of this configuration in plots")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _pair(flag: str, text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(flag, f"expected LO,HI, got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise ConfigError(flag, f"need 1 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def server_info(target: str) -> dict:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from cluster.api.tpserve.v1 import tpserve_pb2 as pb
+    from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.TpserveServiceStub(ch)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
+    return {"model_info": MessageToDict(info), "cluster_status": MessageToDict(status)}
+
+
+def run_bench(args) -> int:
+    for flag in ("num_requests", "warmup"):
+        if getattr(args, flag) < (1 if flag == "num_requests" else 0):
+            raise ConfigError(f"--{flag.replace('_', '-')}", f"must be >= 1, got {getattr(args, flag)}")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise ConfigError("--concurrency", f"must be >= 1, got {args.concurrency}")
+    spec = WorkloadSpec(args.workload, args.input_len, args.output_len, _pair("--input-range", args.input_range),
+                        _pair("--output-range", args.output_range), args.prefix_len, args.workload_file)
+    try:
+        info = server_info(args.target)
+    except Exception as e:
+        raise ConfigError("--target", f"cannot reach a tpserve server at {args.target} ({type(e).__name__})") from None
+    model = args.model or info["model_info"]["name"]
+    vocab = int(info["model_info"].get("vocabSize", 32000))
+    slo = {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms, "e2e": args.slo_e2e_ms}
+    if args.sweep:
+        try:
+            points = [float(x) if args.request_rate else int(x) for x in args.sweep.split(",")]
+        except ValueError:
+            raise ConfigError("--sweep", f"expected a comma list of numbers, got {args.sweep!r}") from None
+    else:
+        points = [args.request_rate or args.concurrency or 1]
+    try:
+        requests = make_workload(spec, args.num_requests + args.warmup, vocab, args.seed)
+    except ValueError as e:
+        raise ConfigError("--workload", str(e)) from None
+    warm, measured = requests[:args.warmup], requests[args.warmup:]
+    runs = []
+    for point in points:
+        load = LoadSpec(concurrency=None if args.request_rate else int(point),
+                        request_rate=float(point) if args.request_rate else None, burstiness=args.burstiness,
+                        num_requests=args.num_requests, duration_s=args.duration, seed=args.seed,
+                        timeout_s=args.timeout)
+        label = f"rate {point:g}/s" if args.request_rate else f"conc {int(point)}"
+        if warm:
+            asyncio.run(run_load(args.target, args.protocol, model, warm, LoadSpec(concurrency=len(warm))))
+        records, duration = _run_with_progress(args, model, measured, load, label)
+        run = {"load": asdict(load), "load_label": label, "summary": summarize(records, duration, slo),
+               "records": [record_dict(r) for r in records]}
+        runs.append(run)
+        from cluster.bench.report import print_summary
+
+        print_summary(run)
+    overhead = harness_overhead_ms()
+    report = {"harness_version": HARNESS_VERSION, "name": args.name or f"{model}", "target": args.target,
+              "protocol": args.protocol, "workload": asdict(spec), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "harness_overhead_ms_per_chunk": overhead, "server": server_info(args.target), "runs": runs}
+    print(f"harness overhead: {overhead * 1e3:.2f} us of client-side work per timed token chunk")
+    if args.out:
+        from cluster.bench.report import save
+
+        save(report, args.out)
+    if args.plot:
+        from cluster.bench.report import plot
+
+        plot(report, args.plot)
+    return 0
+
+
+def _run_with_progress(args, model, requests, load, label):
+    if args.no_progress:
+        return asyncio.run(run_load(args.target, args.protocol, model, requests, load))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(label, total=len(requests))
+        return asyncio.run(run_load(args.target, args.protocol, model, requests, load,
+                                    on_done=lambda rec: bar.advance(task)))
+
+
+def run_compare(argv: list[str]) -> int:
+    from cluster.bench.report import compare
+
+    ap = argparse.ArgumentParser(prog="tpserve bench compare")
+    ap.add_argument("a")
+    ap.add_argument("b")
+    args = ap.parse_args(argv)
+    for path in (args.a, args.b):
+        import os
+
+        if not os.path.isfile(path):
+            raise ConfigError("report", f"no such file: {path}")
+    print("\n".join(compare(args.a, args.b)))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "compare":
+        return run_compare(argv[1:])
+    ap = argparse.ArgumentParser(prog="tpserve bench", description="load-test a running tpserve (or KServe v2) server")
+    add_arguments(ap)
+    return run_bench(ap.parse_args(argv))

@@ -1,0 +1,175 @@
+"""Drives a server over gRPC (tpserve.v1 or KServe v2) and times every request on the client.
+
+Load shapes: closed loop (`concurrency` requests always in flight) or open loop (requests sent
+at seeded arrival times, Poisson or gamma). A run stops after its requests or its duration,
+whichever comes first, and only ever talks to the one target given.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from cluster.bench.arrivals import arrival_times
+from cluster.bench.metrics import RequestRecord
+from cluster.bench.workload import BenchRequest
+
+
+@dataclass(slots=True)
+class LoadSpec:
+    concurrency: int | None = None  # closed loop
+    request_rate: float | None = None  # open loop (requests/s)
+    burstiness: float = 1.0
+    num_requests: int = 100
+    duration_s: float | None = None
+    seed: int = 0
+    timeout_s: float = 600.0
+
+
+class TpserveProtocol:
+    def __init__(self, channel: grpc.aio.Channel, model: str):
+        from cluster.api.tpserve.v1 import tpserve_pb2 as pb
+        from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
+
+        self.pb, self.stub, self.model = pb, pb_grpc.TpserveServiceStub(channel), model
+
+    async def send(self, req: BenchRequest, rec: RequestRecord, timeout: float) -> None:
+        pb = self.pb
+        msg = pb.GenerateRequest(model=self.model, sampling=pb.SamplingParameters(
+            max_tokens=req.output_len, temperature=0.0, ignore_eos=True))
+        if req.prompt_ids is not None:
+            msg.prompt_token_ids.ids.extend(req.prompt_ids)
+        else:
+            msg.prompt = req.prompt_text
+        start = last = time.perf_counter()
+        async for m in self.stub.Generate(msg, timeout=timeout):
+            now = time.perf_counter()
+            if m.token_ids:
+                if rec.ttft is None:
+                    rec.ttft = now - start
+                else:
+                    rec.itl.append(now - last)
+                last = now
+                rec.output_tokens += len(m.token_ids)
+            if m.finish_reason:
+                rec.prompt_tokens = m.prompt_tokens
+        rec.e2e = time.perf_counter() - start
+
+
+class KServeProtocol:
+    def __init__(self, channel: grpc.aio.Channel, model: str):
+        from tritonclient.grpc import service_pb2 as pb
+        from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+        self.pb, self.stub, self.model = pb, pb_grpc.GRPCInferenceServiceStub(channel), model
+
+    def _request(self, req: BenchRequest, rid: str):
+        import struct
+
+        pb = self.pb
+        T = pb.ModelInferRequest.InferInputTensor
+        text = req.prompt_text.encode()
+        r = pb.ModelInferRequest(model_name=self.model, id=rid, inputs=[
+            T(name="text_input", datatype="BYTES", shape=[1]), T(name="max_tokens", datatype="INT32", shape=[1]),
+            T(name="sampling_parameters", datatype="BYTES", shape=[1])])
+        params = b'{"ignore_eos": true, "temperature": 0.0}'
+        r.raw_input_contents.extend([struct.pack("<I", len(text)) + text, struct.pack("<i", req.output_len),
+                                     struct.pack("<I", len(params)) + params])
+        return r
+
+    async def send(self, req: BenchRequest, rec: RequestRecord, timeout: float) -> None:
+        async def one():
+            yield self._request(req, "bench")
+
+        start = last = time.perf_counter()
+        async for m in self.stub.ModelStreamInfer(one(), timeout=timeout):
+            now = time.perf_counter()
+            if m.error_message:
+                raise BenchError(m.error_message.split(":", 1)[0])
+            resp = m.infer_response
+            text_len = len(resp.raw_output_contents[0]) - 4 if resp.raw_output_contents else 0
+            if text_len > 0:
+                if rec.ttft is None:
+                    rec.ttft = now - start
+                else:
+                    rec.itl.append(now - last)
+                last = now
+            if resp.parameters["triton_final_response"].bool_param:
+                rec.output_tokens = resp.parameters["output_tokens"].int64_param
+                break
+        rec.e2e = time.perf_counter() - start
+
+
+class BenchError(Exception):
+    """A status reported inside a stream (KServe error_message)."""
+
+
+PROTOCOLS = {"tpserve": TpserveProtocol, "kserve": KServeProtocol}
+
+
+async def _one(proto, req: BenchRequest, timeout: float) -> RequestRecord:
+    rec = RequestRecord()
+    try:
+        await proto.send(req, rec, timeout)
+        rec.ok = rec.output_tokens > 0
+        if not rec.ok:
+            rec.status = "EMPTY"
+    except grpc.aio.AioRpcError as e:
+        rec.status = e.code().name
+    except BenchError as e:
+        rec.status = str(e)
+    return rec
+
+
+async def run_load(target: str, protocol: str, model: str, requests: list[BenchRequest], load: LoadSpec,
+                   on_done=None) -> tuple[list[RequestRecord], float]:
+    """Send the requests under the load shape; returns per-request records and the wall duration."""
+    async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        proto = PROTOCOLS[protocol](ch, model)
+        records: list[RequestRecord] = []
+        deadline = time.perf_counter() + load.duration_s if load.duration_s else None
+        start = time.perf_counter()
+
+        async def run(req):
+            rec = await _one(proto, req, load.timeout_s)
+            records.append(rec)
+            if on_done:
+                on_done(rec)
+
+        if load.request_rate:
+            times = arrival_times(len(requests), load.request_rate, load.burstiness, load.seed)
+            tasks = []
+            for t, req in zip(times, requests):
+                if deadline and time.perf_counter() >= deadline:
+                    break
+                await asyncio.sleep(max(0.0, start + float(t) - time.perf_counter()))
+                tasks.append(asyncio.create_task(run(req)))
+            await asyncio.gather(*tasks)
+        else:
+            queue = list(reversed(requests))
+
+            async def worker():
+                while queue and not (deadline and time.perf_counter() >= deadline):
+                    await run(queue.pop())
+
+            await asyncio.gather(*(worker() for _ in range(max(1, load.concurrency or 1))))
+        return records, time.perf_counter() - start
+
+
+def harness_overhead_ms(samples: int = 2000) -> float:
+    """The harness's own cost per timed chunk: a clock read and a list append, measured here."""
+    rec = RequestRecord()
+    t = time.perf_counter()
+    last = t
+    for _ in range(samples):
+        now = time.perf_counter()
+        rec.itl.append(now - last)
+        last = now
+    return (time.perf_counter() - t) / samples * 1e3
+
+
+def percentile(a, q):
+    return float(np.percentile(np.asarray(a), q))

@@ -1,0 +1,77 @@
+"""The harness's figures against a server with scripted timings, and its arrival schedules."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from scipy import stats as sstats
+
+from cluster.bench.arrivals import arrival_times
+from cluster.bench.metrics import summarize
+from cluster.bench.runner import LoadSpec, run_load
+from cluster.bench.workload import BenchRequest, WorkloadSpec, make_workload
+from tests.cluster.bench import fake_server
+
+N_TOKENS = 8
+
+
+def requests(kinds: list[int]) -> list[BenchRequest]:
+    return [BenchRequest([k, 1, 2, 3], "", N_TOKENS) for k in kinds]
+
+
+async def run(kinds, slo, concurrency=4):
+    server, port = await fake_server.start(first_s=0.05, gap_s=0.01, slow_first_s=0.15)
+    try:
+        records, duration = await run_load(f"127.0.0.1:{port}", "tpserve", "fake", requests(kinds),
+                                           LoadSpec(concurrency=concurrency))
+    finally:
+        await server.stop(0)
+    return records, summarize(records, duration, slo)
+
+
+def test_reported_latencies_match_the_scripted_server():
+    records, s = asyncio.run(run([1] * 12, {"ttft": None, "tpot": None, "e2e": None}))
+    tol = 8.0  # ms: asyncio timers on a shared 2-core machine
+    assert s["completed"] == 12 and s["output_tokens"] == 12 * N_TOKENS
+    assert abs(s["ttft"]["median_ms"] - 50) < tol
+    assert abs(s["itl"]["median_ms"] - 10) < tol
+    assert abs(s["tpot"]["median_ms"] - 10) < tol
+    assert abs(s["e2e"]["median_ms"] - (50 + 10 * (N_TOKENS - 1))) < 2 * tol
+    # TPOT is (E2E - TTFT) / (tokens - 1), request by request
+    r = records[0]
+    assert r.tpot == pytest.approx((r.e2e - r.ttft) / (N_TOKENS - 1))
+
+
+def test_goodput_counts_exactly_the_requests_meeting_every_slo_and_errors_by_status():
+    kinds = [1] * 6 + [fake_server.SLOW] * 3 + [fake_server.REFUSE] * 2
+    _, s = asyncio.run(run(kinds, {"ttft": 100.0, "tpot": 30.0, "e2e": None}))
+    assert s["completed"] == 9 and s["errors_by_status"] == {"RESOURCE_EXHAUSTED": 2}
+    assert s["goodput_requests"] == 6  # slow first tokens (150 ms) miss the 100 ms TTFT SLO
+    _, s = asyncio.run(run(kinds, {"ttft": None, "tpot": None, "e2e": 100.0}))
+    assert s["goodput_requests"] == 0  # every E2E is ~120 ms or more
+
+
+@pytest.mark.parametrize("burstiness", [1.0, 0.5, 2.0])
+def test_arrival_schedule_has_the_asked_rate_and_distribution(burstiness):
+    rate, n = 40.0, 4000
+    t = arrival_times(n, rate, burstiness, seed=3)
+    gaps = np.diff(t)
+    assert abs((n - 1) / t[-1] - rate) / rate < 0.05
+    ref = sstats.gamma(a=burstiness, scale=1 / (rate * burstiness))
+    assert sstats.kstest(gaps, ref.cdf).pvalue > 0.01
+    if burstiness != 1.0:  # and it is really not Poisson
+        assert sstats.kstest(gaps, sstats.expon(scale=1 / rate).cdf).pvalue < 0.01
+    assert np.array_equal(t, arrival_times(n, rate, burstiness, seed=3))  # seeded
+
+
+def test_workloads_are_seeded_and_shaped():
+    a = make_workload(WorkloadSpec("random", input_range=(10, 20), output_range=(3, 5)), 50, 1000, seed=1)
+    b = make_workload(WorkloadSpec("random", input_range=(10, 20), output_range=(3, 5)), 50, 1000, seed=1)
+    assert [r.prompt_ids for r in a] == [r.prompt_ids for r in b]
+    assert all(10 <= len(r.prompt_ids) <= 20 and 3 <= r.output_len <= 5 for r in a)
+    shared = make_workload(WorkloadSpec("shared-prefix", input_len=8, prefix_len=32), 5, 1000)
+    assert len({tuple(r.prompt_ids[:32]) for r in shared}) == 1 and len({tuple(r.prompt_ids) for r in shared}) == 5
+    tail = make_workload(WorkloadSpec("longtail", input_len=64, output_len=32), 2000, 1000)
+    lens = np.array([len(r.prompt_ids) for r in tail])
+    assert np.percentile(lens, 99) > 3 * np.median(lens)  # a long tail
