@@ -11,7 +11,7 @@ from cluster.bench.arrivals import arrival_times
 from cluster.bench.metrics import summarize
 from cluster.bench.runner import LoadSpec, run_load
 from cluster.bench.workload import BenchRequest, WorkloadSpec, make_workload
-from tests.cluster.bench import fake_server
+from cluster.bench import scripted_server
 
 N_TOKENS = 8
 
@@ -21,7 +21,7 @@ def requests(kinds: list[int]) -> list[BenchRequest]:
 
 
 async def run(kinds, slo, concurrency=4):
-    server, port = await fake_server.start(first_s=0.05, gap_s=0.01, slow_first_s=0.15)
+    server, port = await scripted_server.start(first_s=0.05, gap_s=0.01, slow_first_s=0.15)
     try:
         records, duration = await run_load(f"127.0.0.1:{port}", "tpserve", "fake", requests(kinds),
                                            LoadSpec(concurrency=concurrency))
@@ -44,7 +44,7 @@ def test_reported_latencies_match_the_scripted_server():
 
 
 def test_goodput_counts_exactly_the_requests_meeting_every_slo_and_errors_by_status():
-    kinds = [1] * 6 + [fake_server.SLOW] * 3 + [fake_server.REFUSE] * 2
+    kinds = [1] * 6 + [scripted_server.SLOW] * 3 + [scripted_server.REFUSE] * 2
     _, s = asyncio.run(run(kinds, {"ttft": 100.0, "tpot": 30.0, "e2e": None}))
     assert s["completed"] == 9 and s["errors_by_status"] == {"RESOURCE_EXHAUSTED": 2}
     assert s["goodput_requests"] == 6  # slow first tokens (150 ms) miss the 100 ms TTFT SLO

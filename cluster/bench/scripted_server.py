@@ -1,4 +1,4 @@
-"""A tpserve.v1 server with scripted timings, for testing the harness (no model)."""
+"""A tpserve.v1 server with scripted timings and no model: tests the harness and measures its ceiling."""
 from __future__ import annotations
 
 import asyncio
