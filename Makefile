@@ -12,8 +12,11 @@ MODEL    ?= smollm2-135m
 TP       ?= 2
 REPLICAS ?= 1
 PORT     ?= 50051
+# The image the k8s manifests run (tests check every manifest names exactly this).
+IMAGE    ?= tpserve:0.1.0
+VARIANT  ?= cpu
 
-.PHONY: serve test setup model bench proto clean
+.PHONY: serve test setup model bench proto image clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +47,9 @@ bench: model
 # Regenerate the committed gRPC stubs after editing proto/ (a test fails when they are stale).
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
+
+image:
+	docker build --build-arg VARIANT=$(VARIANT) -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -71,7 +71,7 @@ def init_ray(opts: ServeOptions) -> bool:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import ray
 
-    if opts.ray_address:
+    if opts.ray_address:  # host:port of a GCS (this machine runs a Ray node) or ray://host:port (Ray Client)
         ray.init(address=opts.ray_address, namespace="tpserve", log_to_driver=False)
         return False
     cpus = opts.ray_num_cpus or max(opts.replicas * opts.tp, os.cpu_count() or 1)

@@ -86,8 +86,9 @@ def ray_cluster():
 
 
 def test_replicas_spread_over_nodes_and_survive_a_joined_frontend(tmp_path, tiny_text_model, ray_cluster):
+    gcs = "127.0.0.1:" + ray_cluster.address.rsplit(":", 1)[1]  # .address names the host's other interface
     args = ["--model", str(tiny_text_model), "--tp", "2", "--replicas", "2", "--kv-cache-memory", str(8 << 20),
-            "--ray-address", ray_cluster.address, "--served-model-name", "tiny"]
+            "--ray-address", gcs, "--served-model-name", "tiny"]
     first = ServeProcess(args, tmp_path)
     try:
         stub = pb_grpc.TpserveServiceStub(first.channel())
@@ -115,7 +116,7 @@ def test_replicas_spread_over_nodes_and_survive_a_joined_frontend(tmp_path, tiny
         assert second.terminate() == 0
     import ray
 
-    ray.init(address=ray_cluster.address, namespace="tpserve")
+    ray.init(address=gcs, namespace="tpserve")
     try:
         controller = ray.get_actor("controller:tiny", namespace="tpserve")
         assert len(ray.get(controller.list_replicas.remote())) == 2  # still running after both frontends left
