@@ -55,6 +55,7 @@ def crd_validator(kind: str, version: str = "v1"):
     import jsonschema
 
     path = SCHEMAS / f"ray.io_{kind.lower()}s.yaml"
+    assert path.is_file(), f"KubeRay CRD {path} is missing: shared/ must sit beside the checkout"
     crd = yaml.safe_load(path.read_text())
     schema = next(v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version)
     return jsonschema.Draft7Validator(strict(schema))
