@@ -12,7 +12,7 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from workers.engine.client import EngineClient
 from workers.engine.core import EngineConfig
-from workers.engine.loop import EngineLoop
+from workers.engine.loop import EngineLoop, drain
 from workers.launcher import load_detokenizer
 from workers.worker import Worker, WorkerSpec
 
@@ -77,14 +77,7 @@ class RankActor:
 
     def poll(self, timeout: float = 0.5) -> list[tuple]:
         """Every output message ready now, waiting up to timeout for the first."""
-        msgs = []
-        try:
-            msgs.append(self.outbox.get(timeout=timeout))
-            while True:
-                msgs.append(self.outbox.get_nowait())
-        except queue.Empty:
-            pass
-        return msgs
+        return drain(self.outbox, timeout)
 
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
@@ -183,7 +176,3 @@ def stop_replica(rep: Replica) -> None:
     for a in rep.actors:
         ray.kill(a, no_restart=True)
     remove_placement_group(rep.placement)
-
-
-def spec_dict(spec: WorkerSpec) -> dict:
-    return asdict(spec)

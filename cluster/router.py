@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -132,7 +131,3 @@ class Router:
     def close(self) -> None:
         for h in self.replicas.values():
             h.client.close()
-
-
-def now() -> float:
-    return time.monotonic()

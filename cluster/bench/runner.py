@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 
 from cluster.bench.arrivals import arrival_times
 from cluster.bench.metrics import RequestRecord
@@ -169,7 +168,3 @@ def harness_overhead_ms(samples: int = 2000) -> float:
         rec.itl.append(now - last)
         last = now
     return (time.perf_counter() - t) / samples * 1e3
-
-
-def percentile(a, q):
-    return float(np.percentile(np.asarray(a), q))

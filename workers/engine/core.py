@@ -153,7 +153,7 @@ class EngineCore:
 
     def _append(self, live: _Live, r) -> RequestOutput | None:
         seq, p = live.seq, live.seq.params
-        seq.output_token_ids.append(r.token_id)
+        seq.append_token(r.token_id)
         self.stats.generated_tokens += 1
         if p.logprobs is not None:
             live.pending_logprobs.append({"token_id": r.token_id, "logprob": r.logprob, "top": r.top_logprobs or []})

@@ -21,6 +21,18 @@ log = logging.getLogger(__name__)
 WORKER_CALLS = {"prefill_logits", "load_report", "set_comm_timing", "info"}
 
 
+def drain(q, timeout: float | None) -> list:
+    """Everything in q now, waiting up to timeout for the first item (None: do not wait)."""
+    items = []
+    try:
+        items.append(q.get(timeout=timeout) if timeout is not None else q.get_nowait())
+        while True:
+            items.append(q.get_nowait())
+    except queue.Empty:
+        pass
+    return items
+
+
 class EngineLoop:
     def __init__(self, engine: EngineCore, inbox, outbox):
         self.engine, self.inbox, self.outbox = engine, inbox, outbox
@@ -28,21 +40,11 @@ class EngineLoop:
         # remember such aborts so the add that follows is refused at once.
         self._early_aborts: dict[str, None] = {}
 
-    def _drain(self, block: bool) -> list[tuple]:
-        msgs = []
-        try:
-            msgs.append(self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait())
-            while True:
-                msgs.append(self.inbox.get_nowait())
-        except queue.Empty:
-            pass
-        return msgs
-
     def run(self) -> None:
         try:
             while True:
                 outputs: list[RequestOutput] = []
-                for msg in self._drain(block=not self.engine.has_work()):
+                for msg in drain(self.inbox, None if self.engine.has_work() else 0.5):
                     if msg[0] == "shutdown":
                         self._flush(outputs)
                         return

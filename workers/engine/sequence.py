@@ -45,18 +45,27 @@ class Sequence:
     num_preemptions: int = 0
     # Sampling seed for unseeded requests, fixed at admission so a recompute draws the same.
     seed: int = 0
+    # prompt + output, kept as one list so the per-token paths (detokenizer, hashing) copy nothing.
+    _tokens: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._tokens = self.prompt_token_ids + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self._tokens)
 
     @property
     def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        """Prompt then output, not a copy: read it, never change it."""
+        return self._tokens
 
     def token_at(self, i: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+        return self._tokens[i]
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self._tokens.append(token_id)
 
     @property
     def is_finished(self) -> bool:
