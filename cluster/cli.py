@@ -57,7 +57,10 @@ def cmd_serve(args) -> int:
                         served_model_name=args.served_model_name, max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         kv_cache_memory=args.kv_cache_memory, max_queue_len=args.max_queue_len,
-                        drain_timeout_s=args.drain_timeout, ray_num_cpus=args.ray_num_cpus)
+                        drain_timeout_s=args.drain_timeout, ray_num_cpus=args.ray_num_cpus,
+                        resume_timeout_s=args.resume_timeout, collective_timeout_s=args.collective_timeout,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                        auth_token_file=args.auth_token_file, health_port=args.health_port)
     return serve(opts, ready_file=args.ready_file)
 
 
@@ -76,11 +79,14 @@ def cmd_client(args) -> int:
         req.messages.messages.append(pb.ChatMessage(role="user", content=args.prompt))
     else:
         req.prompt = args.prompt
-    with grpc.insecure_channel(args.target) as channel:
+    from cluster.tls import client_channel
+
+    channel, metadata = client_channel(args.target, args.tls_ca, args.tls_cert, args.tls_key, args.auth_token_file)
+    with channel:
         stub = pb_grpc.TpserveServiceStub(channel)
         try:
             final = None
-            for msg in stub.Generate(req, timeout=args.timeout):
+            for msg in stub.Generate(req, timeout=args.timeout, metadata=metadata):
                 sys.stdout.write(msg.text)
                 sys.stdout.flush()
                 final = msg
@@ -140,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-len", type=int, default=256, help="requests admitted beyond the replicas' batches")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
     p.add_argument("--ray-num-cpus", type=int, default=None, help="logical CPUs of an embedded Ray")
+    p.add_argument("--resume-timeout", type=float, default=60.0,
+                   help="seconds a request whose replica failed may wait for another to resume on")
+    p.add_argument("--collective-timeout", type=float, default=30.0,
+                   help="seconds a tensor-parallel collective may wait on a peer before the replica fails over")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain of the gRPC server (turns TLS on)")
+    p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, help="PEM CA that client certificates must chain to (mutual TLS)")
+    p.add_argument("--auth-token-file", default=None,
+                   help="file holding the bearer token every call but health must present")
+    p.add_argument("--health-port", type=int, default=None,
+                   help="also serve grpc.health.v1 alone on this plaintext port (for probes when TLS is on)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="level of tpserve's own logs (Ray's and gRPC's stay at warning)")
     p.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
@@ -155,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append")
     p.add_argument("--chat", action="store_true")
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--tls-ca", default=None, help="PEM CA of the server's certificate (turns TLS on)")
+    p.add_argument("--tls-cert", default=None, help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", default=None, help="client key for mutual TLS")
+    p.add_argument("--auth-token-file", default=None, help="file holding the bearer token")
     p.set_defaults(func=cmd_client)
     return parser
 
@@ -173,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "log_level", None) and not args.verbose:
+        for name in ("cluster", "workers"):
+            logging.getLogger(name).setLevel(args.log_level.upper())
     try:
         return args.func(args)
     except TpserveError as e:

@@ -38,6 +38,7 @@ class ClusterConfig:
     engine: EngineConfig
     replicas: int = 1
     health_period_s: float = 1.0
+    alive_timeout_s: float = 3.0  # a rank that does not answer a ping this fast is hung (or stopped)
     stall_timeout_s: float = 30.0  # no step progress for this long while there is work: unhealthy
 
 
@@ -147,8 +148,8 @@ class Controller:
     # ---- health ------------------------------------------------------------------------------------
     def _check(self, rep: Replica) -> bool:
         try:
-            return all(ray.get([a.alive.remote() for a in rep.actors], timeout=10))
-        except Exception:  # an actor died, or did not answer within 10 s
+            return all(ray.get([a.alive.remote() for a in rep.actors], timeout=self.config.alive_timeout_s))
+        except Exception:  # an actor died, or did not answer in time
             return False
 
     def report_progress(self, replica_id: str, steps: int, busy: bool) -> None:
@@ -176,7 +177,7 @@ class Controller:
                 with self.lock:
                     self.replicas.pop(rep.replica_id, None)
                     self.restarts += 1
-                stop_replica(rep)
+                stop_replica(rep, graceful=False)  # a hung rank would only stall a graceful stop
             if bad or not self.stopping:
                 with self.lock:
                     short = sum(r.state in ("starting", "ready") for r in self.replicas.values()) < self._target

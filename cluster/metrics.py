@@ -19,6 +19,10 @@ class Metrics:
         self.waiting = Gauge("tpserve_requests_waiting", "Requests queued in replica engines", registry=r)
         self.refused = Counter("tpserve_requests_refused_total", "Requests refused with RESOURCE_EXHAUSTED", registry=r)
         self.aborted = Counter("tpserve_requests_aborted_total", "Requests cancelled or past their deadline", registry=r)
+        self.resumed = Counter("tpserve_requests_resumed_total",
+                               "Requests continued on another replica after theirs was lost", registry=r)
+        self.unauthenticated = Counter("tpserve_requests_unauthenticated_total",
+                                       "Calls refused for a missing or wrong bearer token", registry=r)
         self.generated = Counter("tpserve_generation_tokens_total", "Tokens generated", registry=r)
         self.kv_usage = Gauge("tpserve_kv_cache_usage_ratio", "Share of KV blocks in use", ["replica"], registry=r)
         self.prefix_hits = Gauge("tpserve_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",

@@ -167,12 +167,15 @@ def start_replica(rep: Replica, spec: WorkerSpec, engine_config: EngineConfig, t
     rep.state = "ready"
 
 
-def stop_replica(rep: Replica) -> None:
+def stop_replica(rep: Replica, graceful: bool = True) -> None:
+    """Stop the engine and leave the process group (graceful), then kill every rank's actor and
+    free the placement group. Killing works on a stopped (SIGSTOP) process too."""
     rep.state = "stopping"
-    try:
-        ray.get(rep.actors[0].stop.remote(), timeout=15)
-    except Exception:  # already dead or hung: killing below is enough
-        pass
+    if graceful:
+        try:
+            ray.get(rep.actors[0].stop.remote(), timeout=15)
+        except Exception:  # already dead or hung: killing below is enough
+            pass
     for a in rep.actors:
         ray.kill(a, no_restart=True)
     remove_placement_group(rep.placement)

@@ -65,18 +65,20 @@ class Router:
         listed = ray.get(self.controller.list_replicas.remote(), timeout=30)
         ready = {r["replica_id"]: r for r in listed if r["state"] == "ready"}
         for rid in list(self.replicas):
-            if rid not in ready:
-                self.replicas.pop(rid).client.close()
+            if rid not in ready:  # replaced or stopped: its open streams end now and resume elsewhere
+                h = self.replicas.pop(rid)
+                h.client.fail(f"replica {rid} was taken out of service")
+                h.client.close()
         for rid, r in ready.items():
             if rid not in self.replicas:
                 self.replicas[rid] = ReplicaHandle(rid, r["rank0"], engine_client(r["rank0"]), r["workers"], r["tp_size"])
-        for h in self.replicas.values():
+        for h in list(self.replicas.values()):
             busy = h.in_flight > 0
             self.controller.report_progress.remote(h.replica_id, h.client.stats.steps, busy)
 
     @property
     def ready(self) -> list[ReplicaHandle]:
-        return [h for h in self.replicas.values() if h.client.dead is None]
+        return [h for h in list(self.replicas.values()) if h.client.dead is None]
 
     def capacity(self) -> int:
         return len(self.ready) * self.max_num_seqs + self.max_queue_len
@@ -94,32 +96,46 @@ class Router:
                 return h
         return min(tied, key=lambda h: h.routed)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-               loop: asyncio.AbstractEventLoop) -> tuple[ReplicaHandle, RequestStream]:
+    def admit(self) -> None:
+        """Count a new request in, or refuse it: draining, or the admission bound is reached.
+        Every admitted request ends with exactly one `done()`."""
         if self.draining:
-            raise Unavailable("the server is draining")
+            raise Unavailable("the server is draining; retry on another frontend")
+        if not self.ready:
+            raise Unavailable("no replica is ready")
         if self.in_flight >= self.capacity():
             self.refused += 1
             raise Overloaded(f"{self.in_flight} requests in flight; the admission bound is {self.capacity()}")
+        self.in_flight += 1
+
+    def place(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+              loop: asyncio.AbstractEventLoop, output_prefix: list[int] | None = None,
+              ) -> tuple[ReplicaHandle, RequestStream, int]:
+        """Send an admitted request (or the rest of a resumed one) to a replica. Returns the
+        handle, the stream and the work charged to the replica (give it back with `release`)."""
         h = self.pick(prompt_ids)
         h.remember(hash(tuple(prompt_ids[:AFFINITY_TOKENS])))
-        h.outstanding += len(prompt_ids) + params.max_tokens
+        work = len(prompt_ids) + params.max_tokens  # prefix tokens move from "to generate" to "to prefill"
+        h.outstanding += work
         h.in_flight += 1
         h.routed += 1
-        self.in_flight += 1
-        return h, h.client.add_request(prompt_ids, params, request_id=request_id, loop=loop)
+        stream = h.client.add_request(prompt_ids, params, request_id=request_id, loop=loop,
+                                      output_prefix=output_prefix)
+        return h, stream, work
 
     def progress(self, h: ReplicaHandle, tokens: int) -> None:
         h.outstanding -= tokens
 
-    def done(self, h: ReplicaHandle, remaining: int) -> None:
+    def release(self, h: ReplicaHandle, remaining: int) -> None:
         h.outstanding -= remaining
         h.in_flight -= 1
+
+    def done(self) -> None:
         self.in_flight -= 1
 
     def status(self) -> list[dict]:
         out = []
-        for h in self.replicas.values():
+        for h in list(self.replicas.values()):
             try:
                 st = h.client.call("stats", timeout=5) if h.client.dead is None else h.client.stats
             except Exception:
@@ -128,6 +144,13 @@ class Router:
                         "tp_size": h.tp_size, "workers": h.workers, "stats": st, "routed": h.routed})
         return out
 
+    def controller_info(self) -> dict:
+        """The controller's counters (restarts, target); empty if it does not answer in time."""
+        try:
+            return ray.get(self.controller.info.remote(), timeout=5)
+        except Exception:
+            return {}
+
     def close(self) -> None:
-        for h in self.replicas.values():
+        for h in list(self.replicas.values()):
             h.client.close()

@@ -13,6 +13,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+from cluster.tls import ServerTLS, read_token
 from workers.config import ModelConfig
 from workers.engine.core import EngineConfig
 from workers.errors import ConfigError
@@ -41,19 +42,35 @@ class ServeOptions:
     max_queue_len: int = 256
     drain_timeout_s: float = 30.0
     ray_num_cpus: int | None = None
+    resume_timeout_s: float = 60.0
+    collective_timeout_s: float = 30.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token_file: str | None = None
+    health_port: int | None = None
 
     def validate(self) -> None:
         for name, lo in (("tp", 1), ("replicas", 0), ("max_num_seqs", 1), ("max_queue_len", 0),
                          ("max_model_len", 1), ("max_num_batched_tokens", 1)):
             if getattr(self, name) < lo:
                 raise ConfigError(name.replace("_", "-"), f"must be >= {lo}, got {getattr(self, name)}")
-        for name in ("port", "metrics_port"):
-            if not 0 <= getattr(self, name) <= 65535:
+        for name in ("resume_timeout_s", "collective_timeout_s", "drain_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name.removesuffix("_s").replace("_", "-"), f"must be > 0 seconds, got {getattr(self, name)}")
+        for name in ("port", "metrics_port", "health_port"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(name.replace("_", "-"), f"{getattr(self, name)} is not a TCP port")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError("device", f"{self.device!r} is not one of cpu, cuda")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        self.tls.validate()
+        read_token(self.auth_token_file)
+
+    @property
+    def tls(self) -> ServerTLS:
+        return ServerTLS(self.tls_cert, self.tls_key, self.tls_client_ca)
 
 
 def served_name(opts: ServeOptions) -> str:
@@ -85,7 +102,8 @@ def build_spec(opts: ServeOptions) -> tuple[WorkerSpec, ModelConfig]:
     cfg = ModelConfig.from_pretrained(folder)
     spec = WorkerSpec(str(folder), tp_size=opts.tp, device=opts.device,
                       dtype=opts.dtype or ("bfloat16" if opts.device == "cuda" else "float32"),
-                      max_model_len=opts.max_model_len, kv_cache_memory=opts.kv_cache_memory)
+                      max_model_len=opts.max_model_len, kv_cache_memory=opts.kv_cache_memory,
+                      collective_timeout_s=opts.collective_timeout_s)
     spec.validate(cfg)
     return spec, cfg
 
@@ -110,15 +128,19 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
     metrics = Metrics()
     if opts.metrics_port:
         metrics.serve(opts.metrics_port, opts.host)
-    frontend = Frontend(router, encoder, limits, info, metrics)
-    server = Server(frontend, opts.host, opts.port)
+    frontend = Frontend(router, encoder, limits, info, metrics, resume_timeout_s=opts.resume_timeout_s)
+    server = Server(frontend, opts.host, opts.port, tls=opts.tls, token=read_token(opts.auth_token_file),
+                    health_port=opts.health_port)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"tpserve: serving {name!r} on {opts.host}:{server.port} (tpserve.v1, KServe v2, health, reflection); "
-          f"metrics on :{opts.metrics_port}", flush=True)
+    security = ("TLS" if not opts.tls_client_ca else "mutual TLS") if opts.tls.enabled else "plaintext"
+    security += ", bearer token" if opts.auth_token_file else ""
+    health = f"; health also on plaintext :{server.health_port}" if server.health_port else ""
+    print(f"tpserve: serving {name!r} on {opts.host}:{server.port} ({security}; tpserve.v1, KServe v2, health, "
+          f"reflection); metrics on :{opts.metrics_port}{health}", flush=True)
     announced = False
     try:
         while not stop.is_set():

@@ -8,6 +8,7 @@ broadcast of exactly its size.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -20,6 +21,7 @@ from workers.paged_cache import PagedSeq
 class PlanOp(IntEnum):
     STEP = 1
     STOP = 2
+    NOOP = 3  # a heartbeat: keeps idle followers inside the collective timeout
 
 
 @dataclass(slots=True)
@@ -34,6 +36,10 @@ class StepPlan:
     @classmethod
     def stop(cls) -> "StepPlan":
         return cls(PlanOp.STOP, [], [], [])
+
+    @classmethod
+    def noop(cls) -> "StepPlan":
+        return cls(PlanOp.NOOP, [], [], [])
 
     def positions(self) -> list[int]:
         return [p for s in self.seqs for p in range(s.start, s.start + s.length)]
@@ -63,6 +69,7 @@ class PlanChannel:
         self.group, self.rank, self.capacity = group, rank, capacity
         self.buffer = torch.zeros(capacity, dtype=torch.int64)
         self.broadcasts = 0
+        self.last_send = time.monotonic()
 
     def send(self, plan: StepPlan) -> None:
         body = plan.encode()
@@ -72,6 +79,7 @@ class PlanChannel:
         self._bcast(self.buffer)
         if n > self.capacity - 1:
             self._bcast(body)
+        self.last_send = time.monotonic()
 
     def recv(self) -> StepPlan:
         self._bcast(self.buffer)

@@ -46,7 +46,11 @@ class WorkerSpec:
     # KV-cache bytes per rank. None: 256 MiB on CPU; on CUDA, gpu_memory_utilization of what is free.
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.85
-    collective_timeout_s: float = 300.0
+    # A collective waiting longer than this raises (a hung or stopped peer) and the replica fails
+    # over instead of hanging. Idle followers get a heartbeat plan well within it.
+    collective_timeout_s: float = 30.0
+    # Loading shards can take minutes on a slow disk; the one collective after it may wait that long.
+    load_timeout_s: float = 900.0
 
     def validate(self, config: ModelConfig) -> None:
         if self.device not in DEVICES:
@@ -101,11 +105,17 @@ class Worker:
         if spec.tp_size == 1:
             return TPGroup(0, 1)
         backend = resolve_backend(spec)
+        load = timedelta(seconds=spec.load_timeout_s)
         dist.init_process_group(backend, init_method=spec.dist_init_method, rank=self.rank,
-                                world_size=spec.tp_size, timeout=timedelta(seconds=spec.collective_timeout_s))
+                                world_size=spec.tp_size, timeout=load)
+        # Serving collectives get the short timeout (a hung peer must fail the step, not stall it);
+        # the one collective after loading (the block count) waits on the slowest loader instead.
+        serving = timedelta(seconds=spec.collective_timeout_s)
+        self._load_group = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=load)
+        device_group = dist.new_group(backend=backend, timeout=serving)
         # The step plan is small host data: it always travels on gloo, beside an NCCL device group.
-        cpu_group = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
-        return TPGroup(self.rank, spec.tp_size, dist.group.WORLD, cpu_group,
+        cpu_group = device_group if backend == "gloo" else dist.new_group(backend="gloo", timeout=serving)
+        return TPGroup(self.rank, spec.tp_size, device_group, cpu_group,
                        stage_on_host=backend == "gloo" and spec.device == "cuda")
 
     def _agree_num_blocks(self) -> int:
@@ -123,7 +133,7 @@ class Worker:
                 budget = 256 << 20
         n = torch.tensor([budget // per_block], dtype=torch.int64)
         if self.group.size > 1:
-            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=self.group.cpu_group)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=self._load_group)
         if int(n) < 1:
             raise ConfigError("kv_cache_memory", f"{budget} bytes hold no KV block of {per_block} bytes")
         return int(n)
@@ -148,7 +158,8 @@ class Worker:
             plan = self.channel.recv()
             if plan.op == PlanOp.STOP:
                 return
-            self.execute(plan)
+            if plan.op == PlanOp.STEP:
+                self.execute(plan)
 
     def load_report(self) -> dict:
         """What this rank holds and what it read: the tests compare these with the shard rule."""
@@ -170,6 +181,12 @@ class Worker:
         if self.channel is not None:
             self.channel.send(plan)
         return self.execute(plan)
+
+    def heartbeat(self, idle_s: float) -> None:
+        """An empty plan to followers idle for `idle_s` or more, so their wait for the next plan
+        never reaches the collective timeout while the engine simply has no work."""
+        if self.channel is not None and time.monotonic() - self.channel.last_send >= idle_s:
+            self.channel.send(StepPlan.noop())
 
     def stop_followers(self) -> None:
         if self.channel is not None:

@@ -15,6 +15,7 @@ from cluster.metrics import Metrics
 from cluster.router import Overloaded, Router, Unavailable
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
+from workers.engine.client import ReplicaLost
 from workers.errors import ConfigError, WorkerError
 
 log = logging.getLogger(__name__)
@@ -53,46 +54,88 @@ def abort_on_error(handler):
 
 
 class Frontend:
-    def __init__(self, router: Router, encoder, limits: ModelLimits, model_info: dict, metrics: Metrics):
+    """The request path: admit, place on a replica, stream, and resume on another replica when the
+    one serving a request is lost (from the prompt plus every token the client already has)."""
+
+    def __init__(self, router: Router, encoder, limits: ModelLimits, model_info: dict, metrics: Metrics,
+                 resume_timeout_s: float = 60.0, max_resumes: int = 3):
         self.router, self.encoder, self.limits = router, encoder, limits
         self.model_info, self.metrics = model_info, metrics
+        self.resume_timeout_s, self.max_resumes = resume_timeout_s, max_resumes
+        self.resumed = 0  # requests continued on another replica, since start
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams,
-                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                     deadline: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Deltas of one request. `deadline` (time.monotonic) bounds how long a resume may wait."""
         request_id = request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         try:
-            handle, stream = self.router.submit(prompt_ids, params, request_id, loop)
+            self.router.admit()
         except Overloaded:
             self.metrics.refused.inc()
             raise
         self.metrics.running.set(self.router.in_flight)
         start = last = time.monotonic()
-        budget = len(prompt_ids) + params.max_tokens
-        generated, finished, first = 0, False, True
+        received: list[int] = []  # every token the client has been given, across replicas
+        finished, handle, budget, resumes = False, None, 0, 0
         try:
-            async for out in stream:
-                now = time.monotonic()
-                n = len(out.new_token_ids)
-                if n:
-                    if first:
-                        self.metrics.ttft.observe(now - start)
-                        self.router.progress(handle, len(prompt_ids))
-                        budget -= len(prompt_ids)
-                        first = False
-                    else:
-                        self.metrics.itl.observe(now - last)
-                    last = now
-                    generated += n
-                    budget -= n
-                    self.router.progress(handle, n)
-                finished = out.finished
-                yield out
+            while not finished:
+                handle, stream, budget = self.router.place(prompt_ids, params, request_id, loop, received)
+                prefilled = False
+                try:
+                    async for out in stream:
+                        now = time.monotonic()
+                        n = len(out.new_token_ids)
+                        if n:
+                            if not prefilled:  # the replica's prefill is done: that work is no longer outstanding
+                                self.router.progress(handle, len(prompt_ids))
+                                budget -= len(prompt_ids)
+                                prefilled = True
+                            if not received:
+                                self.metrics.ttft.observe(now - start)
+                            else:
+                                self.metrics.itl.observe(now - last)
+                            last = now
+                            received += out.new_token_ids
+                            budget -= n
+                            self.router.progress(handle, n)
+                            self.metrics.generated.inc(n)
+                        finished = out.finished
+                        yield out
+                except ReplicaLost as lost:
+                    self.router.release(handle, max(0, budget))
+                    handle = None
+                    resumes += 1
+                    if resumes > self.max_resumes:
+                        raise Unavailable(f"request {request_id} lost {resumes} replicas; giving up") from None
+                    await self._wait_for_replica(request_id, deadline, str(lost))
+                    self.resumed += 1
+                    self.metrics.resumed.inc()
+                    log.warning("request %s resumes after %d streamed tokens (%s)", request_id, len(received), lost)
             self.metrics.e2e.observe(time.monotonic() - start)
         finally:
-            if not finished:  # cancelled, deadline, or the consumer went away: free its blocks now
-                handle.client.abort(request_id)
-                self.metrics.aborted.inc()
-            self.router.done(handle, max(0, budget))
+            if handle is not None:
+                if not finished:  # cancelled, deadline, or the consumer went away: free its blocks now
+                    handle.client.abort(request_id)
+                    self.metrics.aborted.inc()
+                self.router.release(handle, max(0, budget))
+            self.router.done()
             self.metrics.running.set(self.router.in_flight)
-            self.metrics.generated.inc(generated)
+
+    async def _wait_for_replica(self, request_id: str, deadline: float | None, reason: str) -> None:
+        """Until a replica is ready, for at most min(the request's deadline, the resume timeout)."""
+        limit = self.resume_timeout_s
+        if deadline is not None:
+            limit = min(limit, deadline - time.monotonic())
+        end = time.monotonic() + limit
+        while not self.router.ready:
+            if time.monotonic() >= end:
+                raise Unavailable(f"the replica serving request {request_id} failed ({reason}) and none was ready "
+                                  f"within {max(0.0, limit):.1f} s to resume it")
+            await asyncio.sleep(0.05)
+
+
+def deadline_of(context) -> float | None:
+    """The RPC's deadline on the time.monotonic clock (None when the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining

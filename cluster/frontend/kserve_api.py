@@ -21,7 +21,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from cluster.frontend.core import Frontend, abort_on_error, status_of
+from cluster.frontend.interceptors import Undecodable
+from cluster.frontend.core import Frontend, abort_on_error, deadline_of, status_of
 from cluster.frontend.validate import InvalidArgument, NotFound, check_prompt_ids, check_text, checked_params
 from workers.engine.sampling_params import SamplingParams
 
@@ -202,6 +203,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=cfg)
 
     def _prepare(self, request: pb.ModelInferRequest, streaming: bool):
+        if isinstance(request, Undecodable):  # a bad message inside ModelStreamInfer: answered in-stream
+            raise InvalidArgument("request", request.message.split(": ", 1)[1])
         self._check_model(request.model_name, request.model_version)
         values = read_inputs(request)
         if "text_input" not in values:
@@ -229,16 +232,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         ids, params = self._prepare(request, streaming=False)
         text, reason, n = "", None, 0
-        async for out in self.fe.stream(ids, params):
+        async for out in self.fe.stream(ids, params, deadline=deadline_of(context)):
             text += out.new_text
             n = out.output_tokens
             reason = out.finish_reason
         return self._response(request, text, True, reason, n)
 
-    async def _stream_one(self, request, out_q: asyncio.Queue) -> None:
+    async def _stream_one(self, request, out_q: asyncio.Queue, deadline: float | None) -> None:
         try:
             ids, params = self._prepare(request, streaming=True)
-            async for out in self.fe.stream(ids, params):
+            async for out in self.fe.stream(ids, params, deadline=deadline):
                 if out.new_text or out.finished:
                     await out_q.put(pb.ModelStreamInferResponse(infer_response=self._response(
                         request, out.new_text, out.finished, out.finish_reason, out.output_tokens)))
@@ -248,7 +251,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise
             code, message = status
             await out_q.put(pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}",
-                                                        infer_response=pb.ModelInferResponse(id=request.id)))
+                                                        infer_response=pb.ModelInferResponse(id=getattr(request, "id", ""))))
         finally:
             await out_q.put(_TASK_DONE)
 
@@ -263,7 +266,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 async for request in request_iterator:
                     active += 1
-                    t = asyncio.create_task(self._stream_one(request, out_q))
+                    t = asyncio.create_task(self._stream_one(request, out_q, deadline_of(context)))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
             finally:

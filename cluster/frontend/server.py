@@ -2,6 +2,8 @@
 
 Health: the overall service "" and the model's name are SERVING once a replica is ready and
 NOT_SERVING while draining or with none ready; "liveness" is SERVING while the process answers.
+With TLS on, a plaintext `health_port` can serve the health service alone (Kubernetes' gRPC
+probes cannot speak TLS). With a token, every call but health needs `authorization: Bearer`.
 """
 from __future__ import annotations
 
@@ -13,19 +15,25 @@ from tritonclient.grpc import service_pb2_grpc as kserve_grpc
 
 from cluster.api.tpserve.v1 import tpserve_pb2, tpserve_pb2_grpc
 from cluster.frontend.core import Frontend
+from cluster.frontend.interceptors import DecodeInterceptor, TokenAuthInterceptor
+from cluster.tls import ServerTLS
 from cluster.frontend.kserve_api import KServeServicer
 from cluster.frontend.tpserve_api import TpserveServicer
 
 MAX_MESSAGE_BYTES = 16 << 20
+OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+           ("grpc.so_reuseport", 0)]
 LIVENESS = "liveness"
 
 
 class Server:
-    def __init__(self, frontend: Frontend, host: str, port: int):
+    def __init__(self, frontend: Frontend, host: str, port: int, tls: ServerTLS | None = None,
+                 token: str | None = None, health_port: int | None = None):
         self.frontend = frontend
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                               ("grpc.so_reuseport", 0)])
+        interceptors = [DecodeInterceptor()]
+        if token is not None:
+            interceptors.insert(0, TokenAuthInterceptor(token, frontend.metrics.unauthenticated.inc))
+        self.server = grpc.aio.server(options=OPTIONS, interceptors=interceptors)
         tpserve_pb2_grpc.add_TpserveServiceServicer_to_server(TpserveServicer(frontend), self.server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(frontend, self.is_ready), self.server)
         self.health = health.aio.HealthServicer()
@@ -34,9 +42,19 @@ class Server:
                  kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if tls is not None and tls.enabled:
+            self.port = self.server.add_secure_port(f"{host}:{port}", tls.credentials())
+        else:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
+        self.health_server, self.health_port = None, None
+        if health_port is not None:
+            self.health_server = grpc.aio.server(options=OPTIONS)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{host}:{health_port}")
+            if self.health_port == 0:
+                raise OSError(f"cannot bind the health port {host}:{health_port}")
         self._serving: bool | None = None
 
     def is_ready(self) -> bool:
@@ -46,6 +64,8 @@ class Server:
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self.update_health()
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
 
     async def update_health(self) -> None:
         serving = self.is_ready()
@@ -58,3 +78,5 @@ class Server:
 
     async def stop(self, grace_s: float) -> None:
         await self.server.stop(grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(grace_s)

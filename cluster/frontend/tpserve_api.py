@@ -5,7 +5,7 @@ import grpc
 
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
-from cluster.frontend.core import Frontend, abort_on_error, status_of
+from cluster.frontend.core import Frontend, abort_on_error, deadline_of, status_of
 from cluster.frontend.validate import (InvalidArgument, check_model, check_prompt_ids, check_text, checked_params,
                                        finite)
 from workers.engine.outputs import RequestOutput
@@ -62,7 +62,7 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
     async def Generate(self, request, context):
         try:
             ids, params = self._prepare(request)
-            async for out in self.fe.stream(ids, params, request.request_id or None):
+            async for out in self.fe.stream(ids, params, request.request_id or None, deadline_of(context)):
                 yield self._response(out)
         except Exception as e:
             status = status_of(e)
@@ -93,7 +93,7 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
     async def Complete(self, request, context):
         ids, params = self._prepare(request)
         reply = pb.CompleteResponse()
-        async for out in self.fe.stream(ids, params, request.request_id or None):
+        async for out in self.fe.stream(ids, params, request.request_id or None, deadline_of(context)):
             self._add(reply, out)
         return reply
 
@@ -118,10 +118,14 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
     async def GetClusterStatus(self, request, context):
         import asyncio
 
-        statuses = await asyncio.get_running_loop().run_in_executor(None, self.fe.router.status)
+        loop = asyncio.get_running_loop()
+        statuses = await loop.run_in_executor(None, self.fe.router.status)
+        controller = await loop.run_in_executor(None, self.fe.router.controller_info)
         self.fe.metrics.update_replicas(statuses)
         reply = pb.ClusterStatus(model=self.fe.limits.name, requests_in_flight=self.fe.router.in_flight,
-                                 requests_refused=self.fe.router.refused)
+                                 requests_refused=self.fe.router.refused, requests_resumed=self.fe.resumed,
+                                 replica_restarts=controller.get("restarts", 0),
+                                 target_replicas=controller.get("target_replicas", 0))
         for s in statuses:
             st = s["stats"]
             reply.replicas.append(pb.ReplicaStatus(

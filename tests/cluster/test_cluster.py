@@ -18,30 +18,7 @@ from workers.engine.sampling_params import SamplingParams
 from workers.launcher import start_worker_group
 from workers.worker import WorkerSpec
 
-PROMPT = "The capital of France is"
-
-
-def stub(cluster):
-    return pb_grpc.TpserveServiceStub(cluster.channel())
-
-
-def greedy_request(prompt=PROMPT, n=12, **kw):
-    return pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParameters(max_tokens=n, temperature=0, **kw))
-
-
-def status(cluster) -> pb.ClusterStatus:
-    return stub(cluster).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
-
-
-def wait_blocks_free(cluster, timeout_s=20) -> pb.ClusterStatus:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        st = status(cluster)
-        if all(r.kv_blocks_free == r.kv_blocks_total and r.running == 0 and r.waiting == 0 for r in st.replicas):
-            return st
-        if time.monotonic() > deadline:
-            return st
-        time.sleep(0.2)
+from tests.cluster.helpers import PROMPT, greedy_request, status, stub, wait_blocks_free
 
 
 def test_streaming_generate_at_tp2_equals_offline_engine_and_transformers(cluster, smollm2_reference, smollm2_dir):

@@ -32,3 +32,33 @@ def test_a_killed_rank_turns_into_an_error_not_a_hang(tiny_llama_dir):
     finally:
         group.close()
     assert not any(p.is_alive() for p in group.processes)
+
+
+def test_idle_followers_outlive_the_collective_timeout_and_a_stopped_rank_fails_the_step(tiny_llama_dir):
+    """Heartbeat plans keep idle ranks inside a short collective timeout; a rank that stops
+    answering (SIGSTOP: a hang, not a death) fails the next step within about that timeout."""
+    import signal
+    import time
+
+    import pytest
+
+    from workers.errors import WorkerError
+
+    group = LocalWorkerGroup(WorkerSpec(str(tiny_llama_dir), tp_size=2, collective_timeout_s=2))
+    try:
+        time.sleep(4)  # twice the timeout with no work
+        out = group.engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0]
+        assert len(out.token_ids) == 3
+        assert all(p.is_alive() for p in group.processes)
+        psutil.Process(group.pids[1]).send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError):
+            group.engine.generate([[5, 6, 7]], SamplingParams(max_tokens=50, ignore_eos=True))
+        assert time.monotonic() - t0 < 2 + 8
+    finally:
+        for p in group.pids:
+            try:
+                psutil.Process(p).send_signal(signal.SIGCONT)
+            except psutil.NoSuchProcess:
+                pass
+        group.close()

@@ -19,9 +19,15 @@ from workers.engine.sampling_params import SamplingParams
 from workers.errors import ConfigError, WorkerError
 
 
+class ReplicaLost(WorkerError):
+    """The replica serving a request died or was replaced; the request itself was fine."""
+
+
 def raise_for(out: RequestOutput) -> None:
     if out.finish_reason != "error":
         return
+    if out.replica_lost:
+        raise ReplicaLost(out.error or "the replica was lost")
     if out.error_field:
         raise ConfigError(out.error_field, out.error.split(": ", 1)[-1])
     raise WorkerError(out.error or "request failed")
@@ -108,17 +114,20 @@ class EngineClient:
 
     # ---- requests ------------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+                    loop: asyncio.AbstractEventLoop | None = None,
+                    output_prefix: list[int] | None = None) -> RequestStream:
+        """Submit a request; `output_prefix` resumes one whose first tokens were already streamed."""
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(request_id, loop)
         with self._lock:
             if self.dead:
-                stream.push(RequestOutput(request_id, finished=True, finish_reason="error", error=self.dead))
+                stream.push(RequestOutput(request_id, finished=True, finish_reason="error", error=self.dead,
+                                          replica_lost=True))
                 return stream
             if request_id in self._streams:
                 raise ConfigError("request_id", f"{request_id!r} is already in flight")
             self._streams[request_id] = stream
-        self._inbox.put(("add", request_id, list(prompt_token_ids), params))
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params, list(output_prefix or [])))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -171,13 +180,19 @@ class EngineClient:
                 self._fail_all(f"replica failed: {msg[1]}")
                 return
 
+    def fail(self, reason: str) -> None:
+        """Give up on this replica (its controller replaced it): every open stream ends with a
+        WorkerError now, so its requests can be resumed elsewhere."""
+        self._fail_all(reason)
+
     def _fail_all(self, reason: str) -> None:
         with self._lock:
-            self.dead = reason
+            self.dead = self.dead or reason
             streams, self._streams = self._streams, {}
             calls, self._calls = self._calls, {}
         for rid, s in streams.items():
-            s.push(RequestOutput(rid, finished=True, finish_reason="error", error=f"WorkerError: {reason}"))
+            s.push(RequestOutput(rid, finished=True, finish_reason="error", error=f"WorkerError: {reason}",
+                                 replica_lost=True))
         for fut in calls.values():
             fut.set_exception(WorkerError(reason))
 

@@ -66,8 +66,15 @@ class EngineCore:
         self._rng = random.Random(0x7E5E)
 
     # ---- requests --------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; raises a typed error naming the field if it cannot be served."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    output_prefix: list[int] | None = None) -> None:
+        """Queue a request; raises a typed error naming the field if it cannot be served.
+
+        `output_prefix`: tokens this request already generated elsewhere (a replica that died) and
+        the client already received. They are prefilled with the prompt, count as output (max_tokens,
+        penalties, the seeded draw index) and are not streamed again, so the stream continues where
+        it stopped with the tokens an uninterrupted run would give.
+        """
         if request_id in self.live:
             raise ConfigError("request_id", f"{request_id!r} is already running")
         params.validate(self.vocab_size)
@@ -86,9 +93,18 @@ class EngineCore:
         if need > self.block_manager.num_blocks:
             raise SamplingError("max_tokens", f"prompt + max_tokens need {need} KV blocks; the cache has "
                                               f"{self.block_manager.num_blocks}")
-        seq = Sequence(request_id, list(prompt_token_ids), params)
+        prefix = list(output_prefix or [])
+        if len(prefix) >= params.max_tokens:
+            raise ConfigError("output_prefix", f"{len(prefix)} tokens already generated; max_tokens is "
+                                               f"{params.max_tokens}, so nothing is left to resume")
+        bad = [t for t in prefix if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ConfigError("output_prefix", f"token id {bad[0]} is outside the vocabulary")
+        seq = Sequence(request_id, list(prompt_token_ids), params, output_token_ids=prefix)
         seq.seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         detok = self.detok.start(seq.prompt_token_ids, params.stop) if self.detok else None
+        if detok is not None and prefix:
+            self.detok.replay(detok, seq.all_token_ids, len(seq.prompt_token_ids))
         self.live[request_id] = _Live(seq, detok, [])
         self.scheduler.add(seq)
 

@@ -55,6 +55,14 @@ class Detokenizer:
                 return s
         return None
 
+    def replay(self, st: DetokState, all_ids: list[int], prompt_len: int) -> None:
+        """Bring a fresh state up to date with outputs the client already has (a resumed request):
+        the same add/take calls the first run made, so the text held back (a possible stop prefix)
+        is the same and nothing is streamed twice."""
+        for n in range(prompt_len + 1, len(all_ids) + 1):
+            self.add_token(st, all_ids[:n])
+            self.take_delta(st, final=False)
+
     @staticmethod
     def take_delta(st: DetokState, final: bool) -> str:
         """The text that may be streamed now: all of it when final, else minus a possible stop prefix."""

@@ -2,7 +2,7 @@
 step's deltas as one message. Channels are queue-like (queue.Queue in-process, multiprocessing
 queues across processes, an actor's mailbox under Ray), so the loop does not know its host.
 
-Inbox messages:  ("add", id, prompt_ids, params) | ("abort", id) | ("call", n, method, args, kwargs) | ("shutdown",)
+Inbox messages:  ("add", id, prompt_ids, params, output_prefix) | ("abort", id) | ("call", n, method, args, kwargs) | ("shutdown",)
 Outbox messages: ("step", [RequestOutput], EngineStats) | ("result", n, ok, value) | ("fatal", message)
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ def drain(q, timeout: float | None) -> list:
 class EngineLoop:
     def __init__(self, engine: EngineCore, inbox, outbox):
         self.engine, self.inbox, self.outbox = engine, inbox, outbox
+        self.heartbeat_s = min(5.0, engine.worker.spec.collective_timeout_s / 4)
         # An abort can overtake its add when the transport does not keep order (a threaded actor):
         # remember such aborts so the add that follows is refused at once.
         self._early_aborts: dict[str, None] = {}
@@ -51,6 +52,8 @@ class EngineLoop:
                     self._handle(msg, outputs)
                 if self.engine.has_work():
                     outputs += self.engine.step()
+                else:
+                    self.engine.worker.heartbeat(self.heartbeat_s)
                 self._flush(outputs)
         except Exception as e:  # a broken collective or a bug: the replica cannot go on
             log.error("engine loop failed:\n%s", traceback.format_exc())
@@ -66,13 +69,13 @@ class EngineLoop:
     def _handle(self, msg: tuple, outputs: list[RequestOutput]) -> None:
         kind = msg[0]
         if kind == "add":
-            _, request_id, prompt_ids, params = msg
+            _, request_id, prompt_ids, params, output_prefix = msg
             if self._early_aborts.pop(request_id, 1) is None:
                 outputs.append(RequestOutput(request_id, finished=True, finish_reason="abort",
                                              prompt_tokens=len(prompt_ids)))
                 return
             try:
-                self.engine.add_request(request_id, prompt_ids, params)
+                self.engine.add_request(request_id, prompt_ids, params, output_prefix)
             except TpserveError as e:
                 outputs.append(RequestOutput(request_id, finished=True, finish_reason="error", error=str(e),
                                              error_field=getattr(e, "field", None), prompt_tokens=len(prompt_ids)))

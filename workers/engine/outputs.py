@@ -22,6 +22,7 @@ class RequestOutput:
     num_preemptions: int = 0
     error: str | None = None  # typed error message when finish_reason == "error"
     error_field: str | None = None
+    replica_lost: bool = False  # the error is the replica's, not the request's: it may be resumed elsewhere
 
 
 @dataclass(slots=True)

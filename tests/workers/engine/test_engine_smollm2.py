@@ -51,3 +51,37 @@ def test_chat_answer_ends_at_eos_and_streams_in_pieces(smol, tok):
 def test_max_tokens_ends_with_length(smol, tok):
     out = smol.engine.generate([tok("Once upon a time").input_ids], SamplingParams(max_tokens=5, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 5
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0, stop=[" 8,"]),
+    dict(temperature=0.8, seed=7, top_p=0.9, frequency_penalty=0.5, presence_penalty=0.3),
+], ids=["greedy-stop", "seeded-penalties"])
+def test_resumed_request_continues_with_the_same_tokens_and_text(smol, tok, params):
+    """A request resumed from its first k streamed tokens (as after a dead replica) streams exactly
+    the rest of an uninterrupted run: same tokens, text with nothing repeated or missing, same end."""
+    prompt = tok("Count: 1, 2, 3, 4,").input_ids
+    sp = SamplingParams(max_tokens=14, **params)
+    whole = smol.engine.generate([prompt], sp)[0]
+    assert len(whole.token_ids) >= 6
+    assert whole.finish_reason == ("stop" if "stop" in params else "length")
+    for k in (1, 5):
+        head = smol.engine.add_request(prompt, sp)
+        received = []
+        for out in head:  # the client's view of the first k tokens before the "failure"
+            received.append(out)
+            if sum(len(o.new_token_ids) for o in received) >= k:
+                break
+        smol.engine.abort(head.request_id)
+        ids = [t for o in received for t in o.new_token_ids]
+        rest = smol.engine.add_request(prompt, sp, output_prefix=ids).result()
+        assert ids + rest.token_ids == whole.token_ids
+        assert "".join(o.new_text for o in received) + rest.text == whole.text
+        assert (rest.finish_reason, rest.stop_reason) == (whole.finish_reason, whole.stop_reason)
+        assert rest.prompt_tokens == len(prompt)
+
+
+def test_resume_with_nothing_left_is_refused_naming_the_field(smol, tok):
+    prompt = tok("Hello").input_ids
+    with pytest.raises(Exception, match="output_prefix"):
+        smol.engine.add_request(prompt, SamplingParams(max_tokens=2), output_prefix=[5, 6]).result()

@@ -242,15 +242,21 @@ class ReplicaStatus(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., tp_size: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., requests_routed: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("model", "replicas", "requests_in_flight", "requests_queued", "requests_refused")
+    __slots__ = ("model", "replicas", "requests_in_flight", "requests_queued", "requests_refused", "requests_resumed", "replica_restarts", "target_replicas")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_QUEUED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_RESUMED_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
     requests_in_flight: int
     requests_queued: int
     requests_refused: int
-    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., requests_queued: _Optional[int] = ..., requests_refused: _Optional[int] = ...) -> None: ...
+    requests_resumed: int
+    replica_restarts: int
+    target_replicas: int
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., requests_queued: _Optional[int] = ..., requests_refused: _Optional[int] = ..., requests_resumed: _Optional[int] = ..., replica_restarts: _Optional[int] = ..., target_replicas: _Optional[int] = ...) -> None: ...

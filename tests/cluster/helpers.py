@@ -1,0 +1,44 @@
+"""Client-side helpers the cluster tests share."""
+from __future__ import annotations
+
+import time
+
+from cluster.api.tpserve.v1 import tpserve_pb2 as pb
+from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
+
+PROMPT = "The capital of France is"
+
+
+def stub(cluster):
+    return pb_grpc.TpserveServiceStub(cluster.channel())
+
+
+def greedy_request(prompt=PROMPT, n=12, **kw):
+    return pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParameters(max_tokens=n, temperature=0, **kw))
+
+
+def status(cluster) -> pb.ClusterStatus:
+    return stub(cluster).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
+
+
+def wait_blocks_free(cluster, timeout_s=20) -> pb.ClusterStatus:
+    """The cluster status once every replica is idle with every KV block free (or at the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = status(cluster)
+        if all(r.kv_blocks_free == r.kv_blocks_total and r.running == 0 and r.waiting == 0 for r in st.replicas):
+            return st
+        if time.monotonic() > deadline:
+            return st
+        time.sleep(0.2)
+
+
+def wait_replicas(cluster, n: int, timeout_s: float = 180) -> pb.ClusterStatus:
+    """The cluster status once exactly n replicas are ready (or at the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = status(cluster)
+        ready = [r for r in st.replicas if r.state == pb.REPLICA_STATE_READY]
+        if len(ready) == n == len(st.replicas) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.5)
