@@ -51,17 +51,25 @@ def test_health_turns_serving_only_after_replicas_load_and_sigterm_leaves_nothin
     assert all(s == health_pb2.HealthCheckResponse.SERVING for s in statuses[first_serving:])
     assert check(server.target, "liveness") == health_pb2.HealthCheckResponse.SERVING
 
-    # A stream in flight when SIGTERM arrives finishes (or ends with a status); nothing is left behind.
+    # SIGTERM drains: health turns NOT_SERVING and new requests get UNAVAILABLE at once, while a
+    # stream in flight finishes; then nothing is left behind.
     family = [server.proc.pid] + [p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)]
     assert len(family) > 3  # Ray's processes and the two rank actors
     stub = pb_grpc.TpserveServiceStub(server.channel())
     call = stub.Generate(pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParameters(
-        max_tokens=200, temperature=0, ignore_eos=True)), timeout=60)
+        max_tokens=480, temperature=0, ignore_eos=True)), timeout=60)
     it = iter(call)
     next(it)
     server.proc.send_signal(15)
+    deadline = time.monotonic() + 5
+    while check(server.target) != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < deadline, "health did not turn NOT_SERVING on SIGTERM"
+        time.sleep(0.02)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Complete(pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParameters(max_tokens=2)), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in refused.value.details()
     rest, code = list(it), grpc.StatusCode.OK
-    assert rest and rest[-1].finish_reason == pb.FINISH_REASON_LENGTH and rest[-1].completion_tokens == 200
+    assert rest and rest[-1].finish_reason == pb.FINISH_REASON_LENGTH and rest[-1].completion_tokens == 480
     assert server.proc.wait(90) == 0
     deadline = time.monotonic() + 30
     while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in family):

@@ -44,15 +44,17 @@ def test_cpu_dev_frontend_command_runs_here_and_serves(tmp_path, smollm2_dir):
     assert container["command"] == ["/bin/sh", "-c"]
     script = container["args"][0]
     env = dict(find(docs, "ConfigMap", "tpserve-config")["data"])
+    probe_port = container["readinessProbe"]["grpc"]["port"]
     # The Ray head the RayCluster would provide, here on loopback (room for one tp-2 replica).
     client_port = free_port()
     head = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "node_ip_address": "127.0.0.1",
                                                          "include_dashboard": False, "ray_client_server_port": client_port,
                                                          "object_store_memory": 128 << 20})
-    port, metrics = free_port(), free_port()
+    port, metrics, health = free_port(), free_port(), free_port()
     # Swaps: addresses (the head, the pod IP, the listening address and ports) and paths.
     script = script.replace("0.0.0.0", "127.0.0.1").replace("--port 50051", f"--port {port}") \
-        .replace("--metrics-port 9090", f"--metrics-port {metrics}")
+        .replace("--metrics-port 9090", f"--metrics-port {metrics}") \
+        .replace(f"--health-port {probe_port}", f"--health-port {health}")
     env.update(RAY_CLIENT=f"127.0.0.1:{client_port}", PYTHONPATH=str(ROOT),
                TPSERVE_CACHE_DIR=str(Path(smollm2_dir).parents[1]))
     venv_bin = str(Path(sys.executable).parent)
@@ -62,11 +64,12 @@ def test_cpu_dev_frontend_command_runs_here_and_serves(tmp_path, smollm2_dir):
     target = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
-        while not healthy(target, env["SERVED_MODEL_NAME"]):
+        # Ready as the kubelet sees it: the readiness probe's service on the health port.
+        while not healthy(f"127.0.0.1:{health}", container["readinessProbe"]["grpc"]["service"]):
             assert proc.poll() is None, (tmp_path / "frontend.log").read_text()[-3000:]
             assert time.monotonic() < deadline, (tmp_path / "frontend.log").read_text()[-3000:]
             time.sleep(0.5)
-        assert healthy(target, "liveness")
+        assert healthy(f"127.0.0.1:{health}", "liveness") and healthy(target, env["SERVED_MODEL_NAME"])
         with grpc.insecure_channel(target) as ch:
             out = pb_grpc.TpserveServiceStub(ch).Complete(pb.GenerateRequest(
                 prompt="The capital of France is", sampling=pb.SamplingParameters(max_tokens=4, temperature=0)),

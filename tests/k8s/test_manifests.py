@@ -56,7 +56,8 @@ def test_known_good_kuberay_samples_pass_the_same_crd_check():
 def frontend_command(docs) -> tuple[str, dict]:
     dep = find(docs, "Deployment", "tpserve-frontend")
     c = dep["spec"]["template"]["spec"]["containers"][0]
-    return c["args"][0], find(docs, "ConfigMap", "tpserve-config")["data"]
+    cfg = find(docs, "ConfigMap", "tpserve-config")["data"]
+    return c["args"][0].replace("${SECURITY_ARGS}", cfg.get("SECURITY_ARGS", "")), cfg
 
 
 def flag(cmd: str, name: str) -> str:
@@ -69,18 +70,30 @@ def test_ports_probes_service_and_scrape_agree_with_the_serve_command(overlay):
     docs = render(overlay)
     cmd, cfg = frontend_command(docs)
     port, metrics = int(flag(cmd, "--port")), int(flag(cmd, "--metrics-port"))
+    health = int(flag(cmd, "--health-port"))
     pod = find(docs, "Deployment", "tpserve-frontend")["spec"]["template"]
     c = pod["spec"]["containers"][0]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert c[probe]["grpc"]["port"] == port
+        assert c[probe]["grpc"]["port"] == health  # plaintext, health only: works with TLS and a token on
     assert c["livenessProbe"]["grpc"]["service"] == "liveness"
     assert c["readinessProbe"]["grpc"]["service"] == cfg["SERVED_MODEL_NAME"]
     svc = find(docs, "Service", "tpserve")
     ports = {p["name"]: p for p in svc["spec"]["ports"]}
-    assert ports["grpc"]["targetPort"] == port and ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+    tls = "--tls-cert" in cmd
+    assert ports["grpc"]["targetPort"] == port
+    assert ports["grpc"]["appProtocol"] == ("https" if tls else "kubernetes.io/h2c")
+    assert "health" not in ports  # probes come from the kubelet, not through the Service
     assert ports["metrics"]["targetPort"] == metrics
     assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) == metrics
-    assert {p["containerPort"] for p in c["ports"]} == {port, metrics}
+    assert {p["containerPort"] for p in c["ports"]} == {port, metrics, health}
+    policy = find(docs, "NetworkPolicy", "tpserve-frontend")["spec"]["ingress"][0]["ports"]
+    assert {p["port"] for p in policy} == {port, metrics, health}
+    if tls:  # every file the flags name comes from a mounted Secret
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        secrets = {v["name"] for v in pod["spec"]["volumes"] if "secret" in v}
+        for name in ("--tls-cert", "--tls-key", "--auth-token-file"):
+            path = flag(cmd, name)
+            assert any(path.startswith(mounts[v] + "/") for v in secrets), (name, path)
     drain = float(flag(cmd, "--drain-timeout"))
     assert pod["spec"]["terminationGracePeriodSeconds"] > drain + 5  # preStop sleep + drain fit in the grace
 
