@@ -16,7 +16,7 @@ PORT     ?= 50051
 IMAGE    ?= tpserve:0.1.0
 VARIANT  ?= cpu
 
-.PHONY: serve test setup model bench proto image clean
+.PHONY: serve test setup model bench reliability proto image clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: model
 	$(PY) -m benchmarks.decode
 	$(PY) -m benchmarks.throughput
 	$(PY) -m benchmarks.cluster
+
+# The fault, fuzz, soak, overload and security tests, run for their figures (docs/reliability.md).
+reliability: model
+	$(PY) scripts/reliability_report.py
 
 # Regenerate the committed gRPC stubs after editing proto/ (a test fails when they are stale).
 proto: $(STAMP)

@@ -1,0 +1,74 @@
+"""Run the reliability tests and print their figures as the table in docs/reliability.md.
+
+The tests record what they injected and saw (tests/reliability.py) when TPSERVE_RELIABILITY_OUT
+is set; this script sets it, runs them, and renders the records. A failing test fails the script.
+
+    python scripts/reliability_report.py            # or: make reliability
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ["tests/cluster/test_faults.py", "tests/cluster/test_fuzz.py", "tests/cluster/test_soak.py",
+         "tests/cluster/test_security.py"]
+
+
+def statuses(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])) or "-"
+
+
+def rows(records: list[dict]) -> list[tuple[str, str, str, str, str]]:
+    """(check, injected / sent, lost, statuses seen, figures)"""
+    out = []
+    for r in records:
+        k = r["kind"]
+        if k == "fault":
+            out.append(("dead worker", f"{r['fault']}, {r['streams']} greedy streams", str(r["lost"]),
+                        f"OK {r['streams']}", f"{r['resumed']} resumed; tokens equal a fault-free run; "
+                                              f"{r['replicas_after']} replicas after"))
+        elif k == "hang":
+            out.append(("hung worker", f"{r['fault']}, {r['streams']} greedy streams", str(r["lost"]),
+                        f"OK {r['streams']}", f"detected in {r['detected_s']} s; all done {r['all_finished_s']} s "
+                                              f"after the stop; {r['resumed']} resumed; tokens equal"))
+        elif k == "fuzz":
+            for api, seen in r.items():
+                if api != "kind":
+                    out.append((f"malformed requests, {api}", f"{sum(seen.values())} generated", "0",
+                                statuses(seen), "no UNKNOWN/INTERNAL; healthy after; every KV block free"))
+        elif k == "soak":
+            growth = ", ".join(f"{name.split('-')[0]} {mb:+.1f}" for name, mb in r["rss_growth_mb"].items())
+            out.append(("soak", f"{r['requests']} short requests, ~20% cancelled, ~20% short deadlines", "0",
+                        statuses(r["statuses"]), f"{r['seconds']} s; RSS growth MB: {growth}; all blocks free"))
+        elif k == "overload":
+            out.append(("overload", f"{r['requests']} at once (10x the bound of {r['bound']})", "0",
+                        statuses(r["statuses"]), f"refusals p99 {r['refused_p99_s']} s; frontend RSS "
+                                                 f"{r['frontend_rss_growth_mb']:+.1f} MB"))
+        elif k == "security":
+            detail = ", ".join(f"{a.replace('_', ' ')} {b}" for a, b in r.items() if a not in ("kind", "server"))
+            out.append(("security", r["server"], "-", "UNAUTHENTICATED / failed handshake for the wrong clients",
+                        detail))
+    return out
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "records.jsonl"
+        env = {**os.environ, "TPSERVE_RELIABILITY_OUT": str(out)}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS], cwd=ROOT,
+                              env=env)
+        records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    print("\n| check | injected / sent | requests lost | statuses seen | figures |")
+    print("|---|---|---|---|---|")
+    for row in rows(records):
+        print("| " + " | ".join(row) + " |")
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
