@@ -79,9 +79,9 @@ def cmd_client(args) -> int:
         req.messages.messages.append(pb.ChatMessage(role="user", content=args.prompt))
     else:
         req.prompt = args.prompt
-    from cluster.tls import client_channel
+    from cluster.tls import ClientSecurity
 
-    channel, metadata = client_channel(args.target, args.tls_ca, args.tls_cert, args.tls_key, args.auth_token_file)
+    channel, metadata = ClientSecurity.from_args(args).channel(args.target)
     with channel:
         stub = pb_grpc.TpserveServiceStub(channel)
         try:
@@ -174,10 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append")
     p.add_argument("--chat", action="store_true")
     p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--tls-ca", default=None, help="PEM CA of the server's certificate (turns TLS on)")
-    p.add_argument("--tls-cert", default=None, help="client certificate for mutual TLS")
-    p.add_argument("--tls-key", default=None, help="client key for mutual TLS")
-    p.add_argument("--auth-token-file", default=None, help="file holding the bearer token")
+    from cluster.tls import add_client_arguments
+
+    add_client_arguments(p)
     p.set_defaults(func=cmd_client)
     return parser
 

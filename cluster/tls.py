@@ -63,6 +63,30 @@ class ServerTLS:
                                            root_certificates=ca, require_client_auth=ca is not None)
 
 
+@dataclass(slots=True)
+class ClientSecurity:
+    """How a client reaches a server: TLS material and a token file (all optional)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    token_file: str | None = None
+
+    @classmethod
+    def from_args(cls, args) -> "ClientSecurity":
+        return cls(args.tls_ca, args.tls_cert, args.tls_key, args.auth_token_file)
+
+    def channel(self, target: str, options=None, aio: bool = False):
+        return client_channel(target, self.ca, self.cert, self.key, self.token_file, options=options, aio=aio)
+
+
+def add_client_arguments(p) -> None:
+    p.add_argument("--tls-ca", default=None, help="PEM CA of the server's certificate (turns TLS on)")
+    p.add_argument("--tls-cert", default=None, help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", default=None, help="client key for mutual TLS")
+    p.add_argument("--auth-token-file", default=None, help="file holding the bearer token")
+
+
 def client_channel(target: str, ca: str | None = None, cert: str | None = None, key: str | None = None,
                    token_file: str | None = None, options=None, aio: bool = False):
     """(channel, call metadata) for a tpserve server: plaintext, or TLS when `ca` is given (plus a

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from cluster.bench import HARNESS_VERSION
 from cluster.bench.metrics import record_dict, summarize
 from cluster.bench.runner import LoadSpec, harness_overhead_ms, run_load
+from cluster.tls import ClientSecurity, add_client_arguments
 from cluster.bench.workload import WorkloadSpec, make_workload
 from workers.errors import ConfigError
 
@@ -42,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="PNG: TTFT/TPOT distributions and, for a sweep, the frontier")
     p.add_argument("--name", default=None, help="label of this configuration in plots")
     p.add_argument("--no-progress", action="store_true")
+    add_client_arguments(p)
 
 
 def _pair(flag: str, text: str) -> tuple[int, int]:
@@ -54,17 +56,17 @@ def _pair(flag: str, text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def server_info(target: str) -> dict:
-    import grpc
+def server_info(target: str, security: ClientSecurity | None = None) -> dict:
     from google.protobuf.json_format import MessageToDict
 
     from cluster.api.tpserve.v1 import tpserve_pb2 as pb
     from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(target) as ch:
+    channel, metadata = (security or ClientSecurity()).channel(target)
+    with channel as ch:
         stub = pb_grpc.TpserveServiceStub(ch)
-        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
-        status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30, metadata=metadata)
+        status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30, metadata=metadata)
     return {"model_info": MessageToDict(info), "cluster_status": MessageToDict(status)}
 
 
@@ -77,7 +79,9 @@ def run_bench(args) -> int:
     spec = WorkloadSpec(args.workload, args.input_len, args.output_len, _pair("--input-range", args.input_range),
                         _pair("--output-range", args.output_range), args.prefix_len, args.workload_file)
     try:
-        info = server_info(args.target)
+        info = server_info(args.target, ClientSecurity.from_args(args))
+    except ConfigError:
+        raise
     except Exception as e:
         raise ConfigError("--target", f"cannot reach a tpserve server at {args.target} ({type(e).__name__})") from None
     model = args.model or info["model_info"]["name"]
@@ -103,7 +107,8 @@ def run_bench(args) -> int:
                         timeout_s=args.timeout)
         label = f"rate {point:g}/s" if args.request_rate else f"conc {int(point)}"
         if warm:
-            asyncio.run(run_load(args.target, args.protocol, model, warm, LoadSpec(concurrency=len(warm))))
+            asyncio.run(run_load(args.target, args.protocol, model, warm, LoadSpec(concurrency=len(warm)),
+                                  security=ClientSecurity.from_args(args)))
         records, duration = _run_with_progress(args, model, measured, load, label)
         run = {"load": asdict(load), "load_label": label, "summary": summarize(records, duration, slo),
                "records": [record_dict(r) for r in records]}
@@ -112,9 +117,10 @@ def run_bench(args) -> int:
 
         print_summary(run)
     overhead = harness_overhead_ms()
+    after = server_info(args.target, ClientSecurity.from_args(args))  # counters after the run
     report = {"harness_version": HARNESS_VERSION, "name": args.name or f"{model}", "target": args.target,
               "protocol": args.protocol, "workload": asdict(spec), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "harness_overhead_ms_per_chunk": overhead, "server": server_info(args.target), "runs": runs}
+              "harness_overhead_ms_per_chunk": overhead, "server": after, "runs": runs}
     print(f"harness overhead: {overhead * 1e3:.2f} us of client-side work per timed token chunk")
     if args.out:
         from cluster.bench.report import save
@@ -129,14 +135,15 @@ def run_bench(args) -> int:
 
 def _run_with_progress(args, model, requests, load, label):
     if args.no_progress:
-        return asyncio.run(run_load(args.target, args.protocol, model, requests, load))
+        return asyncio.run(run_load(args.target, args.protocol, model, requests, load,
+                                    security=ClientSecurity.from_args(args)))
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=True) as bar:
         task = bar.add_task(label, total=len(requests))
         return asyncio.run(run_load(args.target, args.protocol, model, requests, load,
-                                    on_done=lambda rec: bar.advance(task)))
+                                    on_done=lambda rec: bar.advance(task), security=ClientSecurity.from_args(args)))
 
 
 def run_compare(argv: list[str]) -> int:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from cluster.tls import ClientSecurity
+
 from cluster.bench.arrivals import arrival_times
 from cluster.bench.metrics import RequestRecord
 from cluster.bench.workload import BenchRequest
@@ -29,11 +31,12 @@ class LoadSpec:
 
 
 class TpserveProtocol:
-    def __init__(self, channel: grpc.aio.Channel, model: str):
+    def __init__(self, channel: grpc.aio.Channel, model: str, metadata=()):
         from cluster.api.tpserve.v1 import tpserve_pb2 as pb
         from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
 
         self.pb, self.stub, self.model = pb, pb_grpc.TpserveServiceStub(channel), model
+        self.metadata = metadata
 
     async def send(self, req: BenchRequest, rec: RequestRecord, timeout: float) -> None:
         pb = self.pb
@@ -44,7 +47,7 @@ class TpserveProtocol:
         else:
             msg.prompt = req.prompt_text
         start = last = time.perf_counter()
-        async for m in self.stub.Generate(msg, timeout=timeout):
+        async for m in self.stub.Generate(msg, timeout=timeout, metadata=self.metadata):
             now = time.perf_counter()
             if m.token_ids:
                 if rec.ttft is None:
@@ -59,11 +62,12 @@ class TpserveProtocol:
 
 
 class KServeProtocol:
-    def __init__(self, channel: grpc.aio.Channel, model: str):
+    def __init__(self, channel: grpc.aio.Channel, model: str, metadata=()):
         from tritonclient.grpc import service_pb2 as pb
         from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
         self.pb, self.stub, self.model = pb, pb_grpc.GRPCInferenceServiceStub(channel), model
+        self.metadata = metadata
 
     def _request(self, req: BenchRequest, rid: str):
         import struct
@@ -84,7 +88,7 @@ class KServeProtocol:
             yield self._request(req, "bench")
 
         start = last = time.perf_counter()
-        async for m in self.stub.ModelStreamInfer(one(), timeout=timeout):
+        async for m in self.stub.ModelStreamInfer(one(), timeout=timeout, metadata=self.metadata):
             now = time.perf_counter()
             if m.error_message:
                 raise BenchError(m.error_message.split(":", 1)[0])
@@ -124,10 +128,12 @@ async def _one(proto, req: BenchRequest, timeout: float) -> RequestRecord:
 
 
 async def run_load(target: str, protocol: str, model: str, requests: list[BenchRequest], load: LoadSpec,
-                   on_done=None) -> tuple[list[RequestRecord], float]:
+                   on_done=None, security: ClientSecurity | None = None) -> tuple[list[RequestRecord], float]:
     """Send the requests under the load shape; returns per-request records and the wall duration."""
-    async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
-        proto = PROTOCOLS[protocol](ch, model)
+    channel, metadata = (security or ClientSecurity()).channel(
+        target, options=[("grpc.max_receive_message_length", 64 << 20)], aio=True)
+    async with channel as ch:
+        proto = PROTOCOLS[protocol](ch, model, metadata)
         records: list[RequestRecord] = []
         deadline = time.perf_counter() + load.duration_s if load.duration_s else None
         start = time.perf_counter()

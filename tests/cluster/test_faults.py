@@ -122,3 +122,38 @@ def test_stopped_worker_is_detected_and_its_requests_resume_within_the_bound(clu
                     "resumed": after.requests_resumed - before.requests_resumed, "lost": 0,
                     "detected_s": round(detected_s, 2), "all_finished_s": round(finished_s, 2),
                     "tokens_equal_fault_free": True})
+
+
+def test_with_no_replica_to_resume_on_the_client_gets_unavailable_after_the_resume_timeout(tmp_path_factory,
+                                                                                          tiny_text_model):
+    """One replica, --resume-timeout 0.5 s: when its worker dies, its requests wait that long for a
+    ready replica (a replacement takes seconds), then end UNAVAILABLE; then the replica returns."""
+    import grpc
+    import pytest
+
+    from tests.cluster.conftest import ServeProcess
+
+    server = ServeProcess(["--model", str(tiny_text_model), "--served-model-name", "tiny", "--tp", "2",
+                           "--kv-cache-memory", str(8 << 20), "--resume-timeout", "0.5", "--ray-num-cpus", "3"],
+                          tmp_path_factory.mktemp("resume-timeout"))
+    try:
+        _, pid = victim(server, rank=1)
+        call = stub(server).Generate(pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParameters(
+            max_tokens=480, temperature=0, ignore_eos=True)), timeout=60)
+        it = iter(call)
+        next(it)
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in it:
+                pass
+        waited = time.monotonic() - killed
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        assert "resume" in info.value.details()
+        assert 0.5 <= waited < 5, waited
+        after = wait_replicas(server, 1)
+        assert after.replica_restarts == 1 and after.replicas[0].state == pb.REPLICA_STATE_READY
+        assert stub(server).Complete(pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParameters(max_tokens=3)),
+                                     timeout=60).completion_tokens == 3
+    finally:
+        server.terminate()

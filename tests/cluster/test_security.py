@@ -155,3 +155,17 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(mtls_serv
     with channel:
         assert pb_grpc.TpserveServiceStub(channel).Complete(REQUEST, timeout=30, metadata=metadata).completion_tokens == 2
     record("security", {"server": "mutual TLS", "clients_refused": 2, "clients_admitted": 2})
+
+
+def test_bench_reaches_a_tls_server_with_the_token(tls_server, certs, token_file, tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--target", tls_server.target,
+                          "--concurrency", "2", "--num-requests", "4", "--warmup", "0", "--workload", "fixed",
+                          "--input-len", "8", "--output-len", "3", "--no-progress", "--out", str(out),
+                          "--tls-ca", certs.ca, "--auth-token-file", token_file],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads(out.read_text())["runs"][0]["summary"]
+    assert summary["completed"] == 4 and summary["failed"] == 0, summary
