@@ -110,9 +110,10 @@ class Controller:
 
     def _add_replica(self) -> bool:
         rid = uuid.uuid4().hex[:8]
-        node = self._pick_node()
-        rep = place_replica(rid, self.config.spec, self.config.engine, self._resources_per_rank(), node, self._threads())
-        with self.lock:
+        with self.lock:  # pick and record together, so replicas starting at once spread over nodes
+            node = self._pick_node()
+            rep = place_replica(rid, self.config.spec, self.config.engine, self._resources_per_rank(), node,
+                                self._threads())
             self.replicas[rid] = rep
         try:
             start_replica(rep, self.config.spec, self.config.engine, self._threads())
@@ -134,7 +135,15 @@ class Controller:
                 with self.lock:
                     live = [r for r in self.replicas.values() if r.state in ("starting", "ready")]
                 if len(live) < self._target:
-                    failures += 0 if self._add_replica() else 1
+                    # Missing replicas start together: a replacement must not wait behind a slow load.
+                    results: list[bool] = []
+                    starters = [threading.Thread(target=lambda: results.append(self._add_replica()), daemon=True)
+                                for _ in range(self._target - len(live))]
+                    for t in starters:
+                        t.start()
+                    for t in starters:
+                        t.join()
+                    failures += results.count(False)
                 elif len(live) > self._target:
                     victim = sorted(live, key=lambda r: r.created)[-1]
                     with self.lock:

@@ -42,7 +42,7 @@ def rows(records: list[dict]) -> list[tuple[str, str, str, str, str]]:
                     out.append((f"malformed requests, {api}", f"{sum(seen.values())} generated", "0",
                                 statuses(seen), "no UNKNOWN/INTERNAL; healthy after; every KV block free"))
         elif k == "soak":
-            growth = ", ".join(f"{name.split('-')[0]} {mb:+.1f}" for name, mb in r["rss_growth_mb"].items())
+            growth = ", ".join(f"{name.replace('-', ' of ')} {mb:+.1f}" for name, mb in r["rss_growth_mb"].items())
             out.append(("soak", f"{r['requests']} short requests, ~20% cancelled, ~20% short deadlines", "0",
                         statuses(r["statuses"]), f"{r['seconds']} s; RSS growth MB: {growth}; all blocks free"))
         elif k == "overload":

@@ -80,5 +80,8 @@ def cluster(tmp_path_factory, smollm2_dir):
     server = ServeProcess(["--model", "smollm2-135m", "--tp", "2", "--replicas", "2", "--kv-cache-memory",
                            str(48 << 20), "--max-num-seqs", "8", "--max-queue-len", "8", "--max-model-len", "1024",
                            "--ray-num-cpus", "6"], tmp)
+    from tests.cluster.helpers import wait_replicas
+
+    wait_replicas(server, 2)  # ready is announced at the first replica; the tests want both
     yield server
     server.terminate()

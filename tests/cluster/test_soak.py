@@ -22,7 +22,7 @@ import pytest
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
 from tests.cluster.conftest import ServeProcess
-from tests.cluster.helpers import status, wait_blocks_free
+from tests.cluster.helpers import status, wait_blocks_free, wait_replicas
 from tests.reliability import record
 
 MB = 1 << 20
@@ -34,6 +34,7 @@ def cluster(tmp_path_factory, tiny_text_model):
     server = ServeProcess(["--model", str(tiny_text_model), "--served-model-name", "tiny", "--tp", "2",
                            "--replicas", "2", "--kv-cache-memory", str(8 << 20), "--max-num-seqs", "8",
                            "--max-queue-len", "8", "--ray-num-cpus", "6"], tmp_path_factory.mktemp("soak"))
+    wait_replicas(server, 2)
     yield server
     server.terminate()
 
@@ -95,7 +96,7 @@ def test_soak_1000_short_requests_with_cancels_and_deadlines_frees_every_block_a
     after = rss(cluster)
     assert sum(seen.values()) == 1000
     # A cancelled call frees the client's slot at once but the server's a moment later, so under
-    # churn the admission bound (24) can be briefly full at 16 client slots: a few refusals are fine.
+    # churn the admission bound (24) can be briefly reached with 16 client slots: a few refusals are fine.
     assert set(seen) <= {"OK", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}, seen
     assert seen["RESOURCE_EXHAUSTED"] <= 20, seen
     assert seen["OK"] > 500 and seen["CANCELLED"] > 50 and seen["DEADLINE_EXCEEDED"] > 0, seen
