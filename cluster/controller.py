@@ -23,6 +23,7 @@ from workers.worker import WorkerSpec
 log = logging.getLogger(__name__)
 
 NAMESPACE = "tpserve"
+HEAD_RESOURCE = "node:__internal_head__"  # a resource only the head node has
 
 
 def controller_name(model_name: str) -> str:
@@ -201,7 +202,10 @@ def get_or_create_controller(config: ClusterConfig, detached: bool):
         return ray.get_actor(name, namespace=NAMESPACE), False
     except ValueError:
         pass
-    opts = {"name": name, "namespace": NAMESPACE, "get_if_exists": True}
+    # On the head node, as Ray Serve places its controller: a worker node may go away with its
+    # replicas, and the controller must outlive it to replace them. (The head's loss ends the
+    # Ray cluster anyway.)
+    opts = {"name": name, "namespace": NAMESPACE, "get_if_exists": True, "resources": {HEAD_RESOURCE: 0.001}}
     if detached:
         opts["lifetime"] = "detached"
     handle = Controller.options(**opts).remote(config)

@@ -141,10 +141,17 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
     health = f"; health also on plaintext :{server.health_port}" if server.health_port else ""
     print(f"tpserve: serving {name!r} on {opts.host}:{server.port} ({security}; tpserve.v1, KServe v2, health, "
           f"reflection); metrics on :{opts.metrics_port}{health}", flush=True)
-    announced = False
+    announced, controller_error = False, None
     try:
         while not stop.is_set():
-            await loop.run_in_executor(None, router.refresh)
+            try:
+                await loop.run_in_executor(None, router.refresh)
+                controller_error = None
+            except Exception as e:  # the replicas serve without the controller: keep the ones we know
+                if controller_error is None:
+                    log.warning("cannot reach the controller (%s); serving on the %d known replica(s)",
+                                type(e).__name__, len(router.ready))
+                controller_error = e
             await server.update_health()
             if server.is_ready() and not announced:
                 announced = True

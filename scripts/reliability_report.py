@@ -16,7 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/cluster/test_faults.py", "tests/cluster/test_fuzz.py", "tests/cluster/test_soak.py",
-         "tests/cluster/test_security.py"]
+         "tests/cluster/test_security.py",
+         "tests/cluster/test_lifecycle.py::test_a_node_that_goes_away_loses_no_request_and_its_replica_is_replaced"]
 
 
 def statuses(d: dict) -> str:
@@ -36,6 +37,10 @@ def rows(records: list[dict]) -> list[tuple[str, str, str, str, str]]:
             out.append(("hung worker", f"{r['fault']}, {r['streams']} greedy streams", str(r["lost"]),
                         f"OK {r['streams']}", f"detected in {r['detected_s']} s; all done {r['all_finished_s']} s "
                                               f"after the stop; {r['resumed']} resumed; tokens equal"))
+        elif k == "node":
+            out.append(("node gone", f"{r['fault']}, {r['streams']} greedy streams", str(r["lost"]),
+                        f"OK {r['streams']}", f"{r['resumed']} resumed; tokens equal a fault-free run; "
+                                              "replaced on the surviving node"))
         elif k == "fuzz":
             for api, seen in r.items():
                 if api != "kind":

@@ -126,8 +126,9 @@ def test_stopped_worker_is_detected_and_its_requests_resume_within_the_bound(clu
 
 def test_with_no_replica_to_resume_on_the_client_gets_unavailable_after_the_resume_timeout(tmp_path_factory,
                                                                                           tiny_text_model):
-    """One replica, --resume-timeout 0.5 s: when its worker dies, its requests wait that long for a
-    ready replica (a replacement takes seconds), then end UNAVAILABLE; then the replica returns."""
+    """One replica, --resume-timeout 0.5 s: when its rank 0 dies (the actor the frontend talks to:
+    the "actor lost" path), its requests wait that long for a ready replica (a replacement takes
+    seconds), then end UNAVAILABLE; then the replica returns."""
     import grpc
     import pytest
 
@@ -137,7 +138,7 @@ def test_with_no_replica_to_resume_on_the_client_gets_unavailable_after_the_resu
                            "--kv-cache-memory", str(8 << 20), "--resume-timeout", "0.5", "--ray-num-cpus", "3"],
                           tmp_path_factory.mktemp("resume-timeout"))
     try:
-        _, pid = victim(server, rank=1)
+        _, pid = victim(server, rank=0)
         call = stub(server).Generate(pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParameters(
             max_tokens=480, temperature=0, ignore_eos=True)), timeout=60)
         it = iter(call)

@@ -137,3 +137,58 @@ def test_replicas_spread_over_nodes_and_survive_a_joined_frontend(tmp_path, tiny
         ray.kill(controller)
     finally:
         ray.shutdown()
+
+
+def test_a_node_that_goes_away_loses_no_request_and_its_replica_is_replaced(
+        tmp_path, tiny_text_model, ray_cluster):
+    """Two nodes, one replica each; the second node disappears (its raylet and every process on it
+    killed) while streams run on both: every stream finishes with the tokens of a fault-free run,
+    and the replacement replica starts where there is room (the surviving node has it)."""
+    from tests.cluster.helpers import wait_replicas
+    from tests.reliability import record
+
+    gcs = "127.0.0.1:" + ray_cluster.address.rsplit(":", 1)[1]
+    server = ServeProcess(["--model", str(tiny_text_model), "--tp", "2", "--replicas", "2", "--kv-cache-memory",
+                           str(8 << 20), "--ray-address", gcs, "--served-model-name", "tiny"], tmp_path)
+    stub = pb_grpc.TpserveServiceStub(server.channel())
+    request = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[11, 22, 33, 44]),
+                                 sampling=pb.SamplingParameters(max_tokens=400, temperature=0, ignore_eos=True))
+    try:
+        st = wait_replicas(server, 2)
+        doomed = ray_cluster.list_all_nodes()[1]
+        assert {r.workers[0].node_id for r in st.replicas} == {n.node_id for n in ray_cluster.list_all_nodes()}
+        expected = [list(m.token_ids) for m in stub.Generate(request, timeout=120)]
+        expected = [t for chunk in expected for t in chunk]
+        results: list[list[int] | Exception] = [[] for _ in range(4)]
+
+        def run(i):
+            try:
+                for m in stub.Generate(request, timeout=120):
+                    results[i] += m.token_ids
+            except grpc.RpcError as e:
+                results[i] = e
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        while min(len(r) if isinstance(r, list) else 0 for r in results) < 2:
+            time.sleep(0.01)
+        ray_cluster.remove_node(doomed, allow_graceful=False)
+        for t in threads:
+            t.join(120)
+        assert all(r == expected for r in results), [r if isinstance(r, Exception) else len(r) for r in results]
+        resumed = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30).requests_resumed
+        assert resumed >= 1
+        after = wait_replicas(server, 2)
+        assert [r.state for r in after.replicas] == [pb.REPLICA_STATE_READY] * 2 and after.replica_restarts == 1
+        assert doomed.node_id not in {w.node_id for r in after.replicas for w in r.workers}
+        record("node", {"fault": "node with one of 2 replicas removed", "streams": 4, "resumed": resumed, "lost": 0})
+    finally:
+        server.terminate()
+        import ray
+
+        ray.init(address=gcs, namespace="tpserve")
+        try:
+            ray.get(ray.get_actor("controller:tiny", namespace="tpserve").shutdown.remote(), timeout=60)
+        finally:
+            ray.shutdown()
