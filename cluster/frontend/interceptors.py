@@ -6,6 +6,7 @@ so every service (tpserve.v1, KServe v2, reflection) gets them without code of i
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
 
 import grpc
@@ -72,35 +73,40 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
                 return Undecodable(type_name)
 
         inner = _behavior(handler)
-        streaming_in = bool(handler.stream_unary or handler.stream_stream)
-        if streaming_in:
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        if handler.stream_unary or handler.stream_stream:
             if details.method in IN_STREAM_ERRORS:
                 return _rebuild(handler, inner, safe_parse)  # the servicer answers each bad message
 
-            async def checked_iter(request_iterator, context):
-                async for request in request_iterator:
-                    if isinstance(request, Undecodable):
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-                    yield request
+            def first_arg(request_iterator, context):
+                async def checked():
+                    async for request in request_iterator:
+                        if isinstance(request, Undecodable):
+                            await context.abort(bad, request.message)
+                        yield request
+                return checked()
+        else:
+            def first_arg(request, context):
+                return request
 
-            if handler.stream_stream:
-                async def behavior(request_iterator, context):
-                    async for reply in inner(checked_iter(request_iterator, context), context):
-                        yield reply
-            else:
-                async def behavior(request_iterator, context):
-                    return await inner(checked_iter(request_iterator, context), context)
-        elif handler.unary_stream:
-            async def behavior(request, context):
+            async def check(request, context):
                 if isinstance(request, Undecodable):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-                async for reply in inner(request, context):
+                    await context.abort(bad, request.message)
+
+        streaming_in = bool(handler.stream_unary or handler.stream_stream)
+        # Keep the handler's style: an async generator stays one; a coroutine (unary replies, or
+        # streams written with context.write, like the health service's Watch) stays a coroutine.
+        if inspect.isasyncgenfunction(inner):
+            async def behavior(request, context):
+                if not streaming_in:
+                    await check(request, context)
+                async for reply in inner(first_arg(request, context), context):
                     yield reply
         else:
             async def behavior(request, context):
-                if isinstance(request, Undecodable):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-                return await inner(request, context)
+                if not streaming_in:
+                    await check(request, context)
+                return await inner(first_arg(request, context), context)
         return _rebuild(handler, behavior, safe_parse)
 
 

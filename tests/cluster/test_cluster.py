@@ -95,6 +95,9 @@ def test_health_serving_and_reflection_lists_the_services(cluster):
     for service in ("", "smollm2-135m", "liveness"):
         assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == \
             health_pb2.HealthCheckResponse.SERVING
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="smollm2-135m"), timeout=10)
+    assert next(iter(watch)).status == health_pb2.HealthCheckResponse.SERVING  # the streaming form, too
+    watch.cancel()
     refl = reflection_pb2_grpc.ServerReflectionStub(cluster.channel())
     reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
                                            timeout=10))
