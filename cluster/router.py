@@ -68,7 +68,7 @@ class Router:
             if rid not in ready:  # replaced or stopped: its open streams end now and resume elsewhere
                 h = self.replicas.pop(rid)
                 h.client.fail(f"replica {rid} was taken out of service")
-                h.client.close()
+                h.client.close(timeout_s=0.1)  # a reader stuck on a hung actor ends at its own timeout
         for rid, r in ready.items():
             if rid not in self.replicas:
                 self.replicas[rid] = ReplicaHandle(rid, r["rank0"], engine_client(r["rank0"]), r["workers"], r["tp_size"])

@@ -6,8 +6,8 @@ import grpc
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
 from cluster.frontend.core import Frontend, abort_on_error, deadline_of, status_of
-from cluster.frontend.validate import (InvalidArgument, check_model, check_prompt_ids, check_text, checked_params,
-                                       finite)
+from cluster.frontend.validate import (InvalidArgument, check_model, check_prompt_ids, check_request_id, check_text,
+                                       checked_params, finite)
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
 
@@ -62,7 +62,7 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
     async def Generate(self, request, context):
         try:
             ids, params = self._prepare(request)
-            async for out in self.fe.stream(ids, params, request.request_id or None, deadline_of(context)):
+            async for out in self.fe.stream(ids, params, check_request_id(request.request_id), deadline_of(context)):
                 yield self._response(out)
         except Exception as e:
             status = status_of(e)
@@ -93,7 +93,7 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
     async def Complete(self, request, context):
         ids, params = self._prepare(request)
         reply = pb.CompleteResponse()
-        async for out in self.fe.stream(ids, params, request.request_id or None, deadline_of(context)):
+        async for out in self.fe.stream(ids, params, check_request_id(request.request_id), deadline_of(context)):
             self._add(reply, out)
         return reply
 

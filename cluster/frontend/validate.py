@@ -12,6 +12,7 @@ from workers.engine.sampling_params import SamplingParams
 from workers.errors import ConfigError
 
 MAX_PROMPT_CHARS = 1_000_000
+MAX_REQUEST_ID_CHARS = 256
 
 
 class InvalidArgument(Exception):
@@ -61,6 +62,15 @@ def check_prompt_ids(ids: list[int], max_tokens: int, limits: ModelLimits, field
         raise InvalidArgument("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                                             f"the context of {limits.max_model_len} tokens")
     return ids
+
+
+def check_request_id(request_id: str) -> str | None:
+    """A client's request id (echoed in replies and logs), or None for a server-made one."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument("request_id", f"{len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
+    if not request_id.isprintable():
+        raise InvalidArgument("request_id", "must be printable text")
+    return request_id or None
 
 
 def check_text(field: str, text: str) -> str:

@@ -53,7 +53,7 @@ def v1_case(draw) -> tuple[bytes | pb.GenerateRequest, set, str]:
         "model", "empty_prompt", "non_utf8_prompt", "over_context", "over_chars", "temperature", "top_p", "top_k",
         "min_p", "repetition_penalty", "penalty", "max_tokens_zero", "max_tokens_absurd", "logprobs", "stop_empty",
         "stop_many", "stop_token_ids", "token_ids_empty", "token_ids_vocab", "role", "no_messages", "no_input",
-        "seed", "garbage"]))
+        "seed", "request_id", "stop_long", "garbage"]))
     ok = "Hello there"
     if kind == "model":
         name = draw(st.text(min_size=1, max_size=20).filter(lambda s: s != "smollm2-135m"))
@@ -114,6 +114,12 @@ def v1_case(draw) -> tuple[bytes | pb.GenerateRequest, set, str]:
     if kind == "seed":
         return pb.GenerateRequest(prompt=ok, sampling=sampling(seed=draw(st.integers(2**63, 2**64 - 1)))), \
             {INVALID}, "seed"
+    if kind == "request_id":
+        rid = draw(st.one_of(st.text(min_size=257, max_size=400), st.sampled_from(["a\nb", "\x00", "tab\there"])))
+        return pb.GenerateRequest(prompt=ok, request_id=rid, sampling=sampling()), {INVALID}, "request_id"
+    if kind == "stop_long":
+        return pb.GenerateRequest(prompt=ok, sampling=sampling(stop=["y" * draw(st.integers(257, 5000))])), \
+            {INVALID}, "stop"
     # Bytes that are (almost always) no GenerateRequest; when they do parse, whatever they ask
     # for must still get a clean answer.
     return draw(garbage), {INVALID, NOT_FOUND, grpc.StatusCode.OK}, ""

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from workers.errors import ConfigError
 
 MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 
 class SamplingError(ConfigError):
@@ -70,8 +72,11 @@ class SamplingParams:
             raise SamplingError("seed", f"must be in [0, 2^63), got {self.seed}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise SamplingError("stop", "must be a list of non-empty strings")
-        if len(self.stop) > 16:
-            raise SamplingError("stop", f"at most 16 stop strings, got {len(self.stop)}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise SamplingError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            # the detokenizer holds back up to the longest stop string's length of text
+            raise SamplingError("stop", f"a stop string may have at most {MAX_STOP_CHARS} characters")
         for t in self.stop_token_ids:
             if integer("stop_token_ids", t) < 0 or (vocab_size is not None and t >= vocab_size):
                 raise SamplingError("stop_token_ids", f"{t} is outside the vocabulary [0, {vocab_size})")

@@ -96,3 +96,10 @@ def test_bad_sampling_values_raise_naming_the_field(field, value):
     with pytest.raises(SamplingError) as info:
         SamplingParams(**{field: value}).validate(vocab_size=1000)
     assert info.value.field == field and str(info.value).startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize("stop", [["a"] * 17, ["x" * 257], ["ok", ""]])
+def test_stop_strings_are_bounded_in_number_and_length(stop):
+    with pytest.raises(SamplingError) as info:
+        SamplingParams(stop=stop).validate()
+    assert info.value.field == "stop"
