@@ -89,8 +89,19 @@ def init_ray(opts: ServeOptions) -> bool:
     import ray
 
     if opts.ray_address:  # host:port of a GCS (this machine runs a Ray node) or ray://host:port (Ray Client)
-        ray.init(address=opts.ray_address, namespace="tpserve", log_to_driver=False)
-        return False
+        attempts = 3 if opts.ray_address.startswith("ray://") else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                ray.init(address=opts.ray_address, namespace="tpserve", log_to_driver=False)
+                return False
+            except ConnectionError as e:
+                # Ray Client's server process for a new connection sometimes dies as it is forked
+                # (ray-project/ray#63202, a few percent of connections): a new connection succeeds.
+                if attempt == attempts:
+                    raise
+                log.warning("Ray Client connection failed (%s); retrying", type(e).__name__)
+                ray.shutdown()
+                time.sleep(2.0 * attempt)
     cpus = opts.ray_num_cpus or max(opts.replicas * opts.tp, os.cpu_count() or 1)
     ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 << 20, namespace="tpserve",
              _node_ip_address="127.0.0.1", log_to_driver=False)

@@ -68,13 +68,19 @@ def victim(cluster, rank: int) -> tuple[str, int]:
     return rep.replica_id, next(w.pid for w in rep.workers if w.rank == rank)
 
 
-def test_killed_worker_of_one_replica_loses_no_token_and_the_replica_returns(cluster):
+def streams_before_a_fault(cluster):
+    """The fault-free tokens, the status before, a victim (rank 1 of the first replica), and 8
+    streams that have all received tokens: so at least two of the victim's (it holds half) have."""
     expected = fault_free_tokens(cluster)
     before = status(cluster)
     replica_id, pid = victim(cluster, rank=1)
     streams = Streams(cluster, PROMPTS)
-    # Every stream has tokens, so at least two of the victim's (it holds half of them) have some.
     streams.wait_tokens(2)
+    return expected, before, replica_id, pid, streams
+
+
+def test_killed_worker_of_one_replica_loses_no_token_and_the_replica_returns(cluster):
+    expected, before, replica_id, pid, streams = streams_before_a_fault(cluster)
     mid = [len(t) for t in streams.tokens]
     os.kill(pid, signal.SIGKILL)
     streams.join()
@@ -94,11 +100,7 @@ def test_killed_worker_of_one_replica_loses_no_token_and_the_replica_returns(clu
 
 
 def test_stopped_worker_is_detected_and_its_requests_resume_within_the_bound(cluster):
-    expected = fault_free_tokens(cluster)
-    before = status(cluster)
-    replica_id, pid = victim(cluster, rank=1)
-    streams = Streams(cluster, PROMPTS)
-    streams.wait_tokens(2)
+    expected, before, replica_id, pid, streams = streams_before_a_fault(cluster)
     try:
         os.kill(pid, signal.SIGSTOP)  # a hang: the process lives but its collectives never complete
         stopped_at = time.monotonic()
