@@ -44,6 +44,25 @@ def check(name: str, ok: bool, detail: str = "") -> None:
         FAILURES.append(name)
 
 
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def check_against_reference(label: str, spec, prompt: list[int], n: int, dev: str, ref_logits: torch.Tensor,
+                            tol: float, ref_tokens: list[int] | None, also: torch.Tensor | None = None) -> float:
+    """Start a group for `spec`; its logits must be within `tol` of the reference, its greedy tokens
+    equal (when given). Returns its decode ms/token. `also`: a second reference, only reported."""
+    with start_worker_group(spec) as grp:
+        logits = grp.call("prefill_logits", [prompt]).cpu()
+        rel = rel_err(logits, ref_logits)
+        detail = f"(rel err {rel:.2e}" + (f"; vs fp32 {rel_err(logits, also):.2e})" if also is not None else ")")
+        suffix = " bf16" if spec.dtype == "bfloat16" else ""
+        check(f"{label} logits vs transformers{suffix}", rel < tol, detail)
+        if ref_tokens is not None:
+            check(f"{label} greedy {n} tokens == transformers", greedy(grp, prompt, n) == ref_tokens)
+        return decode_ms(lambda k: greedy(grp, prompt, k), n, dev)
+
+
 def build_model(folder: Path, small: bool) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -221,14 +240,9 @@ def main() -> int:
             ref_logits = ref32(torch.tensor([prompt], device=dev)).logits[0].float().cpu()
         timings.append(("transformers generate fp32", decode_ms(
             lambda k: hf_greedy(ref32, prompt, k, dev), n, dev)))
-        with start_worker_group(WorkerSpec(str(folder), tp_size=1, device=dev, dtype="float32", kv_cache_memory=KV)) as grp:
-            logits = grp.call("prefill_logits", [prompt]).cpu()
-            rel = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-            check("tp1 fp32 logits vs transformers", rel < 1e-4, f"(rel err {rel:.2e})")
-            ours = greedy(grp, prompt, n)
-            check(f"tp1 fp32 greedy {n} tokens == transformers", ours == ref_tokens)
-            timings.append(("tpserve tp1 fp32", decode_ms(
-                lambda k: greedy(grp, prompt, k), n, dev)))
+        timings.append(("tpserve tp1 fp32", check_against_reference(
+            "tp1 fp32", WorkerSpec(str(folder), tp_size=1, device=dev, dtype="float32", kv_cache_memory=KV),
+            prompt, n, dev, ref_logits, 1e-4, ref_tokens)))
         del ref32
 
         # ---- bfloat16: a logit tolerance -------------------------------------------------------
@@ -237,13 +251,9 @@ def main() -> int:
             ref16_logits = ref16(torch.tensor([prompt], device=dev)).logits[0].float().cpu()
         timings.append(("transformers generate bf16", decode_ms(lambda k: hf_greedy(ref16, prompt, k, dev), n, dev)))
         del ref16
-        with start_worker_group(WorkerSpec(str(folder), tp_size=1, device=dev, dtype="bfloat16", kv_cache_memory=KV)) as grp:
-            logits = grp.call("prefill_logits", [prompt]).cpu()
-            rel = ((logits - ref16_logits).abs().max() / ref16_logits.abs().max()).item()
-            rel32 = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-            check("tp1 bf16 logits vs transformers bf16", rel < 5e-2, f"(rel err {rel:.2e}; vs fp32 {rel32:.2e})")
-            timings.append(("tpserve tp1 bf16", decode_ms(
-                lambda k: greedy(grp, prompt, k), n, dev)))
+        timings.append(("tpserve tp1 bf16", check_against_reference(
+            "tp1 bf16", WorkerSpec(str(folder), tp_size=1, device=dev, dtype="bfloat16", kv_cache_memory=KV),
+            prompt, n, dev, ref16_logits, 5e-2, None, also=ref_logits)))
 
         # ---- NCCL on the card ------------------------------------------------------------------
         if dev == "cuda":
@@ -251,14 +261,8 @@ def main() -> int:
 
         # ---- tp 2 on one device through gloo ---------------------------------------------------
         spec = WorkerSpec(str(folder), tp_size=2, device=dev, dtype="float32", backend="gloo", kv_cache_memory=KV)
-        with start_worker_group(spec) as grp:
-            logits = grp.call("prefill_logits", [prompt]).cpu()
-            rel = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-            check("tp2 (gloo, one device) fp32 logits vs transformers", rel < 1e-4, f"(rel err {rel:.2e})")
-            ours = greedy(grp, prompt, n)
-            check(f"tp2 (gloo, one device) greedy {n} tokens == transformers", ours == ref_tokens)
-            timings.append(("tpserve tp2 fp32 via gloo (host-staged)", decode_ms(
-                lambda k: greedy(grp, prompt, k), n, dev)))
+        timings.append(("tpserve tp2 fp32 via gloo (host-staged)", check_against_reference(
+            "tp2 (gloo, one device) fp32", spec, prompt, n, dev, ref_logits, 1e-4, ref_tokens)))
 
         # ---- the engine: batch invariance ------------------------------------------------------
         check_batch_invariance(folder, dev, "float32", 16)
