@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.models import make_tiny_gpt2, make_tiny_llama  # noqa: E402
+from tests.models import make_tiny_gpt2, make_tiny_llama, make_tiny_mistral, make_tiny_qwen2  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +27,16 @@ def sharp_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory):
     return make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory):
+    return make_tiny_mistral(tmp_path_factory.mktemp("tiny-mistral"))
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,43 @@ def make_tiny_llama(folder: Path, tie: bool = False, seed: int = 0, logit_scale:
     return Path(folder)
 
 
+def _perturb_and_save(model, folder: Path, logit_scale: float = 1.0) -> Path:
+    with torch.no_grad():  # norms and biases away from their 1/0 init, so a slicing bug shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+        if not model.config.tie_word_embeddings:
+            model.lm_head.weight.mul_(logit_scale)
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def make_tiny_qwen2(folder: Path, seed: int = 0) -> Path:
+    """Qwen2's shape: q/k/v biases but none on o_proj, tied embeddings, a large rope theta, and
+    7 query heads over 1 KV head (tp 2 and 3 cut unevenly; tp 7 gives each rank one head)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=251, hidden_size=56, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=7, num_key_value_heads=1, max_position_embeddings=256,
+                      rms_norm_eps=1e-6, initializer_range=0.2, tie_word_embeddings=True, rope_theta=1e6,
+                      use_sliding_window=False, sliding_window=32, bos_token_id=1, eos_token_id=2)
+    return _perturb_and_save(Qwen2ForCausalLM(cfg).eval(), folder)
+
+
+def make_tiny_mistral(folder: Path, seed: int = 0, sliding_window: int = 16) -> Path:
+    """Mistral's shape: no biases, an explicit head_dim, and a sliding window short enough that
+    the test prompts and their continuations run past it; 5 query heads over 5 KV heads."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(vocab_size=251, hidden_size=40, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=5, num_key_value_heads=5, head_dim=12, max_position_embeddings=256,
+                        rms_norm_eps=1e-5, initializer_range=0.2, tie_word_embeddings=False,
+                        sliding_window=sliding_window, bos_token_id=1, eos_token_id=2)
+    return _perturb_and_save(MistralForCausalLM(cfg).eval(), folder, logit_scale=4.0)
+
+
 def make_tiny_gpt2(folder: Path, seed: int = 0) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -28,8 +28,11 @@ class ModelConfig:
     tie_word_embeddings: bool
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q_proj, k_proj and v_proj
+    o_proj_bias: bool = False
     mlp_bias: bool = False
+    # Each token attends to the last `sliding_window` positions only (itself included); None: all.
+    sliding_window: int | None = None
     hidden_act: str = "silu"
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
@@ -70,6 +73,7 @@ class ModelConfig:
                     scale_attn_by_inverse_layer_idx=c.get("scale_attn_by_inverse_layer_idx", False),
                 )
             rope = c.get("rope_parameters") or {}
+            qkv_bias, o_bias = _attention_biases(mt, c)
             scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
             heads = c["num_attention_heads"]
             return cls(
@@ -80,9 +84,34 @@ class ModelConfig:
                 max_position_embeddings=c.get("max_position_embeddings", 2048),
                 norm_eps=c.get("rms_norm_eps", 1e-6), tie_word_embeddings=c.get("tie_word_embeddings", False),
                 rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0), rope_scaling=scaling,
-                # Qwen2 has q/k/v biases without saying so in its config.
-                attention_bias=c.get("attention_bias", mt == "qwen2"), mlp_bias=c.get("mlp_bias", False),
+                attention_bias=qkv_bias, o_proj_bias=o_bias, mlp_bias=c.get("mlp_bias", False),
+                sliding_window=_sliding_window(mt, c),
                 hidden_act=c.get("hidden_act", "silu"), eos_token_ids=eos_ids, bos_token_id=c.get("bos_token_id"),
             )
         except KeyError as e:
             raise CheckpointError(f"config.json lacks {e.args[0]!r} for model_type {mt!r}") from None
+
+
+def _attention_biases(model_type: str, c: dict) -> tuple[bool, bool]:
+    """(q/k/v bias, o_proj bias), as each family's transformers class builds them: Qwen2 always has
+    q/k/v biases and never an o_proj bias (its config says neither); Mistral has none; Llama puts
+    `attention_bias` on all four."""
+    if model_type == "qwen2":
+        return True, False
+    if model_type == "mistral":
+        return False, False
+    bias = bool(c.get("attention_bias", False))
+    return bias, bias
+
+
+def _sliding_window(model_type: str, c: dict) -> int | None:
+    """Mistral's window applies to every layer. Qwen2's applies only with use_sliding_window, and
+    then only from max_window_layers on; that per-layer mix is refused rather than run wrong."""
+    window = c.get("sliding_window")
+    if model_type == "mistral":
+        return int(window) if window else None
+    if model_type == "qwen2" and c.get("use_sliding_window") and window:
+        raise UnsupportedArchitectureError(
+            "Qwen2 with use_sliding_window=true (a window on some layers only) is not supported; "
+            "set use_sliding_window to false in config.json if prompts stay within sliding_window")
+    return None

@@ -50,8 +50,9 @@ class AttentionBatch(ABC):
 
     @abstractmethod
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               heads: HeadLayout, scale: float) -> torch.Tensor:
-        """q [T, H, D], k/v [T, KVH, D] for the new tokens -> output [T, H, D]."""
+               heads: HeadLayout, scale: float, window: int | None = None) -> torch.Tensor:
+        """q [T, H, D], k/v [T, KVH, D] for the new tokens -> output [T, H, D]. With `window`, a
+        token at position p reads keys at positions (p - window, p] only (Mistral's sliding window)."""
 
 
 def expand_kv(x: torch.Tensor, kv_index: torch.Tensor | None) -> torch.Tensor:
@@ -59,12 +60,17 @@ def expand_kv(x: torch.Tensor, kv_index: torch.Tensor | None) -> torch.Tensor:
     return x if kv_index is None else x.index_select(0, kv_index)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
-    """q [H, n, D] at positions start..start+n-1 against k/v [H, start+n, D]."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float,
+                     window: int | None = None) -> torch.Tensor:
+    """q [H, n, D] at positions start..start+n-1 against k/v [H, start+n, D]; with `window`, the
+    query at position p sees keys (p - window, p] only."""
     n = q.shape[1]
-    if n == 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if start == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if window is None or start + n <= window:  # no query is far enough along to lose a key
+        if n == 1:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     mask = torch.ones(n, start + n, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    if window is not None:
+        mask &= ~torch.ones_like(mask).tril(diagonal=start - window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -70,17 +70,29 @@ class PagedAttentionBatch(AttentionBatch):
             tables = torch.zeros(len(decode_tables), width, dtype=torch.long)
             for i, t in enumerate(decode_tables):
                 tables[i, :len(t)] = torch.tensor(t)
-            lens = torch.tensor(decode_lens)
+            self.decode_lens = torch.tensor(decode_lens)
             self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
             self.decode_tables = tables.to(dev)
-            # [B, 1, 1, W]: True where a key position belongs to the sequence
-            self.decode_mask = (torch.arange(width * bs)[None, :] < lens[:, None]).to(dev)[:, None, None, :]
+            self._decode_masks: dict[int | None, torch.Tensor] = {}
 
-    def attend(self, layer, q, k, v, heads, scale):
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[B, 1, 1, W]: True where a key position belongs to the sequence (and to the window);
+        built once per step and window, then shared by every layer."""
+        mask = self._decode_masks.get(window)
+        if mask is None:
+            width = self.decode_tables.shape[1] * self.cache.block_size
+            pos, lens = torch.arange(width)[None, :], self.decode_lens[:, None]
+            keep = pos < lens
+            if window is not None:
+                keep &= pos >= lens - window  # the new token sits at lens - 1
+            mask = self._decode_masks[window] = keep.to(self.cache.device)[:, None, None, :]
+        return mask
+
+    def attend(self, layer, q, k, v, heads, scale, window=None):
         with torch.profiler.record_function("tpserve.attention"):
-            return self._attend(layer, q, k, v, heads, scale)
+            return self._attend(layer, q, k, v, heads, scale, window)
 
-    def _attend(self, layer, q, k, v, heads: HeadLayout, scale):
+    def _attend(self, layer, q, k, v, heads: HeadLayout, scale, window):
         kc, vc = self.cache.k[layer], self.cache.v[layer]  # [NB, bs, KVH, D]
         nb, bs, kvh, d = kc.shape
         kc.view(nb * bs, kvh, d).index_copy_(0, self.slot_mapping, k)
@@ -96,7 +108,7 @@ class PagedAttentionBatch(AttentionBatch):
                 qd = qd.index_select(1, heads.grid)
             # Each KV head's query group plays the role of a query axis: no K/V copy per query head.
             o = F.scaled_dot_product_attention(qd.view(b, kvh, heads.group, d), keys, values,
-                                               attn_mask=self.decode_mask, scale=scale)
+                                               attn_mask=self.decode_mask(window), scale=scale)
             o = o.reshape(b, kvh * heads.group, d)
             if heads.inverse is not None:
                 o = o.index_select(1, heads.inverse)
@@ -106,6 +118,6 @@ class PagedAttentionBatch(AttentionBatch):
             keys = kc.index_select(0, table).view(-1, kvh, d)[:ctx].transpose(0, 1)  # [KVH, L, D]
             values = vc.index_select(0, table).view(-1, kvh, d)[:ctx].transpose(0, 1)
             keys, values = expand_kv(keys, heads.kv_index), expand_kv(values, heads.kv_index)
-            o = causal_attention(q[row:row + length].transpose(0, 1), keys, values, start, scale)
+            o = causal_attention(q[row:row + length].transpose(0, 1), keys, values, start, scale, window)
             out[row:row + length] = o.transpose(0, 1)
         return out

@@ -22,10 +22,15 @@ def llama_rank_bytes(c: dict, tp: int, r: int) -> int:
     kv = (q1 - 1) // g + 1 - q0 // g  # every KV head this rank's queries read, copies included
     qh = q1 - q0
     ab, mb = c.get("attention_bias", False), c.get("mlp_bias", False)
+    ob = ab  # Llama: attention_bias covers o_proj too
+    if c["model_type"] == "qwen2":
+        ab, ob = True, False  # q/k/v biases only, whatever the config says
+    elif c["model_type"] == "mistral":
+        ab = ob = False
     ir = _rows(i, tp, r)
     per_layer = 2 * h  # two RMSNorms, replicated
     per_layer += (qh + 2 * kv) * d * h + (qh + 2 * kv) * d * ab
-    per_layer += h * qh * d + (h if (ab and r == 0) else 0)  # o_proj; its bias on rank 0 only
+    per_layer += h * qh * d + (h if (ob and r == 0) else 0)  # o_proj; its bias on rank 0 only
     per_layer += 2 * ir * h + 2 * ir * mb + h * ir + (h if (mb and r == 0) else 0)
     n = L * per_layer + h + _rows(v, tp, r) * h
     if not c.get("tie_word_embeddings", False):

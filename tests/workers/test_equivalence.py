@@ -95,6 +95,47 @@ def test_tiny_gpt2_ranks_hold_and_read_only_their_slices(gpt2_group, tiny_gpt2_d
     _check_bytes(gpt2_group, tiny_gpt2_dir, gpt2_rank_bytes)
 
 
+# ---- tiny Qwen2 (q/k/v biases, no o_proj bias) and Mistral (sliding window) ----------------------
+# Each at tp 1, 2, 3 and its head count (7 and 5): no tp but the last divides the heads.
+LONG_PROMPTS = [torch.randint(3, 251, (n,), generator=g).tolist() for n in (9, 37)]  # 37 > the window of 16
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3, 7], ids=lambda t: f"tp{t}")
+def qwen2_group(request, tiny_qwen2_dir):
+    with _group(tiny_qwen2_dir, request.param) as grp:
+        yield grp
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3, 5], ids=lambda t: f"tp{t}")
+def mistral_group(request, tiny_mistral_dir):
+    with _group(tiny_mistral_dir, request.param) as grp:
+        yield grp
+
+
+def test_tiny_qwen2_loads_and_greedy_matches_transformers(qwen2_group, tiny_qwen2_dir):
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_dir), dtype=torch.float32).eval()
+    assert ref.model.layers[0].self_attn.o_proj.bias is None and ref.model.layers[0].self_attn.q_proj.bias is not None
+    ours = qwen2_group.call("prefill_logits", LONG_PROMPTS)
+    assert relative_error(ours, reference_logits(ref, LONG_PROMPTS)) < TOL
+    assert greedy(qwen2_group, LONG_PROMPTS, 16) == [reference_greedy(ref, p, 16) for p in LONG_PROMPTS]
+    _check_bytes(qwen2_group, tiny_qwen2_dir, llama_rank_bytes)
+
+
+def test_tiny_mistral_sliding_window_matches_transformers(mistral_group, tiny_mistral_dir):
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_mistral_dir), dtype=torch.float32).eval()
+    # The window matters here: without it transformers itself gives other logits past position 16.
+    full = reference_logits(ref, LONG_PROMPTS[1:])
+    ref.config.sliding_window = None
+    unwindowed = reference_logits(ref, LONG_PROMPTS[1:])
+    ref.config.sliding_window = 16
+    assert relative_error(unwindowed, full) > 100 * TOL
+    ours = mistral_group.call("prefill_logits", LONG_PROMPTS)
+    assert relative_error(ours, reference_logits(ref, LONG_PROMPTS)) < TOL
+    # Decode past the window, in the paged cache, token by token.
+    assert greedy(mistral_group, LONG_PROMPTS, 16) == [reference_greedy(ref, p, 16) for p in LONG_PROMPTS]
+    _check_bytes(mistral_group, tiny_mistral_dir, llama_rank_bytes)
+
+
 # ---- SmolLM2-135M (the real checkpoint, from GGUF) ------------------------------------------------
 SMOL_TEXTS = ["The capital of France is", "def fibonacci(n):\n    "]
 

@@ -59,3 +59,17 @@ def test_cli_errors_are_one_line_without_traceback(args, needle, smollm2_dir):
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+QWEN2 = {"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "num_key_value_heads": 1, "sliding_window": 4}
+
+
+def test_qwen2_biases_are_on_qkv_only_and_its_unused_window_is_ignored():
+    cfg = ModelConfig.from_dict({**QWEN2, "use_sliding_window": False})
+    assert (cfg.attention_bias, cfg.o_proj_bias, cfg.sliding_window) == (True, False, None)
+
+
+def test_qwen2_with_a_per_layer_sliding_window_is_refused_by_name():
+    with pytest.raises(UnsupportedArchitectureError, match="use_sliding_window"):
+        ModelConfig.from_dict({**QWEN2, "use_sliding_window": True})

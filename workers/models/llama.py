@@ -28,9 +28,9 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_heads, cfg.num_kv_heads, shard,
                                           cfg.attention_bias, dtype, device)
         # o_proj's input is this rank's heads, so its cut follows the head ranges.
-        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, cfg.attention_bias, group, dtype, device,
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, cfg.o_proj_bias, group, dtype, device,
                                         input_range=(shard.q_start * d, shard.q_end * d))
-        self.attn = Attention(layer_idx, shard, d, d ** -0.5, device)
+        self.attn = Attention(layer_idx, shard, d, d ** -0.5, device, sliding_window=cfg.sliding_window)
         self.rotary = rotary
         self.num_heads, self.num_kv_heads, self.head_dim = shard.num_heads, shard.num_kv_heads, d
 
