@@ -60,7 +60,9 @@ def cmd_serve(args) -> int:
                         drain_timeout_s=args.drain_timeout, ray_num_cpus=args.ray_num_cpus,
                         resume_timeout_s=args.resume_timeout, collective_timeout_s=args.collective_timeout,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                        auth_token_file=args.auth_token_file, health_port=args.health_port)
+                        auth_token_file=args.auth_token_file, health_port=args.health_port,
+                        metrics_host=args.metrics_host, stall_timeout_s=args.stall_timeout,
+                        expose_topology=args.expose_topology)
     return serve(opts, ready_file=args.ready_file)
 
 
@@ -138,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics (0: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics endpoint binds (loopback by default; 0.0.0.0 in a pod)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -150,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request whose replica failed may wait for another to resume on")
     p.add_argument("--collective-timeout", type=float, default=30.0,
                    help="seconds a tensor-parallel collective may wait on a peer before the replica fails over")
+    p.add_argument("--stall-timeout", type=float, default=30.0,
+                   help="seconds a replica with work may go without an engine step before it is replaced")
+    p.add_argument("--expose-topology", action="store_true",
+                   help="GetClusterStatus includes each worker's pid, node id and IP (off: none of them)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain of the gRPC server (turns TLS on)")
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     p.add_argument("--tls-client-ca", default=None, help="PEM CA that client certificates must chain to (mutual TLS)")

@@ -1,9 +1,11 @@
 """The controller: a named Ray actor that owns one model's replica set.
 
 It places replicas (each a STRICT_PACK placement group of tp bundles on one node, replicas spread
-over nodes), watches them (a dead rank, or no step progress while there is work, makes a replica
-unhealthy), replaces unhealthy ones in a fresh placement group, and scales to a new count at run
-time. Frontends find it by name: several may share one controller.
+over nodes), watches them (a dead or hung rank, or no step progress while there is work, makes a
+replica unhealthy), replaces unhealthy ones in a fresh placement group, and scales to a new count
+at run time. Frontends find it by name: several may share one controller. Progress is read from
+the replicas themselves (rank 0 answers each ping with its step counter and whether it has work),
+so replicas outlive frontends, and a quiet or idle frontend never hides or fakes a stall.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import ray
 
-from cluster.replica import Replica, place_replica, start_replica, stop_replica
+from cluster.replica import RankHealth, Replica, place_replica, start_replica, stop_replica
 from workers.engine.core import EngineConfig
 from workers.worker import WorkerSpec
 
@@ -156,31 +158,28 @@ class Controller:
             self._reconcile_lock.release()
 
     # ---- health ------------------------------------------------------------------------------------
-    def _check(self, rep: Replica) -> bool:
+    def _healthy(self, rep: Replica) -> bool:
+        """Every rank answers the ping in time and is alive, and rank 0 made progress lately."""
         try:
-            return all(ray.get([a.alive.remote() for a in rep.actors], timeout=self.config.alive_timeout_s))
-        except Exception:  # an actor died, or did not answer in time
+            answers: list[RankHealth] = ray.get([a.health.remote() for a in rep.actors],
+                                                timeout=self.config.alive_timeout_s)
+        except Exception:  # an actor died, or did not answer in time (hung or stopped)
             return False
-
-    def report_progress(self, replica_id: str, steps: int, busy: bool) -> None:
-        """Frontends report each replica's step counter; no progress while busy means a hang."""
-        with self.lock:
-            rep = self.replicas.get(replica_id)
-            if rep is None:
-                return
-            if steps != rep.last_steps or not busy:
-                rep.last_steps, rep.last_progress = steps, time.monotonic()
+        if not all(h.alive for h in answers):
+            return False
+        rep.observe(answers[0])
+        if rep.stalled(self.config.stall_timeout_s):
+            log.warning("replica %s took no step for %.0f s while it had work", rep.replica_id,
+                        self.config.stall_timeout_s)
+            return False
+        return True
 
     def _watch(self) -> None:
         while not self.stopping:
             time.sleep(self.config.health_period_s)
             with self.lock:
                 ready = [r for r in self.replicas.values() if r.state == "ready"]
-            bad = []
-            for rep in ready:
-                stalled = time.monotonic() - rep.last_progress > self.config.stall_timeout_s
-                if stalled or not self._check(rep):
-                    bad.append(rep)
+            bad = [rep for rep in ready if not self._healthy(rep)]
             for rep in bad:
                 log.warning("replica %s unhealthy; replacing it", rep.replica_id)
                 rep.state = "unhealthy"

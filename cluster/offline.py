@@ -100,7 +100,7 @@ def read_prompts_file(path: str, defaults) -> list[tuple[str, SamplingParams]]:
         try:
             params.validate()
         except ConfigError as e:
-            raise ConfigError(f"{path}:{n}: {e.field}", str(e).split(": ", 1)[-1]) from None
+            raise ConfigError(f"{path}:{n}: {e.field}", e.message) from None
         requests.append((obj["prompt"], params))
     if not requests:
         raise ConfigError("--prompts-file", f"{path} holds no prompts")

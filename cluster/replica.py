@@ -1,8 +1,10 @@
 """One replica under Ray: a placement group of tp bundles packed on one node, one actor per rank.
 
-Each `RankActor` hosts a `workers.worker.Worker`; rank 0's also runs the `EngineLoop` on a thread.
-The frontend talks to rank 0 only: `put` (add / abort / call messages) and `poll` (a batch of
-per-step output messages). Actors are threaded so a poll can wait while a step runs.
+Each `RankActor` hosts one rank through `workers.rank.run_rank`; rank 0's runs the engine loop on
+a thread. Frontends talk to rank 0 only: `put` (add / abort / call / detach messages) and `poll`
+(a batch of output messages). Each frontend is a client with its own outbox, so frontends sharing
+a replica never take each other's outputs. Actors are threaded so a poll can wait while a step
+runs, and a health check is answered while a step hangs.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import queue
 import socket
 import threading
 import time
+import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 import ray
@@ -20,11 +24,72 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from workers.engine.client import EngineClient
 from workers.engine.core import EngineConfig
-from workers.engine.loop import EngineLoop, drain
-from workers.launcher import load_detokenizer
-from workers.worker import Worker, WorkerSpec
+from workers.engine.loop import drain
+from workers.engine.messages import Detach, Fatal, InboxMessage, OutboxMessage, Shutdown
+from workers.rank import Rank, run_rank
+from workers.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
+
+# A client (frontend) that has not polled for this long is gone: its requests are aborted and its
+# outbox dropped. A live client polls at least every poll timeout (0.5 s).
+CLIENT_TTL_S = 30.0
+
+
+class ClientOutboxes:
+    """Rank 0's outbox under Ray: one queue per client. Step outputs and call results go to the
+    client they name; a Fatal goes to every client, present and future."""
+
+    def __init__(self):
+        self._queues: dict[str, queue.Queue] = {}
+        self._last_poll: dict[str, float] = {}
+        self._fatal: Fatal | None = None
+        self._lock = threading.Lock()
+
+    def _queue(self, client_id: str) -> queue.Queue:
+        with self._lock:
+            q = self._queues.get(client_id)
+            if q is None:
+                q = self._queues[client_id] = queue.Queue()
+                self._last_poll[client_id] = time.monotonic()
+                if self._fatal is not None:
+                    q.put(self._fatal)
+            return q
+
+    def put(self, msg: OutboxMessage) -> None:  # the engine loop's thread
+        if isinstance(msg, Fatal):
+            with self._lock:
+                self._fatal = msg
+                queues = list(self._queues.values())
+            for q in queues:
+                q.put(msg)
+        else:
+            self._queue(msg.client_id).put(msg)
+
+    def poll(self, client_id: str, timeout: float) -> list[OutboxMessage]:
+        q = self._queue(client_id)
+        self._last_poll[client_id] = time.monotonic()
+        return drain(q, timeout)
+
+    def silent(self, ttl_s: float) -> list[str]:
+        """Forget the clients that have not polled within ttl_s; returns their ids."""
+        now = time.monotonic()
+        with self._lock:
+            gone = [c for c, t in self._last_poll.items() if now - t > ttl_s]
+            for c in gone:
+                self._queues.pop(c, None)
+                self._last_poll.pop(c, None)
+        return gone
+
+
+@dataclass(frozen=True, slots=True)
+class RankHealth:
+    """A rank's answer to the controller's ping. Rank 0 adds the engine's step counter and whether
+    it has work: the controller reads a stall from these, never from frontends."""
+
+    alive: bool
+    steps: int = 0
+    busy: bool = False
 
 
 @ray.remote(max_concurrency=8)
@@ -33,9 +98,9 @@ class RankActor:
 
     def __init__(self, replica_id: str, rank: int):
         self.replica_id, self.rank = replica_id, rank
-        self.worker: Worker | None = None
+        self.built: Rank | None = None
         self.inbox: queue.Queue = queue.Queue()
-        self.outbox: queue.Queue = queue.Queue()
+        self.outboxes = ClientOutboxes()
         self.thread: threading.Thread | None = None
 
     def node(self) -> dict:
@@ -53,41 +118,47 @@ class RankActor:
 
     def start(self, spec: WorkerSpec, engine_config: EngineConfig) -> dict:
         """Join the group and load this rank's shard (all ranks call this concurrently)."""
-        self.worker = Worker(spec, self.rank)
-        if self.rank == 0:
-            from workers.engine.core import EngineCore
-
-            engine = EngineCore(self.worker, load_detokenizer(spec.model_path), engine_config)
-            target = EngineLoop(engine, self.inbox, self.outbox).run
-        else:
-            target = self.worker.follow
-        self.thread = threading.Thread(target=self._run, args=(target,), name=f"tpserve-rank{self.rank}", daemon=True)
+        built: Future = Future()
+        self.thread = threading.Thread(target=self._run, args=(spec, engine_config, built.set_result),
+                                       name=f"tpserve-rank{self.rank}", daemon=True)
         self.thread.start()
-        return {**self.worker.load_report(), **self.node()}
+        result = built.result()
+        if isinstance(result, BaseException):
+            raise result
+        self.built = result
+        return {**result.worker.load_report(), **self.node()}
 
-    def _run(self, target) -> None:
+    def _run(self, spec, engine_config, on_ready) -> None:
         try:
-            target()
+            run_rank(spec, engine_config, self.rank, self.inbox, self.outboxes, on_ready)
         except Exception:
             log.exception("rank %d of %s stopped", self.rank, self.replica_id)
             os._exit(1)  # a broken rank takes its actor down, so the controller sees it and heals
 
-    def put(self, msg: tuple) -> None:
+    def put(self, msg: InboxMessage) -> None:
         self.inbox.put(msg)
 
-    def poll(self, timeout: float = 0.5) -> list[tuple]:
-        """Every output message ready now, waiting up to timeout for the first."""
-        return drain(self.outbox, timeout)
+    def poll(self, client_id: str, timeout: float = 0.5) -> list[OutboxMessage]:
+        """Every output message for this client ready now, waiting up to timeout for the first."""
+        return self.outboxes.poll(client_id, timeout)
 
-    def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+    def health(self) -> RankHealth:
+        """The controller's ping (each second). Rank 0 also detaches clients gone silent, so a
+        frontend that died does not leave its requests running or its outbox growing."""
+        alive = self.thread is not None and self.thread.is_alive()
+        loop = self.built.loop if self.built is not None else None
+        if loop is None:
+            return RankHealth(alive)
+        for client_id in self.outboxes.silent(CLIENT_TTL_S):
+            log.info("client %s of %s went silent; aborting its requests", client_id, self.replica_id)
+            self.inbox.put(Detach(client_id))
+        p = loop.progress()
+        return RankHealth(alive, p.steps, p.busy)
 
     def stop(self) -> None:
         if self.rank == 0 and self.thread is not None:
-            self.inbox.put(("shutdown",))
+            self.inbox.put(Shutdown())
             self.thread.join(10)
-        if self.worker is not None:
-            self.worker.close()
 
 
 class ActorInbox:
@@ -96,21 +167,21 @@ class ActorInbox:
     def __init__(self, actor):
         self.actor = actor
 
-    def put(self, msg: tuple) -> None:
+    def put(self, msg: InboxMessage) -> None:
         self.actor.put.remote(msg)
 
 
 class ActorOutbox:
-    """Queue-like `get` from rank 0's actor, buffering a poll's batch (for EngineClient)."""
+    """Queue-like `get` of one client's messages from rank 0's actor, buffering a poll's batch."""
 
-    def __init__(self, actor):
-        self.actor = actor
-        self.buffer: list[tuple] = []
+    def __init__(self, actor, client_id: str):
+        self.actor, self.client_id = actor, client_id
+        self.buffer: list[OutboxMessage] = []
 
     def get(self, timeout: float = 0.5):
         if not self.buffer:
             try:
-                self.buffer = ray.get(self.actor.poll.remote(timeout), timeout=timeout + 30)
+                self.buffer = ray.get(self.actor.poll.remote(self.client_id, timeout), timeout=timeout + 30)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
                 raise EOFError(str(e)) from e
             if not self.buffer:
@@ -119,8 +190,9 @@ class ActorOutbox:
 
 
 def engine_client(rank0) -> EngineClient:
-    """A client of a replica's engine through its rank-0 actor."""
-    return EngineClient(ActorInbox(rank0), ActorOutbox(rank0), is_alive=lambda: True)
+    """A client of a replica's engine through its rank-0 actor, with a client id of its own."""
+    client_id = uuid.uuid4().hex[:12]
+    return EngineClient(ActorInbox(rank0), ActorOutbox(rank0, client_id), is_alive=lambda: True, client_id=client_id)
 
 
 @dataclass(slots=True)
@@ -136,7 +208,15 @@ class Replica:
     workers: list[dict] = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
     last_steps: int = -1
-    last_progress: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)  # reset when it turns ready
+
+    def observe(self, health: RankHealth) -> None:
+        """Rank 0's health: progress is a step taken, or nothing to do."""
+        if health.steps != self.last_steps or not health.busy:
+            self.last_steps, self.last_progress = health.steps, time.monotonic()
+
+    def stalled(self, timeout_s: float) -> bool:
+        return time.monotonic() - self.last_progress > timeout_s
 
     def describe(self) -> dict:
         return {"replica_id": self.replica_id, "state": self.state, "tp_size": self.tp_size,
@@ -164,6 +244,7 @@ def start_replica(rep: Replica, spec: WorkerSpec, engine_config: EngineConfig, t
     init = ray.get(rep.actors[0].rendezvous.remote(), timeout=timeout_s) if spec.tp_size > 1 else None
     spec = replace(spec, dist_init_method=init, num_threads=threads)
     rep.workers = ray.get([a.start.remote(spec, engine_config) for a in rep.actors], timeout=timeout_s)
+    rep.last_progress = time.monotonic()  # the stall clock starts now, not when loading began
     rep.state = "ready"
 
 

@@ -31,6 +31,10 @@ class Overloaded(Exception):
     """The admission queue is full."""
 
 
+class AlreadyExists(Exception):
+    """A request with this id is already in flight on this frontend."""
+
+
 @dataclass(slots=True, eq=False)
 class ReplicaHandle:
     replica_id: str
@@ -55,7 +59,7 @@ class Router:
         self.controller = controller
         self.max_num_seqs, self.max_queue_len = max_num_seqs, max_queue_len
         self.replicas: dict[str, ReplicaHandle] = {}
-        self.in_flight = 0
+        self.active: set[str] = set()  # ids of the admitted requests: unique per frontend
         self.refused = 0
         self.draining = False
 
@@ -68,13 +72,10 @@ class Router:
             if rid not in ready:  # replaced or stopped: its open streams end now and resume elsewhere
                 h = self.replicas.pop(rid)
                 h.client.fail(f"replica {rid} was taken out of service")
-                h.client.close(timeout_s=0.1)  # a reader stuck on a hung actor ends at its own timeout
+                h.client.close(timeout_s=0.1)  # (no detach: the replica is gone)  # a reader stuck on a hung actor ends at its own timeout
         for rid, r in ready.items():
             if rid not in self.replicas:
                 self.replicas[rid] = ReplicaHandle(rid, r["rank0"], engine_client(r["rank0"]), r["workers"], r["tp_size"])
-        for h in list(self.replicas.values()):
-            busy = h.in_flight > 0
-            self.controller.report_progress.remote(h.replica_id, h.client.stats.steps, busy)
 
     @property
     def ready(self) -> list[ReplicaHandle]:
@@ -96,17 +97,24 @@ class Router:
                 return h
         return min(tied, key=lambda h: h.routed)
 
-    def admit(self) -> None:
-        """Count a new request in, or refuse it: draining, or the admission bound is reached.
-        Every admitted request ends with exactly one `done()`."""
+    @property
+    def in_flight(self) -> int:
+        return len(self.active)
+
+    def admit(self, request_id: str) -> None:
+        """Count a new request in, or refuse it: draining, its id already in flight, or the
+        admission bound reached. Every admitted request ends with exactly one `done(request_id)`;
+        a refused one was never counted. Runs before the prompt is even tokenized."""
         if self.draining:
             raise Unavailable("the server is draining; retry on another frontend")
         if not self.ready:
             raise Unavailable("no replica is ready")
+        if request_id in self.active:
+            raise AlreadyExists(f"request_id: {request_id!r} is already in flight on this server")
         if self.in_flight >= self.capacity():
             self.refused += 1
             raise Overloaded(f"{self.in_flight} requests in flight; the admission bound is {self.capacity()}")
-        self.in_flight += 1
+        self.active.add(request_id)
 
     def place(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
               loop: asyncio.AbstractEventLoop, output_prefix: list[int] | None = None,
@@ -114,13 +122,14 @@ class Router:
         """Send an admitted request (or the rest of a resumed one) to a replica. Returns the
         handle, the stream and the work charged to the replica (give it back with `release`)."""
         h = self.pick(prompt_ids)
+        stream = h.client.add_request(prompt_ids, params, request_id=request_id, loop=loop,
+                                      output_prefix=output_prefix)
+        # Charged only once the replica has the request: a refusal above leaves no count behind.
         h.remember(hash(tuple(prompt_ids[:AFFINITY_TOKENS])))
         work = len(prompt_ids) + params.max_tokens  # prefix tokens move from "to generate" to "to prefill"
         h.outstanding += work
         h.in_flight += 1
         h.routed += 1
-        stream = h.client.add_request(prompt_ids, params, request_id=request_id, loop=loop,
-                                      output_prefix=output_prefix)
         return h, stream, work
 
     def progress(self, h: ReplicaHandle, tokens: int) -> None:
@@ -130,8 +139,8 @@ class Router:
         h.outstanding -= remaining
         h.in_flight -= 1
 
-    def done(self) -> None:
-        self.in_flight -= 1
+    def done(self, request_id: str) -> None:
+        self.active.discard(request_id)
 
     def status(self) -> list[dict]:
         out = []
@@ -152,5 +161,6 @@ class Router:
             return {}
 
     def close(self) -> None:
+        """Leave every replica: what this frontend still has running there is aborted."""
         for h in list(self.replicas.values()):
-            h.client.close()
+            h.client.close(detach=True)

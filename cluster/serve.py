@@ -34,6 +34,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9090
+    metrics_host: str = "127.0.0.1"  # Prometheus scrapes from outside only when this is opened up
     served_model_name: str | None = None
     max_model_len: int = 2048
     max_num_seqs: int = 64
@@ -49,13 +50,15 @@ class ServeOptions:
     tls_client_ca: str | None = None
     auth_token_file: str | None = None
     health_port: int | None = None
+    stall_timeout_s: float = 30.0
+    expose_topology: bool = False
 
     def validate(self) -> None:
         for name, lo in (("tp", 1), ("replicas", 0), ("max_num_seqs", 1), ("max_queue_len", 0),
                          ("max_model_len", 1), ("max_num_batched_tokens", 1)):
             if getattr(self, name) < lo:
                 raise ConfigError(name.replace("_", "-"), f"must be >= {lo}, got {getattr(self, name)}")
-        for name in ("resume_timeout_s", "collective_timeout_s", "drain_timeout_s"):
+        for name in ("resume_timeout_s", "collective_timeout_s", "drain_timeout_s", "stall_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name.removesuffix("_s").replace("_", "-"), f"must be > 0 seconds, got {getattr(self, name)}")
         for name in ("port", "metrics_port", "health_port"):
@@ -138,10 +141,10 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
     router = Router(controller, opts.max_num_seqs, opts.max_queue_len)
     metrics = Metrics()
     if opts.metrics_port:
-        metrics.serve(opts.metrics_port, opts.host)
+        metrics.serve(opts.metrics_port, opts.metrics_host)
     frontend = Frontend(router, encoder, limits, info, metrics, resume_timeout_s=opts.resume_timeout_s)
     server = Server(frontend, opts.host, opts.port, tls=opts.tls, token=read_token(opts.auth_token_file),
-                    health_port=opts.health_port)
+                    health_port=opts.health_port, expose_topology=opts.expose_topology)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -151,7 +154,7 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
     security += ", bearer token" if opts.auth_token_file else ""
     health = f"; health also on plaintext :{server.health_port}" if server.health_port else ""
     print(f"tpserve: serving {name!r} on {opts.host}:{server.port} ({security}; tpserve.v1, KServe v2, health, "
-          f"reflection); metrics on :{opts.metrics_port}{health}", flush=True)
+          f"reflection); metrics on {opts.metrics_host}:{opts.metrics_port}{health}", flush=True)
     announced, controller_error = False, None
     try:
         while not stop.is_set():
@@ -183,6 +186,7 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
         await server.stop(grace_s=1.0)
     finally:
         router.close()
+        encoder.close()
         if owns_ray:
             import ray
 
@@ -200,7 +204,8 @@ def serve(opts: ServeOptions, ready_file: str | None = None) -> int:
 
     try:
         config = ClusterConfig(served_name(opts), spec,
-                               EngineConfig(opts.max_num_seqs, opts.max_num_batched_tokens).validate(), opts.replicas)
+                               EngineConfig(opts.max_num_seqs, opts.max_num_batched_tokens).validate(), opts.replicas,
+                               stall_timeout_s=opts.stall_timeout_s)
         controller, created = get_or_create_controller(config, detached=not owns)
         if not created:
             log.info("found the running controller for %s", config.model_name)

@@ -9,7 +9,7 @@ class ConfigError(TpserveError, ValueError):
     """A configuration value is out of range; the message names the field."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.message = field, message
         super().__init__(f"{field}: {message}")
 
 

@@ -14,13 +14,14 @@ import socket
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
+from concurrent.futures import Future
 
 from workers.engine.client import EngineClient
-from workers.engine.core import EngineConfig, EngineCore
-from workers.engine.loop import EngineLoop
+from workers.engine.core import EngineConfig
+from workers.engine.messages import Shutdown
 from workers.errors import WorkerError
-from workers.worker import Worker, WorkerSpec
+from workers.rank import Rank, run_rank
+from workers.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,35 +37,14 @@ def threads_per_rank(ranks_on_node: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, ranks_on_node))
 
 
-def load_detokenizer(model_path: str):
-    """The fast tokenizer from tokenizer.json, if the checkpoint has one (tiny test models do not)."""
-    path = Path(model_path) / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
-
-
-def _build_engine(spec: WorkerSpec, engine_config: EngineConfig, worker: Worker) -> EngineCore:
-    return EngineCore(worker, load_detokenizer(spec.model_path), engine_config)
-
-
-def _rank_main(spec: WorkerSpec, engine_config: EngineConfig, rank: int, inbox, outbox, ready) -> None:
-    try:
-        worker = Worker(spec, rank)
-        engine = _build_engine(spec, engine_config, worker) if rank == 0 else None
-    except BaseException as e:  # report, then die: the parent raises a WorkerError
-        ready.put((rank, "error", f"{type(e).__name__}: {e}"))
-        return
-    ready.put((rank, "ready", worker.load_report()))
-    try:
-        if rank == 0:
-            EngineLoop(engine, inbox, outbox).run()
+def _rank_process(spec: WorkerSpec, engine_config: EngineConfig, rank: int, inbox, outbox, ready) -> None:
+    def report(built: Rank | BaseException) -> None:
+        if isinstance(built, BaseException):  # the parent raises a WorkerError with this
+            ready.put((rank, "error", f"{type(built).__name__}: {built}"))
         else:
-            worker.follow()
-    finally:
-        worker.close()
+            ready.put((rank, "ready", built.worker.load_report()))
+
+    run_rank(spec, engine_config, rank, inbox, outbox, report)
 
 
 class LocalWorkerGroup:
@@ -81,7 +61,7 @@ class LocalWorkerGroup:
         ctx = mp.get_context("spawn")
         ready, self._inbox, self._outbox = ctx.Queue(), ctx.Queue(), ctx.Queue()
         engine_config = engine_config or EngineConfig()
-        self.processes = [ctx.Process(target=_rank_main, args=(spec, engine_config, r, self._inbox, self._outbox, ready),
+        self.processes = [ctx.Process(target=_rank_process, args=(spec, engine_config, r, self._inbox, self._outbox, ready),
                                       name=f"tpserve-rank{r}", daemon=True) for r in range(spec.tp_size)]
         for p in self.processes:
             p.start()
@@ -122,7 +102,7 @@ class LocalWorkerGroup:
         if self.engine is not None:
             self.engine.close()
         if self.processes and self.processes[0].is_alive():
-            self._inbox.put(("shutdown",))
+            self._inbox.put(Shutdown())
         for p in self.processes:
             p.join(timeout_s)
         for p in self.processes:
@@ -147,12 +127,17 @@ class InProcessWorkerGroup:
         if spec.tp_size != 1:
             raise WorkerError(f"an in-process group has one rank, not {spec.tp_size}")
         self.spec = spec
-        self.worker = Worker(spec, 0)
-        self.reports = [self.worker.load_report()]
         self._inbox, self._outbox = queue.Queue(), queue.Queue()
-        loop = EngineLoop(_build_engine(spec, engine_config or EngineConfig(), self.worker), self._inbox, self._outbox)
-        self._thread = threading.Thread(target=loop.run, name="tpserve-engine", daemon=True)
+        built: Future = Future()
+        self._thread = threading.Thread(target=run_rank, name="tpserve-engine", daemon=True,
+                                        args=(spec, engine_config or EngineConfig(), 0, self._inbox, self._outbox,
+                                              built.set_result))
         self._thread.start()
+        rank = built.result()
+        if isinstance(rank, BaseException):
+            self._thread.join()
+            raise rank
+        self.reports = [rank.worker.load_report()]
         self.engine = EngineClient(self._inbox, self._outbox, is_alive=self._thread.is_alive)
 
     @property
@@ -164,9 +149,8 @@ class InProcessWorkerGroup:
 
     def close(self) -> None:
         self.engine.close()
-        self._inbox.put(("shutdown",))
+        self._inbox.put(Shutdown())
         self._thread.join(10)
-        self.worker.close()
 
     def __enter__(self) -> "InProcessWorkerGroup":
         return self

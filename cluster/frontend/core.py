@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from cluster.frontend.validate import InvalidArgument, ModelLimits, NotFound
+from cluster.frontend.tokenize import PromptEncoder, PromptInput
+from cluster.frontend.validate import InvalidArgument, ModelLimits, NotFound, check_prompt_ids
 from cluster.metrics import Metrics
-from cluster.router import Overloaded, Router, Unavailable
+from cluster.router import AlreadyExists, Overloaded, Router, Unavailable
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.client import ReplicaLost
@@ -29,6 +30,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, AlreadyExists):
+        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
     if isinstance(exc, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, (Unavailable, WorkerError)):
@@ -57,20 +60,22 @@ class Frontend:
     """The request path: admit, place on a replica, stream, and resume on another replica when the
     one serving a request is lost (from the prompt plus every token the client already has)."""
 
-    def __init__(self, router: Router, encoder, limits: ModelLimits, model_info: dict, metrics: Metrics,
+    def __init__(self, router: Router, encoder: PromptEncoder, limits: ModelLimits, model_info: dict, metrics: Metrics,
                  resume_timeout_s: float = 60.0, max_resumes: int = 3):
         self.router, self.encoder, self.limits = router, encoder, limits
         self.model_info, self.metrics = model_info, metrics
         self.resume_timeout_s, self.max_resumes = resume_timeout_s, max_resumes
         self.resumed = 0  # requests continued on another replica, since start
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+    async def stream(self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None,
                      deadline: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Deltas of one request. `deadline` (time.monotonic) bounds how long a resume may wait."""
+        """Deltas of one request. Admission comes first, then tokenizing (off the event loop), so a
+        flood of large prompts is refused or queued before any of them costs tokenizer time.
+        `deadline` (time.monotonic) bounds how long a resume may wait."""
         request_id = request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         try:
-            self.router.admit()
+            self.router.admit(request_id)
         except Overloaded:
             self.metrics.refused.inc()
             raise
@@ -79,6 +84,8 @@ class Frontend:
         received: list[int] = []  # every token the client has been given, across replicas
         finished, handle, budget, resumes = False, None, 0, 0
         try:
+            prompt_ids = await self.encoder.encode(prompt)
+            check_prompt_ids(prompt_ids, params.max_tokens, self.limits, prompt.field)
             while not finished:
                 handle, stream, budget = self.router.place(prompt_ids, params, request_id, loop, received)
                 prefilled = False
@@ -119,7 +126,7 @@ class Frontend:
                     handle.client.abort(request_id)
                     self.metrics.aborted.inc()
                 self.router.release(handle, max(0, budget))
-            self.router.done()
+            self.router.done(request_id)
             self.metrics.running.set(self.router.in_flight)
 
     async def _wait_for_replica(self, request_id: str, deadline: float | None, reason: str) -> None:

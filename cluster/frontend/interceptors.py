@@ -24,13 +24,18 @@ class Undecodable:
     string field), so the handler can answer INVALID_ARGUMENT instead of grpc's INTERNAL."""
 
     __slots__ = ("type_name",)
+    field = "request"
 
     def __init__(self, type_name: str):
         self.type_name = type_name
 
     @property
+    def reason(self) -> str:
+        return f"not a valid {self.type_name} message (malformed bytes or a string field that is not UTF-8)"
+
+    @property
     def message(self) -> str:
-        return f"request: not a valid {self.type_name} message (malformed bytes or a string field that is not UTF-8)"
+        return f"{self.field}: {self.reason}"
 
 
 def _rebuild(handler: grpc.RpcMethodHandler, behavior, request_deserializer) -> grpc.RpcMethodHandler:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import struct
 
 import grpc
@@ -23,11 +24,20 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from cluster.frontend.interceptors import Undecodable
 from cluster.frontend.core import Frontend, abort_on_error, deadline_of, status_of
-from cluster.frontend.validate import InvalidArgument, NotFound, check_prompt_ids, check_text, checked_params
+from cluster.frontend.tokenize import PromptInput
+from cluster.frontend.validate import InvalidArgument, NotFound, check_request_id, checked_params
 from workers.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 SERVER_NAME, SERVER_VERSION = "tpserve", "0.1.0"
 _READ_DONE, _TASK_DONE = object(), object()  # ModelStreamInfer's queue sentinels
+# One ModelStreamInfer stream: responses waiting for a client that does not read, and requests
+# running at once. Past either bound the stream stops reading requests (gRPC flow control then
+# holds the client back), so a stream's memory stays bounded.
+STREAM_QUEUE_LEN = 256
+STREAM_MAX_ACTIVE = 64
+MAX_SAMPLING_JSON_BYTES = 64 << 10
 # name -> (accepted datatypes, numpy dtype per datatype)
 NUMERIC = {"INT32": np.int32, "UINT32": np.uint32, "INT64": np.int64, "UINT64": np.uint64,
            "FP32": np.float32, "FP64": np.float64, "BOOL": np.bool_}
@@ -103,11 +113,18 @@ def build_params(values: dict[str, list], limits) -> SamplingParams:
         raise InvalidArgument("max_tokens", "is required")
     p = SamplingParams(max_tokens=int(values["max_tokens"][0]))
     if "sampling_parameters" in values:
-        raw = _text("sampling_parameters", values["sampling_parameters"][0])
+        blob = values["sampling_parameters"][0]
+        if len(blob) > MAX_SAMPLING_JSON_BYTES:
+            raise InvalidArgument("sampling_parameters", f"{len(blob)} bytes; at most {MAX_SAMPLING_JSON_BYTES}")
+        raw = _text("sampling_parameters", blob)
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
             raise InvalidArgument("sampling_parameters", f"not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise InvalidArgument("sampling_parameters", "nested too deeply") from None
+        except ValueError as e:  # an integer past Python's digit limit
+            raise InvalidArgument("sampling_parameters", f"not valid JSON ({e})") from None
         if not isinstance(obj, dict):
             raise InvalidArgument("sampling_parameters", "must be a JSON object")
         for k, v in obj.items():
@@ -204,18 +221,19 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _prepare(self, request: pb.ModelInferRequest, streaming: bool):
         if isinstance(request, Undecodable):  # a bad message inside ModelStreamInfer: answered in-stream
-            raise InvalidArgument("request", request.message.split(": ", 1)[1])
+            raise InvalidArgument(request.field, request.reason)
         self._check_model(request.model_name, request.model_version)
+        check_request_id(request.id, "id")  # echoed in every response
         values = read_inputs(request)
         if "text_input" not in values:
             raise InvalidArgument("text_input", "is required")
-        prompt = check_text("text_input", _text("text_input", values["text_input"][0]))
+        prompt = PromptInput("text_input", text=_text("text_input", values["text_input"][0]))
+        self.fe.encoder.check(prompt, self.fe.limits.max_model_len)
         params = build_params(values, self.fe.limits)
         stream = bool(values.get("stream", [False])[0])
         if stream and not streaming:
             raise InvalidArgument("stream", "stream=true needs ModelStreamInfer; ModelInfer returns the whole text")
-        ids = check_prompt_ids(self.fe.encoder.encode(prompt), params.max_tokens, self.fe.limits, "text_input")
-        return ids, params
+        return prompt, params
 
     def _response(self, request, text: str, final: bool, finish_reason: str | None,
                   output_tokens: int) -> pb.ModelInferResponse:
@@ -230,9 +248,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @abort_on_error
     async def ModelInfer(self, request, context):
-        ids, params = self._prepare(request, streaming=False)
+        prompt, params = self._prepare(request, streaming=False)
         text, reason, n = "", None, 0
-        async for out in self.fe.stream(ids, params, deadline=deadline_of(context)):
+        async for out in self.fe.stream(prompt, params, deadline=deadline_of(context)):
             text += out.new_text
             n = out.output_tokens
             reason = out.finish_reason
@@ -240,31 +258,38 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_one(self, request, out_q: asyncio.Queue, deadline: float | None) -> None:
         try:
-            ids, params = self._prepare(request, streaming=True)
-            async for out in self.fe.stream(ids, params, deadline=deadline):
+            prompt, params = self._prepare(request, streaming=True)
+            async for out in self.fe.stream(prompt, params, deadline=deadline):
                 if out.new_text or out.finished:
                     await out_q.put(pb.ModelStreamInferResponse(infer_response=self._response(
                         request, out.new_text, out.finished, out.finish_reason, out.output_tokens)))
-        except Exception as e:
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # answered in-stream, whatever it is: a decoupled client waits for it
             status = status_of(e)
             if status is None:
-                raise
+                log.exception("ModelStreamInfer request failed")
+                status = (grpc.StatusCode.INTERNAL, f"{type(e).__name__} (see the server log)")
             code, message = status
-            await out_q.put(pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}",
-                                                        infer_response=pb.ModelInferResponse(id=getattr(request, "id", ""))))
+            rid = getattr(request, "id", "")
+            await out_q.put(pb.ModelStreamInferResponse(
+                error_message=f"{code.name}: {message}",
+                infer_response=pb.ModelInferResponse(id=rid if len(rid) <= 256 and rid.isprintable() else "")))
         finally:
             await out_q.put(_TASK_DONE)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests on one stream run concurrently (decoupled); their responses interleave as they come."""
-        out_q: asyncio.Queue = asyncio.Queue()
+        out_q: asyncio.Queue = asyncio.Queue(maxsize=STREAM_QUEUE_LEN)
         tasks: set[asyncio.Task] = set()
+        slots = asyncio.Semaphore(STREAM_MAX_ACTIVE)
         active = 0
 
         async def read():
             nonlocal active
             try:
                 async for request in request_iterator:
+                    await slots.acquire()  # released as the task's _TASK_DONE is taken below
                     active += 1
                     t = asyncio.create_task(self._stream_one(request, out_q, deadline_of(context)))
                     tasks.add(t)
@@ -281,6 +306,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     reading = False
                 elif item is _TASK_DONE:
                     active -= 1
+                    slots.release()
                 else:
                     yield item
         finally:

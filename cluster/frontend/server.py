@@ -8,13 +8,14 @@ probes cannot speak TLS). With a token, every call but health needs `authorizati
 from __future__ import annotations
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as kserve_pb
 from tritonclient.grpc import service_pb2_grpc as kserve_grpc
 
 from cluster.api.tpserve.v1 import tpserve_pb2, tpserve_pb2_grpc
 from cluster.frontend.core import Frontend
+from cluster.frontend.health import HealthServicer
 from cluster.frontend.interceptors import DecodeInterceptor, TokenAuthInterceptor
 from cluster.tls import ServerTLS
 from cluster.frontend.kserve_api import KServeServicer
@@ -23,20 +24,22 @@ from cluster.frontend.tpserve_api import TpserveServicer
 MAX_MESSAGE_BYTES = 16 << 20
 OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
            ("grpc.so_reuseport", 0)]
+# The health-only port takes health requests alone: a service name of at most 256 characters.
+HEALTH_OPTIONS = [("grpc.max_receive_message_length", 4 << 10), ("grpc.so_reuseport", 0)]
 LIVENESS = "liveness"
 
 
 class Server:
     def __init__(self, frontend: Frontend, host: str, port: int, tls: ServerTLS | None = None,
-                 token: str | None = None, health_port: int | None = None):
+                 token: str | None = None, health_port: int | None = None, expose_topology: bool = False):
         self.frontend = frontend
         interceptors = [DecodeInterceptor()]
         if token is not None:
             interceptors.insert(0, TokenAuthInterceptor(token, frontend.metrics.unauthenticated.inc))
         self.server = grpc.aio.server(options=OPTIONS, interceptors=interceptors)
-        tpserve_pb2_grpc.add_TpserveServiceServicer_to_server(TpserveServicer(frontend), self.server)
+        tpserve_pb2_grpc.add_TpserveServiceServicer_to_server(TpserveServicer(frontend, expose_topology), self.server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(frontend, self.is_ready), self.server)
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (tpserve_pb2.DESCRIPTOR.services_by_name["TpserveService"].full_name,
                  kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -50,7 +53,7 @@ class Server:
             raise OSError(f"cannot bind {host}:{port}")
         self.health_server, self.health_port = None, None
         if health_port is not None:
-            self.health_server = grpc.aio.server(options=OPTIONS)
+            self.health_server = grpc.aio.server(options=HEALTH_OPTIONS)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = self.health_server.add_insecure_port(f"{host}:{health_port}")
             if self.health_port == 0:

@@ -1,15 +1,19 @@
 """The tpserve.v1 servicer: parse and check, call the shared request path, build replies."""
 from __future__ import annotations
 
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
 
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
 from cluster.frontend.core import Frontend, abort_on_error, deadline_of, status_of
-from cluster.frontend.validate import (InvalidArgument, check_model, check_prompt_ids, check_request_id, check_text,
-                                       checked_params, finite)
+from cluster.frontend.tokenize import PromptInput
+from cluster.frontend.validate import InvalidArgument, check_model, check_request_id, checked_params, finite
 from workers.engine.outputs import RequestOutput
-from workers.engine.sampling_params import SamplingParams
+from workers.engine.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 STATE = {"starting": pb.REPLICA_STATE_STARTING, "ready": pb.REPLICA_STATE_READY,
@@ -25,6 +29,9 @@ def sampling_params(sp: pb.SamplingParameters, limits) -> SamplingParams:
         if sp.HasField(name):
             setattr(p, name, finite(f"sampling.{name}", float(getattr(sp, name))))
     p.stop = list(sp.stop)
+    if len(sp.stop_token_ids) > MAX_STOP_TOKEN_IDS:  # before copying a million ids out of the message
+        raise InvalidArgument("sampling.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, "
+                                                         f"got {len(sp.stop_token_ids)}")
     p.stop_token_ids = list(sp.stop_token_ids)
     p.ignore_eos = sp.ignore_eos
     return checked_params(p, "sampling.", limits)
@@ -40,29 +47,42 @@ def logprobs_of(out_logprobs) -> list[pb.TokenLogprob]:
             for lp in (out_logprobs or [])]
 
 
-class TpserveServicer(pb_grpc.TpserveServiceServicer):
-    def __init__(self, frontend: Frontend):
-        self.fe = frontend
+STATUS_TTL_S = 1.0  # GetClusterStatus asks every replica; callers within this share one answer
 
-    def _prepare(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
-        fe = self.fe
-        check_model(request.model, fe.limits.name)
-        params = sampling_params(request.sampling, fe.limits)
+
+class TpserveServicer(pb_grpc.TpserveServiceServicer):
+    def __init__(self, frontend: Frontend, expose_topology: bool = False):
+        self.fe = frontend
+        self.expose_topology = expose_topology  # pids, node ids and IPs in GetClusterStatus
+        self._status_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpserve-status")
+        self._status_lock = asyncio.Lock()
+        self._status: tuple[float, pb.ClusterStatus] | None = None
+
+    def _prompt(self, request, text_field: str) -> PromptInput:
+        """The request's input, checked for size (no tokenizing here: that runs after admission)."""
         kind = request.WhichOneof("input")
-        if kind == "prompt":
-            ids = fe.encoder.encode(check_text("prompt", request.prompt))
+        if kind == text_field:
+            prompt = PromptInput(kind, text=getattr(request, kind))
         elif kind == "messages":
-            ids = fe.encoder.encode_chat(messages_of(request.messages))
+            prompt = PromptInput(kind, messages=messages_of(request.messages))
         elif kind == "prompt_token_ids":
-            ids = list(request.prompt_token_ids.ids)
+            prompt = PromptInput(kind, token_ids=list(request.prompt_token_ids.ids))
         else:
-            raise InvalidArgument("input", "give one of prompt, messages or prompt_token_ids")
-        return check_prompt_ids(ids, params.max_tokens, fe.limits, field=kind or "prompt"), params
+            raise InvalidArgument("input", f"give one of {text_field}, messages"
+                                           f"{' or prompt_token_ids' if text_field == 'prompt' else ''}")
+        context = self.fe.limits.max_model_len if text_field == "prompt" else None
+        self.fe.encoder.check(prompt, context)
+        return prompt
+
+    def _prepare(self, request: pb.GenerateRequest) -> tuple[PromptInput, SamplingParams, str | None]:
+        check_model(request.model, self.fe.limits.name)
+        params = sampling_params(request.sampling, self.fe.limits)
+        return self._prompt(request, "prompt"), params, check_request_id(request.request_id)
 
     async def Generate(self, request, context):
         try:
-            ids, params = self._prepare(request)
-            async for out in self.fe.stream(ids, params, check_request_id(request.request_id), deadline_of(context)):
+            prompt, params, request_id = self._prepare(request)
+            async for out in self.fe.stream(prompt, params, request_id, deadline_of(context)):
                 yield self._response(out)
         except Exception as e:
             status = status_of(e)
@@ -91,23 +111,16 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
 
     @abort_on_error
     async def Complete(self, request, context):
-        ids, params = self._prepare(request)
+        prompt, params, request_id = self._prepare(request)
         reply = pb.CompleteResponse()
-        async for out in self.fe.stream(ids, params, check_request_id(request.request_id), deadline_of(context)):
+        async for out in self.fe.stream(prompt, params, request_id, deadline_of(context)):
             self._add(reply, out)
         return reply
 
     @abort_on_error
     async def Tokenize(self, request, context):
         check_model(request.model, self.fe.limits.name)
-        kind = request.WhichOneof("input")
-        if kind == "text":
-            ids = self.fe.encoder.encode(check_text("text", request.text))
-        elif kind == "messages":
-            ids = self.fe.encoder.encode_chat(messages_of(request.messages))
-        else:
-            raise InvalidArgument("input", "give text or messages")
-        return pb.TokenizeResponse(token_ids=ids)
+        return pb.TokenizeResponse(token_ids=await self.fe.encoder.encode(self._prompt(request, "text")))
 
     async def GetModelInfo(self, request, context):
         i = self.fe.model_info
@@ -116,15 +129,22 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
                             has_chat_template=i["has_chat_template"])
 
     async def GetClusterStatus(self, request, context):
-        import asyncio
+        async with self._status_lock:  # one query of the replicas at a time, shared by its waiters
+            if self._status is None or time.monotonic() - self._status[0] > STATUS_TTL_S:
+                self._status = (time.monotonic(), await self._cluster_status())
+        reply = pb.ClusterStatus()
+        reply.CopyFrom(self._status[1])
+        # Live counters of this frontend are not cached.
+        reply.requests_in_flight, reply.requests_refused = self.fe.router.in_flight, self.fe.router.refused
+        reply.requests_resumed = self.fe.resumed
+        return reply
 
+    async def _cluster_status(self) -> pb.ClusterStatus:
         loop = asyncio.get_running_loop()
-        statuses = await loop.run_in_executor(None, self.fe.router.status)
-        controller = await loop.run_in_executor(None, self.fe.router.controller_info)
+        statuses = await loop.run_in_executor(self._status_pool, self.fe.router.status)
+        controller = await loop.run_in_executor(self._status_pool, self.fe.router.controller_info)
         self.fe.metrics.update_replicas(statuses)
-        reply = pb.ClusterStatus(model=self.fe.limits.name, requests_in_flight=self.fe.router.in_flight,
-                                 requests_refused=self.fe.router.refused, requests_resumed=self.fe.resumed,
-                                 replica_restarts=controller.get("restarts", 0),
+        reply = pb.ClusterStatus(model=self.fe.limits.name, replica_restarts=controller.get("restarts", 0),
                                  target_replicas=controller.get("target_replicas", 0))
         for s in statuses:
             st = s["stats"]
@@ -134,5 +154,5 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
                 kv_blocks_free=st.free_blocks, prefix_cache_hit_tokens=st.prefix_hit_tokens,
                 requests_routed=s["routed"], steps=st.steps,
                 workers=[pb.WorkerStatus(rank=w["rank"], pid=w["pid"], node_id=w["node_id"], node_ip=w["node_ip"])
-                         for w in s["workers"]]))
+                         for w in s["workers"]] if self.expose_topology else []))
         return reply

@@ -17,7 +17,7 @@ MAX_REQUEST_ID_CHARS = 256
 
 class InvalidArgument(Exception):
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.message = field, message
         super().__init__(f"{field}: {message}")
 
 
@@ -41,7 +41,7 @@ def checked_params(params: SamplingParams, prefix: str, limits: ModelLimits) -> 
     try:
         return params.validate(limits.vocab_size)
     except ConfigError as e:
-        raise InvalidArgument(f"{prefix}{e.field}", str(e).split(": ", 1)[-1]) from None
+        raise InvalidArgument(f"{prefix}{e.field}", e.message) from None
 
 
 def finite(field: str, value: float) -> float:
@@ -64,18 +64,10 @@ def check_prompt_ids(ids: list[int], max_tokens: int, limits: ModelLimits, field
     return ids
 
 
-def check_request_id(request_id: str) -> str | None:
+def check_request_id(request_id: str, field: str = "request_id") -> str | None:
     """A client's request id (echoed in replies and logs), or None for a server-made one."""
     if len(request_id) > MAX_REQUEST_ID_CHARS:
-        raise InvalidArgument("request_id", f"{len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
+        raise InvalidArgument(field, f"{len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
     if not request_id.isprintable():
-        raise InvalidArgument("request_id", "must be printable text")
+        raise InvalidArgument(field, "must be printable text")
     return request_id or None
-
-
-def check_text(field: str, text: str) -> str:
-    if not text:
-        raise InvalidArgument(field, "is empty")
-    if len(text) > MAX_PROMPT_CHARS:
-        raise InvalidArgument(field, f"{len(text)} characters; at most {MAX_PROMPT_CHARS}")
-    return text

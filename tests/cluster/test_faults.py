@@ -137,7 +137,8 @@ def test_with_no_replica_to_resume_on_the_client_gets_unavailable_after_the_resu
     from tests.cluster.conftest import ServeProcess
 
     server = ServeProcess(["--model", str(tiny_text_model), "--served-model-name", "tiny", "--tp", "2",
-                           "--kv-cache-memory", str(8 << 20), "--resume-timeout", "0.5", "--ray-num-cpus", "3"],
+                           "--kv-cache-memory", str(8 << 20), "--resume-timeout", "0.5", "--ray-num-cpus", "3",
+                           "--expose-topology"],
                           tmp_path_factory.mktemp("resume-timeout"))
     try:
         _, pid = victim(server, rank=0)

@@ -96,7 +96,7 @@ def ray_cluster():
 def test_replicas_spread_over_nodes_and_survive_a_joined_frontend(tmp_path, tiny_text_model, ray_cluster):
     gcs = "127.0.0.1:" + ray_cluster.address.rsplit(":", 1)[1]  # .address names the host's other interface
     args = ["--model", str(tiny_text_model), "--tp", "2", "--replicas", "2", "--kv-cache-memory", str(8 << 20),
-            "--ray-address", gcs, "--served-model-name", "tiny"]
+            "--ray-address", gcs, "--served-model-name", "tiny", "--expose-topology"]
     first = ServeProcess(args, tmp_path)
     try:
         stub = pb_grpc.TpserveServiceStub(first.channel())
@@ -149,7 +149,8 @@ def test_a_node_that_goes_away_loses_no_request_and_its_replica_is_replaced(
 
     gcs = "127.0.0.1:" + ray_cluster.address.rsplit(":", 1)[1]
     server = ServeProcess(["--model", str(tiny_text_model), "--tp", "2", "--replicas", "2", "--kv-cache-memory",
-                           str(8 << 20), "--ray-address", gcs, "--served-model-name", "tiny"], tmp_path)
+                           str(8 << 20), "--ray-address", gcs, "--served-model-name", "tiny", "--expose-topology"],
+                          tmp_path)
     stub = pb_grpc.TpserveServiceStub(server.channel())
     request = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[11, 22, 33, 44]),
                                  sampling=pb.SamplingParameters(max_tokens=400, temperature=0, ignore_eos=True))

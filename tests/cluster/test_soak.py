@@ -33,7 +33,8 @@ CAPACITY = 2 * 8 + 8  # replicas x max_num_seqs + max_queue_len
 def cluster(tmp_path_factory, tiny_text_model):
     server = ServeProcess(["--model", str(tiny_text_model), "--served-model-name", "tiny", "--tp", "2",
                            "--replicas", "2", "--kv-cache-memory", str(8 << 20), "--max-num-seqs", "8",
-                           "--max-queue-len", "8", "--ray-num-cpus", "6"], tmp_path_factory.mktemp("soak"))
+                           "--max-queue-len", "8", "--ray-num-cpus", "6", "--expose-topology"],
+                          tmp_path_factory.mktemp("soak"))
     wait_replicas(server, 2)
     yield server
     server.terminate()

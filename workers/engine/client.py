@@ -2,6 +2,9 @@
 
 A reader thread takes the engine's per-step messages and hands each delta to its request's
 stream. Streams iterate synchronously or, when made with an event loop, asynchronously.
+
+Several clients may share one engine (one per frontend). Each has a `client_id`, and the engine
+knows each request by `client_id:request_id`, so two frontends may use the same request id.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from workers.engine.messages import (AbortRequest, AddRequest, Call, CallResult, Detach, Fatal,
+                                     StepOutputs)
 from workers.engine.outputs import EngineStats, RequestOutput
 from workers.engine.sampling_params import SamplingParams
 from workers.errors import ConfigError, WorkerError
@@ -29,7 +34,7 @@ def raise_for(out: RequestOutput) -> None:
     if out.replica_lost:
         raise ReplicaLost(out.error or "the replica was lost")
     if out.error_field:
-        raise ConfigError(out.error_field, out.error.split(": ", 1)[-1])
+        raise ConfigError(out.error_field, out.error or "is not valid")
     raise WorkerError(out.error or "request failed")
 
 
@@ -100,9 +105,10 @@ class RequestStream:
 
 
 class EngineClient:
-    def __init__(self, inbox, outbox, is_alive: Callable[[], bool]):
+    def __init__(self, inbox, outbox, is_alive: Callable[[], bool], client_id: str = ""):
         self._inbox, self._outbox, self._is_alive = inbox, outbox, is_alive
-        self._streams: dict[str, RequestStream] = {}
+        self.client_id = client_id
+        self._streams: dict[str, RequestStream] = {}  # by engine id
         self._calls: dict[int, Future] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -119,19 +125,24 @@ class EngineClient:
         """Submit a request; `output_prefix` resumes one whose first tokens were already streamed."""
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(request_id, loop)
+        engine_id = self._engine_id(request_id)
         with self._lock:
             if self.dead:
                 stream.push(RequestOutput(request_id, finished=True, finish_reason="error", error=self.dead,
                                           replica_lost=True))
                 return stream
-            if request_id in self._streams:
+            if engine_id in self._streams:
                 raise ConfigError("request_id", f"{request_id!r} is already in flight")
-            self._streams[request_id] = stream
-        self._inbox.put(("add", request_id, list(prompt_token_ids), params, list(output_prefix or [])))
+            self._streams[engine_id] = stream
+        self._inbox.put(AddRequest(engine_id, list(prompt_token_ids), params, list(output_prefix or []),
+                                   self.client_id))
         return stream
 
+    def _engine_id(self, request_id: str) -> str:
+        return f"{self.client_id}:{request_id}" if self.client_id else request_id
+
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(AbortRequest(self._engine_id(request_id)))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
         """Submit all prompts at once (they batch in the engine) and wait for every completion."""
@@ -146,7 +157,7 @@ class EngineClient:
                 raise WorkerError(self.dead)
             call_id = next(self._ids)
             self._calls[call_id] = fut
-        self._inbox.put(("call", call_id, method, args, kwargs))
+        self._inbox.put(Call(call_id, method, args, kwargs, self.client_id))
         return fut.result(timeout)
 
     # ---- reader ----------------------------------------------------------------------------------------
@@ -162,22 +173,21 @@ class EngineClient:
             except (EOFError, OSError):
                 self._fail_all("the replica's channel closed")
                 return
-            kind = msg[0]
-            if kind == "step":
-                _, outputs, self.stats = msg
-                for out in outputs:
+            if isinstance(msg, StepOutputs):
+                self.stats = msg.stats
+                for out in msg.outputs:
                     with self._lock:
                         stream = self._streams.pop(out.request_id, None) if out.finished \
                             else self._streams.get(out.request_id)
                     if stream is not None:
+                        out.request_id = stream.request_id  # the caller's id, not the engine's
                         stream.push(out)
-            elif kind == "result":
-                _, call_id, ok, value = msg
-                fut = self._calls.pop(call_id, None)
+            elif isinstance(msg, CallResult):
+                fut = self._calls.pop(msg.call_id, None)
                 if fut is not None:
-                    fut.set_result(value) if ok else fut.set_exception(value)
-            elif kind == "fatal":
-                self._fail_all(f"replica failed: {msg[1]}")
+                    fut.set_result(msg.value) if msg.ok else fut.set_exception(msg.value)
+            elif isinstance(msg, Fatal):
+                self._fail_all(f"replica failed: {msg.message}")
                 return
 
     def fail(self, reason: str) -> None:
@@ -190,14 +200,20 @@ class EngineClient:
             self.dead = self.dead or reason
             streams, self._streams = self._streams, {}
             calls, self._calls = self._calls, {}
-        for rid, s in streams.items():
-            s.push(RequestOutput(rid, finished=True, finish_reason="error", error=f"WorkerError: {reason}",
+        for s in streams.values():
+            s.push(RequestOutput(s.request_id, finished=True, finish_reason="error", error=f"WorkerError: {reason}",
                                  replica_lost=True))
         for fut in calls.values():
             fut.set_exception(WorkerError(reason))
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the reader; it returns within one poll, so nothing calls the transport after this."""
+    def close(self, timeout_s: float = 5.0, detach: bool = False) -> None:
+        """Stop the reader; it returns within one poll, so nothing calls the transport after this.
+        `detach`: also tell a shared engine to abort what this client still has running."""
+        if detach and self.client_id and self.dead is None:
+            try:
+                self._inbox.put(Detach(self.client_id))
+            except Exception:  # the replica is already gone: nothing of ours runs there
+                pass
         self._closed = True
         if self._reader is not threading.current_thread():
             self._reader.join(timeout_s)

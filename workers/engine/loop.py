@@ -1,17 +1,19 @@
 """The loop rank 0 runs: take requests between steps, step while there is work, and ship each
-step's deltas as one message. Channels are queue-like (queue.Queue in-process, multiprocessing
-queues across processes, an actor's mailbox under Ray), so the loop does not know its host.
-
-Inbox messages:  ("add", id, prompt_ids, params, output_prefix) | ("abort", id) | ("call", n, method, args, kwargs) | ("shutdown",)
-Outbox messages: ("step", [RequestOutput], EngineStats) | ("result", n, ok, value) | ("fatal", message)
+step's deltas as one message per client. Channels are queue-like (queue.Queue in-process,
+multiprocessing queues across processes, an actor's mailboxes under Ray), so the loop does not
+know its host. The messages are the dataclasses of `workers.engine.messages`.
 """
 from __future__ import annotations
 
 import logging
 import queue
+import threading
 import traceback
+from dataclasses import dataclass
 
 from workers.engine.core import EngineCore
+from workers.engine.messages import (AbortRequest, AddRequest, Call, CallResult, Detach, Fatal, Shutdown,
+                                     StepOutputs)
 from workers.engine.outputs import RequestOutput
 from workers.errors import TpserveError
 
@@ -33,6 +35,14 @@ def drain(q, timeout: float | None) -> list:
     return items
 
 
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What a health check reads from the loop: a step counter that must move while there is work."""
+
+    steps: int
+    busy: bool
+
+
 class EngineLoop:
     def __init__(self, engine: EngineCore, inbox, outbox):
         self.engine, self.inbox, self.outbox = engine, inbox, outbox
@@ -40,64 +50,97 @@ class EngineLoop:
         # An abort can overtake its add when the transport does not keep order (a threaded actor):
         # remember such aborts so the add that follows is refused at once.
         self._early_aborts: dict[str, None] = {}
+        self._owners: dict[str, str] = {}  # live request id -> the client that added it
+        self._busy = False  # read by health checks on other threads; written only by run()
+        self.stopped = threading.Event()
+
+    def progress(self) -> Progress:
+        """Safe from any thread: the loop thread only ever replaces these values."""
+        return Progress(self.engine.stats.steps, self._busy or not self.inbox.empty())
 
     def run(self) -> None:
         try:
             while True:
                 outputs: list[RequestOutput] = []
                 for msg in drain(self.inbox, None if self.engine.has_work() else 0.5):
-                    if msg[0] == "shutdown":
+                    if isinstance(msg, Shutdown):
                         self._flush(outputs)
                         return
                     self._handle(msg, outputs)
-                if self.engine.has_work():
+                self._busy = self.engine.has_work()
+                if self._busy:
                     outputs += self.engine.step()
                 else:
                     self.engine.worker.heartbeat(self.heartbeat_s)
                 self._flush(outputs)
         except Exception as e:  # a broken collective or a bug: the replica cannot go on
             log.error("engine loop failed:\n%s", traceback.format_exc())
-            self.outbox.put(("fatal", f"{type(e).__name__}: {e}"))
+            self.outbox.put(Fatal(f"{type(e).__name__}: {e}"))
             raise
         finally:
+            self.stopped.set()
             self.engine.worker.stop_followers()
 
     def _flush(self, outputs: list[RequestOutput]) -> None:
-        if outputs:
-            self.outbox.put(("step", outputs, self.engine.snapshot()))
+        """One message per client that has outputs this step; finished requests lose their owner."""
+        if not outputs:
+            return
+        by_client: dict[str, list[RequestOutput]] = {}
+        for out in outputs:
+            owner = self._owners.pop(out.request_id, "") if out.finished else self._owners.get(out.request_id, "")
+            by_client.setdefault(owner, []).append(out)
+        stats = self.engine.snapshot()
+        for client_id, outs in by_client.items():
+            self.outbox.put(StepOutputs(outs, stats, client_id))
 
-    def _handle(self, msg: tuple, outputs: list[RequestOutput]) -> None:
-        kind = msg[0]
-        if kind == "add":
-            _, request_id, prompt_ids, params, output_prefix = msg
-            if self._early_aborts.pop(request_id, 1) is None:
-                outputs.append(RequestOutput(request_id, finished=True, finish_reason="abort",
-                                             prompt_tokens=len(prompt_ids)))
-                return
-            try:
-                self.engine.add_request(request_id, prompt_ids, params, output_prefix)
-            except TpserveError as e:
-                outputs.append(RequestOutput(request_id, finished=True, finish_reason="error", error=str(e),
-                                             error_field=getattr(e, "field", None), prompt_tokens=len(prompt_ids)))
-        elif kind == "abort":
-            out = self.engine.abort(msg[1])
-            if out is not None:
-                outputs.append(out)
-            elif msg[1] not in self.engine.live:
-                self._early_aborts[msg[1]] = None
-                while len(self._early_aborts) > 10_000:  # aborts of long-finished requests: forget them
-                    self._early_aborts.pop(next(iter(self._early_aborts)))
-        elif kind == "call":
-            _, call_id, method, args, kwargs = msg
-            try:
-                if method == "stats":
-                    value = self.engine.snapshot()
-                elif method in WORKER_CALLS:
-                    value = getattr(self.engine.worker, method)(*args, **kwargs)
-                else:
-                    raise TpserveError(f"unknown engine call {method!r}")
-                self.outbox.put(("result", call_id, True, value))
-            except Exception as e:
-                self.outbox.put(("result", call_id, False, e))
+    def _handle(self, msg, outputs: list[RequestOutput]) -> None:
+        if isinstance(msg, AddRequest):
+            self._add(msg, outputs)
+        elif isinstance(msg, AbortRequest):
+            self._abort(msg.request_id, outputs)
+        elif isinstance(msg, Detach):
+            for rid in [r for r, c in self._owners.items() if c == msg.client_id]:
+                self._abort(rid, outputs)
+        elif isinstance(msg, Call):
+            self._call(msg)
         else:
-            log.warning("ignoring unknown engine message %r", kind)
+            log.warning("ignoring unknown engine message %r", type(msg).__name__)
+
+    def _add(self, msg: AddRequest, outputs: list[RequestOutput]) -> None:
+        rid = msg.request_id
+        if rid in self.engine.live:  # clients keep their ids unique, so this is a client's bug
+            log.error("ignoring a second add of live request %r from client %r", rid, msg.client_id)
+            return
+        self._owners[rid] = msg.client_id
+        if self._early_aborts.pop(rid, 1) is None:
+            outputs.append(RequestOutput(rid, finished=True, finish_reason="abort",
+                                         prompt_tokens=len(msg.prompt_token_ids)))
+            return
+        try:
+            self.engine.add_request(rid, msg.prompt_token_ids, msg.params, msg.output_prefix)
+        except TpserveError as e:
+            field = getattr(e, "field", None)
+            outputs.append(RequestOutput(rid, finished=True, finish_reason="error",
+                                         error=e.message if field else str(e), error_field=field,
+                                         prompt_tokens=len(msg.prompt_token_ids)))
+
+    def _abort(self, rid: str, outputs: list[RequestOutput]) -> None:
+        out = self.engine.abort(rid)
+        if out is not None:
+            outputs.append(out)
+        elif rid not in self.engine.live:
+            self._early_aborts[rid] = None
+            while len(self._early_aborts) > 10_000:  # aborts of long-finished requests: forget them
+                self._early_aborts.pop(next(iter(self._early_aborts)))
+
+    def _call(self, msg: Call) -> None:
+        try:
+            if msg.method == "stats":
+                value = self.engine.snapshot()
+            elif msg.method in WORKER_CALLS:
+                value = getattr(self.engine.worker, msg.method)(*msg.args, **msg.kwargs)
+            else:
+                raise TpserveError(f"unknown engine call {msg.method!r}")
+            self.outbox.put(CallResult(msg.call_id, True, value, msg.client_id))
+        except Exception as e:
+            self.outbox.put(CallResult(msg.call_id, False, e, msg.client_id))

@@ -9,6 +9,7 @@ from workers.errors import ConfigError
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
 
 
 class SamplingError(ConfigError):
@@ -29,7 +30,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
+    # A list as given; `validate` makes it a frozenset (each generated token is looked up in it).
+    stop_token_ids: list[int] | frozenset[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs of each chosen token (0: only the chosen one)
     skip_special_tokens: bool = True
@@ -70,16 +72,23 @@ class SamplingParams:
                 raise SamplingError(name, f"must be in [-2, 2], got {getattr(self, name)}")
         if self.seed is not None and not 0 <= integer("seed", self.seed) < 2**63:
             raise SamplingError("seed", f"must be in [0, 2^63), got {self.seed}")
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+        if not isinstance(self.stop, list):
             raise SamplingError("stop", "must be a list of non-empty strings")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise SamplingError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise SamplingError("stop", "must be a list of non-empty strings")
         if any(len(s) > MAX_STOP_CHARS for s in self.stop):
             # the detokenizer holds back up to the longest stop string's length of text
             raise SamplingError("stop", f"a stop string may have at most {MAX_STOP_CHARS} characters")
+        if not isinstance(self.stop_token_ids, (list, frozenset)):
+            raise SamplingError("stop_token_ids", "must be a list of token ids")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise SamplingError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         for t in self.stop_token_ids:
             if integer("stop_token_ids", t) < 0 or (vocab_size is not None and t >= vocab_size):
                 raise SamplingError("stop_token_ids", f"{t} is outside the vocabulary [0, {vocab_size})")
+        self.stop_token_ids = frozenset(self.stop_token_ids)
         if self.logprobs is not None and not 0 <= integer("logprobs", self.logprobs) <= MAX_LOGPROBS:
             raise SamplingError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         return self

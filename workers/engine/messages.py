@@ -1,0 +1,82 @@
+"""What travels between an engine's clients and the loop on rank 0: one small dataclass a kind.
+
+Several clients (one per frontend) may share one engine. Each message from a client names it, so
+the loop can answer that client alone: step outputs go to the client that added the request, call
+results to the caller. `client_id` "" is the only client of a local worker group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from workers.engine.outputs import EngineStats, RequestOutput
+from workers.engine.sampling_params import SamplingParams
+
+
+# ---- client -> engine (the inbox) -------------------------------------------------------------------
+@dataclass(slots=True)
+class AddRequest:
+    """Queue a request. `request_id` is the engine's id (unique across clients, see EngineClient);
+    `output_prefix` holds tokens a lost replica already streamed (the request resumes after them)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    output_prefix: list[int] = field(default_factory=list)
+    client_id: str = ""
+
+
+@dataclass(slots=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(slots=True)
+class Call:
+    """Run `method` on rank 0 between steps; the answer is a CallResult to `client_id`."""
+
+    call_id: int
+    method: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    client_id: str = ""
+
+
+@dataclass(slots=True)
+class Detach:
+    """A client is gone (closed, or silent past the host's limit): abort every request it added."""
+
+    client_id: str
+
+
+@dataclass(slots=True)
+class Shutdown:
+    pass
+
+
+# ---- engine -> client (the outbox) ------------------------------------------------------------------
+@dataclass(slots=True)
+class StepOutputs:
+    """One step's deltas for one client's requests, with the engine's counters after the step."""
+
+    outputs: list[RequestOutput]
+    stats: EngineStats
+    client_id: str = ""
+
+
+@dataclass(slots=True)
+class CallResult:
+    call_id: int
+    ok: bool
+    value: object
+    client_id: str = ""
+
+
+@dataclass(slots=True)
+class Fatal:
+    """The loop stopped on an error; every client's requests are lost with this replica."""
+
+    message: str
+
+
+InboxMessage = AddRequest | AbortRequest | Call | Detach | Shutdown
+OutboxMessage = StepOutputs | CallResult | Fatal
