@@ -47,7 +47,7 @@ INPUTS = {"text_input": ("BYTES",), "max_tokens": ("INT32", "UINT32", "INT64", "
           "sampling_parameters": ("BYTES",)}
 JSON_PARAMS = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
                "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float, "seed": int,
-               "stop": list, "stop_token_ids": list, "ignore_eos": bool, "logprobs": int}
+               "stop": list, "stop_token_ids": list, "ignore_eos": bool, "logprobs": int, "cache_salt": str}
 
 
 def _bytes_elements(field: str, raw: bytes) -> list[bytes]:

@@ -77,6 +77,9 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
     def _prepare(self, request: pb.GenerateRequest) -> tuple[PromptInput, SamplingParams, str | None]:
         check_model(request.model, self.fe.limits.name)
         params = sampling_params(request.sampling, self.fe.limits)
+        if request.cache_salt:
+            params.cache_salt = request.cache_salt
+            checked_params(params, "", self.fe.limits)
         return self._prompt(request, "prompt"), params, check_request_id(request.request_id)
 
     async def Generate(self, request, context):

@@ -1,5 +1,7 @@
 """The paged KV cache's bookkeeping: fixed-size blocks, a free list, reference counts, and a
-prefix cache of full blocks keyed by the hash of their whole token prefix.
+prefix cache of full blocks keyed by their whole token prefix (`block_keys`: a keyed chain hash).
+A hit also compares the block's parent key and its own tokens, so even a key collision cannot
+hand one request another's KV.
 
 A freed block that holds a hashed prefix is not wiped: it waits in an LRU list where a later
 request with the same prefix can pick it up, and is evicted (oldest first) only when a fresh
@@ -10,21 +12,18 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from workers.engine.block_keys import BlockKey, BlockKeyer, new_salt
 from workers.engine.sequence import Sequence
-
-
-def chain_hash(prev: int | None, tokens: list[int] | tuple[int, ...]) -> int:
-    """Hash of a block given the hash of everything before it (so equal blocks after different
-    prefixes do not collide by construction)."""
-    return hash((prev, tuple(tokens)))
 
 
 @dataclass(slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
-    token_ids: tuple[int, ...] = field(default_factory=tuple)  # checked on a hit: a hash collision is a miss
+    hash: BlockKey | None = None
+    # Checked on a hit, with the parent key: a key collision is a miss, never a wrong block.
+    token_ids: tuple[int, ...] = field(default_factory=tuple)
+    parent: BlockKey | None = None
 
 
 @dataclass(slots=True)
@@ -37,14 +36,16 @@ class BlockStats:
 class BlockManager:
     """Owns block ids [0, num_blocks); sequences hold them in their block tables."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 keyer: BlockKeyer | None = None):
+        self.keyer = keyer or BlockKeyer(new_salt())
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: deque[int] = deque(range(num_blocks))
         self.cached_free: OrderedDict[int, None] = OrderedDict()  # ref 0 but holding a hashed prefix, LRU first
-        self.hash_to_block: dict[int, int] = {}
+        self.hash_to_block: dict[BlockKey, int] = {}
         self.stats = BlockStats()
 
     @property
@@ -64,7 +65,7 @@ class BlockManager:
             if blk.hash is not None and self.hash_to_block.get(blk.hash) == bid:
                 del self.hash_to_block[blk.hash]
         blk = self.blocks[bid]
-        blk.hash, blk.token_ids, blk.ref_count = None, (), 1
+        blk.hash, blk.token_ids, blk.parent, blk.ref_count = None, (), None, 1
         return bid
 
     def _ref(self, bid: int) -> None:
@@ -83,13 +84,13 @@ class BlockManager:
         bs = self.block_size
         usable = (len(tokens) - 1) // bs
         self.stats.prefix_queried_tokens += len(seq.prompt_token_ids)
-        prev = None
+        prev = self.keyer.root(seq.params.cache_salt)
         if self.enable_prefix_caching:
             for i in range(usable):
                 chunk = tuple(tokens[i * bs:(i + 1) * bs])
-                h = chain_hash(prev, chunk)
+                h = self.keyer.key(prev, chunk)
                 bid = self.hash_to_block.get(h)
-                if bid is None or self.blocks[bid].token_ids != chunk:
+                if bid is None or self.blocks[bid].token_ids != chunk or self.blocks[bid].parent != prev:
                     break
                 self._ref(bid)
                 seq.block_table.append(bid)
@@ -117,14 +118,14 @@ class BlockManager:
             return
         bs = self.block_size
         full = min(seq.num_computed_tokens, seq.num_tokens) // bs
-        prev = seq.block_hashes[-1] if seq.block_hashes else None
+        prev = seq.block_hashes[-1] if seq.block_hashes else self.keyer.root(seq.params.cache_salt)
         for i in range(len(seq.block_hashes), full):
             chunk = tuple(seq.token_at(j) for j in range(i * bs, (i + 1) * bs))
-            h = chain_hash(prev, chunk)
+            h = self.keyer.key(prev, chunk)
             blk = self.blocks[seq.block_table[i]]
             if h not in self.hash_to_block:
                 self.hash_to_block[h] = blk.block_id
-                blk.hash, blk.token_ids = h, chunk
+                blk.hash, blk.token_ids, blk.parent = h, chunk, prev
             seq.block_hashes.append(h)
             prev = h
 
@@ -137,6 +138,6 @@ class BlockManager:
                 if blk.hash is not None and self.hash_to_block.get(blk.hash) == bid:
                     self.cached_free[bid] = None
                 else:
-                    blk.hash, blk.token_ids = None, ()
+                    blk.hash, blk.token_ids, blk.parent = None, (), None
                     self.free_ids.append(bid)
         seq.block_table, seq.block_hashes = [], []

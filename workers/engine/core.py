@@ -9,8 +9,9 @@ import logging
 import random
 
 import torch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from workers.engine.block_keys import BlockKeyer, new_salt
 from workers.engine.block_manager import BlockManager
 from workers.engine.detokenizer import DetokState, Detokenizer
 from workers.engine.outputs import EngineStats, RequestOutput
@@ -32,6 +33,9 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
+    # Secret of the prefix cache's keyed block hash; one per cluster (the controller's config
+    # carries it to every replica), random per engine when unset.
+    block_key_salt: bytes = field(default_factory=new_salt, repr=False)
 
     def validate(self) -> "EngineConfig":
         if self.max_num_seqs < 1:
@@ -57,7 +61,8 @@ class EngineCore:
         self.vocab_size = worker.config.vocab_size
         self.max_model_len = worker.max_model_len
         self.eos_token_ids = set(worker.eos_token_ids)
-        self.block_manager = BlockManager(worker.num_blocks, worker.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(worker.num_blocks, worker.block_size, config.enable_prefix_caching,
+                                          BlockKeyer(config.block_key_salt))
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.block_manager)
         self.detok = Detokenizer(tokenizer) if tokenizer is not None else None

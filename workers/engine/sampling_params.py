@@ -10,6 +10,7 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_CACHE_SALT_CHARS = 256
 
 
 class SamplingError(ConfigError):
@@ -35,6 +36,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs of each chosen token (0: only the chosen one)
     skip_special_tokens: bool = True
+    # Not a sampling knob, but it travels with them: requests with different salts never share
+    # prefix-cache blocks (a tenant's cached prompt cannot show in another's time to first token).
+    cache_salt: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -89,6 +93,9 @@ class SamplingParams:
             if integer("stop_token_ids", t) < 0 or (vocab_size is not None and t >= vocab_size):
                 raise SamplingError("stop_token_ids", f"{t} is outside the vocabulary [0, {vocab_size})")
         self.stop_token_ids = frozenset(self.stop_token_ids)
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str)
+                                            or len(self.cache_salt) > MAX_CACHE_SALT_CHARS):
+            raise SamplingError("cache_salt", f"must be text of at most {MAX_CACHE_SALT_CHARS} characters")
         if self.logprobs is not None and not 0 <= integer("logprobs", self.logprobs) <= MAX_LOGPROBS:
             raise SamplingError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         return self

@@ -35,7 +35,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # chain hashes of the full, computed blocks
+    block_hashes: list[bytes] = field(default_factory=list)  # keys of the full, computed blocks (block_keys)
     num_computed_tokens: int = 0
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it

@@ -1,4 +1,5 @@
 """Block bookkeeping: reference counts, prefix sharing by chained hashes, LRU eviction."""
+from workers.engine.block_keys import BlockKeyer, new_salt
 from workers.engine.block_manager import BlockManager
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.sequence import Sequence
@@ -68,3 +69,53 @@ def test_grow_refuses_without_taking_anything():
     s = seq(range(3))
     assert not bm.grow(s, 12)
     assert s.block_table == [] and bm.num_free_blocks == 2
+
+
+class ConstantKeys(BlockKeyer):
+    """Every block gets the same key: only the parent and token checks stand between requests."""
+
+    def key(self, parent, tokens):
+        return b"\1" * 16
+
+
+def test_a_colliding_key_never_shares_a_block_between_different_prompts():
+    bm = BlockManager(num_blocks=10, block_size=4, keyer=ConstantKeys(new_salt()))
+    a = seq(range(12), "a")
+    run_prefill(bm, a)
+    # Same first block, then other tokens; and another prompt altogether.
+    # Same first block then other tokens; another prompt altogether; and the first block's tokens
+    # again in second place, where only the parent check tells the cached block (computed at
+    # positions 0-3, with no prefix) from what this prompt needs at positions 4-7.
+    for other in (list(range(4)) + [50, 51, 52, 53, 54, 55, 56, 57, 58], [90, 91, 92, 93, 94, 95, 96, 97, 98],
+                  list(range(4)) * 2 + [7]):
+        b = seq(other, "b")
+        bm.match_prefix(b)
+        for i, bid in enumerate(b.block_table):
+            assert bm.blocks[bid].token_ids == tuple(other[i * 4:(i + 1) * 4])
+        assert len(b.block_table) == (1 if other[:4] == list(range(4)) else 0)
+        bm.free(b)
+
+
+def test_keys_are_keyed_by_the_salt_and_chained():
+    tokens = list(range(8))
+    a, b = BlockKeyer(new_salt()), BlockKeyer(new_salt())
+    assert a.keys(tokens, 4) != b.keys(tokens, 4)  # another cluster, other keys
+    assert a.keys(tokens, 4) == a.keys(tokens, 4) and len(a.keys(tokens, 4)) == 2
+    assert a.keys([9, 9, 9, 9] + tokens[4:], 4)[1] != a.keys(tokens, 4)[1]  # the second key depends on the first
+
+
+def test_requests_with_different_cache_salts_never_share_blocks():
+    bm = BlockManager(num_blocks=20, block_size=4)
+
+    def salted(rid, salt):
+        return Sequence(rid, list(range(13)), SamplingParams(cache_salt=salt))
+
+    a = salted("a", "tenant-1")
+    run_prefill(bm, a)
+    same = salted("b", "tenant-1")
+    bm.match_prefix(same)
+    assert same.num_computed_tokens == 12  # same tenant: shared
+    other, unsalted = salted("c", "tenant-2"), salted("d", None)
+    for s in (other, unsalted):
+        bm.match_prefix(s)
+        assert s.num_computed_tokens == 0 and not set(s.block_table) & set(a.block_table)

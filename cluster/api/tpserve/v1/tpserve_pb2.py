@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tpserve/v1/tpserve.proto\x12\ntpserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.tpserve.v1.ChatMessage\"\xdc\x03\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\t\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xe1\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.tpserve.v1.ChatMessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.tpserve.v1.TokenIdsH\x00\x12\x30\n\x08sampling\x18\x05 \x01(\x0b\x32\x1e.tpserve.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.tpserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x89\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.tpserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.tpserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\r\x12\x13\n\x0bstop_reason\x18\t \x01(\t\"\x89\x02\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.tpserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.tpserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\r\x12\x13\n\x0bstop_reason\x18\t \x01(\t\"g\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.tpserve.v1.ChatMessagesH\x00\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"\xa5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\"\x19\n\x17GetClusterStatusRequest\"K\n\x0cWorkerStatus\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0f\n\x07node_ip\x18\x04 \x01(\t\"\xa4\x02\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.tpserve.v1.ReplicaState\x12\x0f\n\x07tp_size\x18\x03 \x01(\r\x12)\n\x07workers\x18\x04 \x03(\x0b\x32\x18.tpserve.v1.WorkerStatus\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\r\x12\x1f\n\x17prefix_cache_hit_tokens\x18\t \x01(\x04\x12\x17\n\x0frequests_routed\x18\n \x01(\x04\x12\r\n\x05steps\x18\x0b \x01(\x04\"\xe7\x01\n\rClusterStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08replicas\x18\x02 \x03(\x0b\x32\x19.tpserve.v1.ReplicaStatus\x12\x1a\n\x12requests_in_flight\x18\x03 \x01(\r\x12\x17\n\x0frequests_queued\x18\x04 \x01(\r\x12\x18\n\x10requests_refused\x18\x05 \x01(\x04\x12\x18\n\x10requests_resumed\x18\x06 \x01(\x04\x12\x18\n\x10replica_restarts\x18\x07 \x01(\x04\x12\x17\n\x0ftarget_replicas\x18\x08 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\x9b\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x01\x12\x17\n\x13REPLICA_STATE_READY\x10\x02\x12\x1b\n\x17REPLICA_STATE_UNHEALTHY\x10\x03\x12\x1a\n\x16REPLICA_STATE_STOPPING\x10\x04\x32\x83\x03\n\x0eTpserveService\x12G\n\x08Generate\x12\x1b.tpserve.v1.GenerateRequest\x1a\x1c.tpserve.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.tpserve.v1.GenerateRequest\x1a\x1c.tpserve.v1.CompleteResponse\x12\x45\n\x08Tokenize\x12\x1b.tpserve.v1.TokenizeRequest\x1a\x1c.tpserve.v1.TokenizeResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.tpserve.v1.GetModelInfoRequest\x1a\x15.tpserve.v1.ModelInfo\x12R\n\x10GetClusterStatus\x12#.tpserve.v1.GetClusterStatusRequest\x1a\x19.tpserve.v1.ClusterStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tpserve/v1/tpserve.proto\x12\ntpserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.tpserve.v1.ChatMessage\"\xdc\x03\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\t\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xf5\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.tpserve.v1.ChatMessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.tpserve.v1.TokenIdsH\x00\x12\x30\n\x08sampling\x18\x05 \x01(\x0b\x32\x1e.tpserve.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.tpserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x89\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.tpserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.tpserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\r\x12\x13\n\x0bstop_reason\x18\t \x01(\t\"\x89\x02\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.tpserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.tpserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\r\x12\x13\n\x0bstop_reason\x18\t \x01(\t\"g\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.tpserve.v1.ChatMessagesH\x00\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"\xa5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\"\x19\n\x17GetClusterStatusRequest\"K\n\x0cWorkerStatus\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0f\n\x07node_ip\x18\x04 \x01(\t\"\xa4\x02\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.tpserve.v1.ReplicaState\x12\x0f\n\x07tp_size\x18\x03 \x01(\r\x12)\n\x07workers\x18\x04 \x03(\x0b\x32\x18.tpserve.v1.WorkerStatus\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\r\x12\x1f\n\x17prefix_cache_hit_tokens\x18\t \x01(\x04\x12\x17\n\x0frequests_routed\x18\n \x01(\x04\x12\r\n\x05steps\x18\x0b \x01(\x04\"\xe7\x01\n\rClusterStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08replicas\x18\x02 \x03(\x0b\x32\x19.tpserve.v1.ReplicaStatus\x12\x1a\n\x12requests_in_flight\x18\x03 \x01(\r\x12\x17\n\x0frequests_queued\x18\x04 \x01(\r\x12\x18\n\x10requests_refused\x18\x05 \x01(\x04\x12\x18\n\x10requests_resumed\x18\x06 \x01(\x04\x12\x18\n\x10replica_restarts\x18\x07 \x01(\x04\x12\x17\n\x0ftarget_replicas\x18\x08 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\x9b\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x01\x12\x17\n\x13REPLICA_STATE_READY\x10\x02\x12\x1b\n\x17REPLICA_STATE_UNHEALTHY\x10\x03\x12\x1a\n\x16REPLICA_STATE_STOPPING\x10\x04\x32\x83\x03\n\x0eTpserveService\x12G\n\x08Generate\x12\x1b.tpserve.v1.GenerateRequest\x1a\x1c.tpserve.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.tpserve.v1.GenerateRequest\x1a\x1c.tpserve.v1.CompleteResponse\x12\x45\n\x08Tokenize\x12\x1b.tpserve.v1.TokenizeRequest\x1a\x1c.tpserve.v1.TokenizeResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.tpserve.v1.GetModelInfoRequest\x1a\x15.tpserve.v1.ModelInfo\x12R\n\x10GetClusterStatus\x12#.tpserve.v1.GetClusterStatusRequest\x1a\x19.tpserve.v1.ClusterStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tpserve.v1.tpserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2518
-  _globals['_FINISHREASON']._serialized_end=2638
-  _globals['_REPLICASTATE']._serialized_start=2641
-  _globals['_REPLICASTATE']._serialized_end=2796
+  _globals['_FINISHREASON']._serialized_start=2538
+  _globals['_FINISHREASON']._serialized_end=2658
+  _globals['_REPLICASTATE']._serialized_start=2661
+  _globals['_REPLICASTATE']._serialized_end=2816
   _globals['_CHATMESSAGE']._serialized_start=40
   _globals['_CHATMESSAGE']._serialized_end=84
   _globals['_CHATMESSAGES']._serialized_start=86
@@ -42,33 +42,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMETERS']._serialized_start=146
   _globals['_SAMPLINGPARAMETERS']._serialized_end=622
   _globals['_GENERATEREQUEST']._serialized_start=625
-  _globals['_GENERATEREQUEST']._serialized_end=850
-  _globals['_TOKENIDS']._serialized_start=852
-  _globals['_TOKENIDS']._serialized_end=875
-  _globals['_TOKENLOGPROB']._serialized_start=877
-  _globals['_TOKENLOGPROB']._serialized_end=963
-  _globals['_TOPLOGPROB']._serialized_start=965
-  _globals['_TOPLOGPROB']._serialized_end=1012
-  _globals['_GENERATERESPONSE']._serialized_start=1015
-  _globals['_GENERATERESPONSE']._serialized_end=1280
-  _globals['_COMPLETERESPONSE']._serialized_start=1283
-  _globals['_COMPLETERESPONSE']._serialized_end=1548
-  _globals['_TOKENIZEREQUEST']._serialized_start=1550
-  _globals['_TOKENIZEREQUEST']._serialized_end=1653
-  _globals['_TOKENIZERESPONSE']._serialized_start=1655
-  _globals['_TOKENIZERESPONSE']._serialized_end=1692
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1694
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1715
-  _globals['_MODELINFO']._serialized_start=1718
-  _globals['_MODELINFO']._serialized_end=1883
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1885
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1910
-  _globals['_WORKERSTATUS']._serialized_start=1912
-  _globals['_WORKERSTATUS']._serialized_end=1987
-  _globals['_REPLICASTATUS']._serialized_start=1990
-  _globals['_REPLICASTATUS']._serialized_end=2282
-  _globals['_CLUSTERSTATUS']._serialized_start=2285
-  _globals['_CLUSTERSTATUS']._serialized_end=2516
-  _globals['_TPSERVESERVICE']._serialized_start=2799
-  _globals['_TPSERVESERVICE']._serialized_end=3186
+  _globals['_GENERATEREQUEST']._serialized_end=870
+  _globals['_TOKENIDS']._serialized_start=872
+  _globals['_TOKENIDS']._serialized_end=895
+  _globals['_TOKENLOGPROB']._serialized_start=897
+  _globals['_TOKENLOGPROB']._serialized_end=983
+  _globals['_TOPLOGPROB']._serialized_start=985
+  _globals['_TOPLOGPROB']._serialized_end=1032
+  _globals['_GENERATERESPONSE']._serialized_start=1035
+  _globals['_GENERATERESPONSE']._serialized_end=1300
+  _globals['_COMPLETERESPONSE']._serialized_start=1303
+  _globals['_COMPLETERESPONSE']._serialized_end=1568
+  _globals['_TOKENIZEREQUEST']._serialized_start=1570
+  _globals['_TOKENIZEREQUEST']._serialized_end=1673
+  _globals['_TOKENIZERESPONSE']._serialized_start=1675
+  _globals['_TOKENIZERESPONSE']._serialized_end=1712
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1714
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1735
+  _globals['_MODELINFO']._serialized_start=1738
+  _globals['_MODELINFO']._serialized_end=1903
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1905
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1930
+  _globals['_WORKERSTATUS']._serialized_start=1932
+  _globals['_WORKERSTATUS']._serialized_end=2007
+  _globals['_REPLICASTATUS']._serialized_start=2010
+  _globals['_REPLICASTATUS']._serialized_end=2302
+  _globals['_CLUSTERSTATUS']._serialized_start=2305
+  _globals['_CLUSTERSTATUS']._serialized_end=2536
+  _globals['_TPSERVESERVICE']._serialized_start=2819
+  _globals['_TPSERVESERVICE']._serialized_end=3206
 # @@protoc_insertion_point(module_scope)
