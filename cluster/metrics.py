@@ -25,6 +25,12 @@ class Metrics:
                                        "Calls refused for a missing or wrong bearer token", registry=r)
         self.generated = Counter("tpserve_generation_tokens_total", "Tokens generated", registry=r)
         self.kv_usage = Gauge("tpserve_kv_cache_usage_ratio", "Share of KV blocks in use", ["replica"], registry=r)
+        self.replica_in_flight = Gauge("tpserve_replica_requests_in_flight",
+                                       "Requests this frontend has placed on a replica and not finished",
+                                       ["replica"], registry=r)
+        self.replica_outstanding = Gauge("tpserve_replica_outstanding_tokens",
+                                         "Tokens this frontend still expects a replica to prefill or generate",
+                                         ["replica"], registry=r)
         self.prefix_hits = Gauge("tpserve_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
                                  ["replica"], registry=r)
 
@@ -39,4 +45,6 @@ class Metrics:
             if st.num_blocks:
                 self.kv_usage.labels(s["replica_id"]).set(1 - st.free_blocks / st.num_blocks)
             self.prefix_hits.labels(s["replica_id"]).set(st.prefix_hit_tokens)
+            self.replica_in_flight.labels(s["replica_id"]).set(s["in_flight"])
+            self.replica_outstanding.labels(s["replica_id"]).set(s["outstanding"])
         self.waiting.set(waiting)

@@ -150,7 +150,8 @@ class Router:
             except Exception:
                 st = h.client.stats
             out.append({"replica_id": h.replica_id, "state": "ready" if h.client.dead is None else "unhealthy",
-                        "tp_size": h.tp_size, "workers": h.workers, "stats": st, "routed": h.routed})
+                        "tp_size": h.tp_size, "workers": h.workers, "stats": st, "routed": h.routed,
+                        "in_flight": h.in_flight, "outstanding": h.outstanding})
         return out
 
     def controller_info(self) -> dict:

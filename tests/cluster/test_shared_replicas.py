@@ -1,0 +1,218 @@
+"""Replicas in a joined Ray cluster: they outlive silent frontends, a slow load is not a stall, a
+hung rank is still replaced, two frontends share replicas without taking each other's outputs,
+and a reused request id is refused without leaking the router's counters.
+
+One Ray cluster serves the module (a tiny random Llama over SmolLM2's tokenizer, so replicas load
+in seconds); each test shuts its controller down, so the next starts clean.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from cluster.api.tpserve.v1 import tpserve_pb2 as pb
+from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
+from tests.cluster.conftest import ServeProcess
+from tests.cluster.helpers import wait_replicas
+
+STALL_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 6, "include_dashboard": False, "node_ip_address": "127.0.0.1", "object_store_memory": 128 << 20})
+    yield "127.0.0.1:" + cluster.address.rsplit(":", 1)[1]
+    cluster.shutdown()
+
+
+class Driver:
+    """This test process as a Ray driver of the module's cluster, for the controller's own view."""
+
+    def __init__(self, gcs):
+        import ray
+
+        self.ray = ray
+        ray.init(address=gcs, namespace="tpserve", log_to_driver=False)
+
+    def controller(self, name):
+        return self.ray.get_actor(f"controller:{name}", namespace="tpserve")
+
+    def shutdown_controller(self, name):
+        try:
+            c = self.controller(name)
+            self.ray.get(c.shutdown.remote(), timeout=60)
+            self.ray.kill(c)
+        except ValueError:
+            pass
+
+    def close(self):
+        self.ray.shutdown()
+
+
+def test_replicas_outlive_silent_frontends_a_slow_load_is_no_stall_and_a_hung_rank_is_replaced(
+        gcs, tiny_text_model):
+    from cluster.controller import ClusterConfig, get_or_create_controller
+    from cluster.serve import ServeOptions, build_spec
+    from workers.engine.core import EngineConfig
+
+    driver = Driver(gcs)
+    try:
+        spec, _ = build_spec(ServeOptions(model=str(tiny_text_model), tp=2, kv_cache_memory=8 << 20))
+        config = ClusterConfig("silent", spec, EngineConfig(), replicas=1, stall_timeout_s=STALL_S)
+        t0 = time.monotonic()
+        controller, created = get_or_create_controller(config, detached=True)  # no frontend, ever
+        assert created and driver.ray.get(controller.wait_ready.remote(timeout_s=120), timeout=130)
+        loaded_in = time.monotonic() - t0
+        assert loaded_in > STALL_S, f"the load ({loaded_in:.1f} s) must outlast the stall timeout for this test"
+        first = driver.ray.get(controller.list_replicas.remote())
+        time.sleep(2 * STALL_S + 1)  # no frontend reports anything: the replica's own pings say "idle"
+        info = driver.ray.get(controller.info.remote())
+        again = driver.ray.get(controller.list_replicas.remote())
+        assert info["restarts"] == 0
+        assert [r["replica_id"] for r in again] == [r["replica_id"] for r in first]
+        assert [r["state"] for r in again] == ["ready"]
+
+        # A hung rank (SIGSTOP) is still found and the replica replaced.
+        pid = next(w["pid"] for w in again[0]["workers"] if w["rank"] == 1)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 60
+            while driver.ray.get(controller.info.remote())["restarts"] < 1:
+                assert time.monotonic() < deadline, "a stopped rank was not replaced"
+                time.sleep(0.2)
+        finally:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        assert driver.ray.get(controller.wait_ready.remote(timeout_s=120), timeout=130)
+        assert driver.ray.get(controller.list_replicas.remote())[0]["replica_id"] != first[0]["replica_id"]
+    finally:
+        driver.shutdown_controller("silent")
+        driver.close()
+
+
+# ---- two frontends, one replica set ------------------------------------------------------------------
+PROMPTS = [[11 + i, 22, 33 + 2 * i, 44] for i in range(8)]
+MAX_TOKENS = 60
+
+
+def greedy(ids):
+    return pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParameters(
+        max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+
+
+class Streams:
+    def __init__(self, server, prompts):
+        self.tokens = [[] for _ in prompts]
+        self.errors: list = []
+        self.threads = [threading.Thread(target=self._run, args=(server, i, p), daemon=True)
+                        for i, p in enumerate(prompts)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, server, i, ids):
+        try:
+            for m in pb_grpc.TpserveServiceStub(server.channel()).Generate(greedy(ids), timeout=120):
+                self.tokens[i] += m.token_ids
+        except grpc.RpcError as e:
+            self.errors.append(e)
+
+    def wait_tokens(self, n, timeout_s=60):
+        deadline = time.monotonic() + timeout_s
+        while min(len(t) for t in self.tokens) < n and not self.errors:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    def join(self):
+        for t in self.threads:
+            t.join(150)
+        assert not any(t.is_alive() for t in self.threads), "a stream hung"
+
+
+@pytest.fixture(scope="module")
+def two_frontends(gcs, tiny_text_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two-frontends")
+    args = ["--model", str(tiny_text_model), "--tp", "2", "--replicas", "2", "--kv-cache-memory", str(8 << 20),
+            "--ray-address", gcs, "--served-model-name", "shared", "--stall-timeout", str(STALL_S)]
+    a = ServeProcess(args, tmp)
+    wait_replicas(a, 2)
+    b = ServeProcess(args, tmp)
+    yield a, b
+    for s in (a, b):
+        if s.proc.poll() is None:
+            s.terminate()
+    driver = Driver(gcs)
+    try:
+        driver.shutdown_controller("shared")
+    finally:
+        driver.close()
+
+
+def metric(server, name: str) -> list[float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    return [float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, flags=re.M)]
+
+
+def test_two_frontends_share_replicas_and_one_dying_leaves_the_others_streams_whole(two_frontends):
+    a, b = two_frontends
+    alone = Streams(a, PROMPTS)
+    alone.join()
+    expected = alone.tokens
+    assert not alone.errors and all(len(t) == MAX_TOKENS for t in expected)
+
+    # 8 streams on each frontend at once, with status calls from both (engine calls with ids that
+    # collided before each frontend had its own channel).
+    on_a, on_b = Streams(a, PROMPTS), Streams(b, PROMPTS)
+    for s in (a, b):
+        st = pb_grpc.TpserveServiceStub(s.channel()).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
+        assert len(st.replicas) == 2
+    on_a.join()
+    on_b.join()
+    assert not on_a.errors and not on_b.errors, on_a.errors + on_b.errors
+    assert on_a.tokens == expected and on_b.tokens == expected
+
+    # One frontend dies mid-stream (SIGKILL: no goodbye); the other's streams finish untouched.
+    on_a, on_b = Streams(a, PROMPTS), Streams(b, PROMPTS)
+    on_a.wait_tokens(2)
+    on_b.wait_tokens(2)
+    a.kill()
+    on_b.join()
+    assert not on_b.errors and on_b.tokens == expected
+    st = pb_grpc.TpserveServiceStub(b.channel()).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
+    assert st.replica_restarts == 0 and len(st.replicas) == 2
+
+
+def test_a_reused_request_id_is_refused_and_leaks_no_count_so_no_replica_restarts(two_frontends):
+    _, b = two_frontends
+    stub = pb_grpc.TpserveServiceStub(b.channel())
+    before = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
+    long = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[5, 6, 7]), request_id="client-42",
+                              sampling=pb.SamplingParameters(max_tokens=200, temperature=0, ignore_eos=True))
+    first = stub.Generate(long, timeout=60)
+    next(iter(first))  # in flight
+    with pytest.raises(grpc.RpcError) as dup:
+        stub.Complete(long, timeout=30)
+    assert dup.value.code() == grpc.StatusCode.ALREADY_EXISTS and "request_id" in dup.value.details()
+    assert sum(len(m.token_ids) for m in first) == 199  # the first one was not disturbed
+    # A client retrying with its own id after the first finished is served.
+    again = stub.Complete(long, timeout=60)
+    assert again.completion_tokens == 200
+    time.sleep(2 * STALL_S + 1)
+    after = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
+    assert after.requests_in_flight == 0 and after.replica_restarts == before.replica_restarts
+    assert {r.replica_id for r in after.replicas} == {r.replica_id for r in before.replicas}
+    assert metric(b, "tpserve_replica_requests_in_flight") == [0.0, 0.0]
+    assert metric(b, "tpserve_replica_outstanding_tokens") == [0.0, 0.0]
