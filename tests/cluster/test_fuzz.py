@@ -1,4 +1,4 @@
-"""Thousands of generated malformed requests against both gRPC APIs of the shared cluster.
+"""Ten thousand generated malformed requests against both gRPC APIs (and health) of the shared cluster.
 
 Each example is a valid request with one defect (or raw bytes that are no message at all); the
 defect decides the status it must get and the field its message must name. Nothing may come
@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from collections import Counter
+
+import psutil
 
 import grpc
 import pytest
@@ -23,7 +26,7 @@ from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from tests.cluster.helpers import greedy_request, stub, wait_blocks_free
 from tests.reliability import record
 
-EXAMPLES = 1500  # per API (a quarter of the KServe ones go through ModelStreamInfer)
+EXAMPLES = 4500  # per API (a quarter of the KServe ones go through ModelStreamInfer); 1,000 health names
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
@@ -53,7 +56,8 @@ def v1_case(draw) -> tuple[bytes | pb.GenerateRequest, set, str]:
         "model", "empty_prompt", "non_utf8_prompt", "over_context", "over_chars", "temperature", "top_p", "top_k",
         "min_p", "repetition_penalty", "penalty", "max_tokens_zero", "max_tokens_absurd", "logprobs", "stop_empty",
         "stop_many", "stop_token_ids", "token_ids_empty", "token_ids_vocab", "role", "no_messages", "no_input",
-        "seed", "request_id", "stop_long", "garbage"]))
+        "seed", "request_id", "stop_long", "huge_request_id", "huge_chat", "huge_stop_list", "huge_stop_ids",
+        "cache_salt", "garbage"]))
     ok = "Hello there"
     if kind == "model":
         name = draw(st.text(min_size=1, max_size=20).filter(lambda s: s != "smollm2-135m"))
@@ -120,16 +124,37 @@ def v1_case(draw) -> tuple[bytes | pb.GenerateRequest, set, str]:
     if kind == "stop_long":
         return pb.GenerateRequest(prompt=ok, sampling=sampling(stop=["y" * draw(st.integers(257, 5000))])), \
             {INVALID}, "stop"
+    if kind == "huge_request_id":
+        rid = "r" * draw(st.integers(10_000, 200_000))
+        return pb.GenerateRequest(prompt=ok, request_id=rid, sampling=sampling()), {INVALID}, "request_id"
+    if kind == "huge_chat":  # more than 1M characters over several messages: the one that crosses is named
+        n = draw(st.integers(2, 5))
+        each = 1_000_000 // n + draw(st.integers(1, 50_000))
+        msgs = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="z" * each) for _ in range(n)])
+        return pb.GenerateRequest(messages=msgs, sampling=sampling()), {INVALID}, "].content"
+    if kind == "huge_stop_list":
+        stops = ["s"] * draw(st.integers(17, 100_000))
+        return pb.GenerateRequest(prompt=ok, sampling=sampling(stop=stops)), {INVALID}, "stop"
+    if kind == "huge_stop_ids":
+        ids = [1] * draw(st.integers(65, 1_000_000))
+        return pb.GenerateRequest(prompt=ok, sampling=sampling(stop_token_ids=ids)), {INVALID}, "stop_token_ids"
+    if kind == "cache_salt":
+        return pb.GenerateRequest(prompt=ok, cache_salt="c" * draw(st.integers(257, 100_000)),
+                                  sampling=sampling()), {INVALID}, "cache_salt"
     # Bytes that are (almost always) no GenerateRequest; when they do parse, whatever they ask
     # for must still get a clean answer.
     return draw(garbage), {INVALID, NOT_FOUND, grpc.StatusCode.OK}, ""
 
 
 @pytest.fixture(scope="module")
-def seen():
+def seen(cluster):
     counts: dict[str, Counter] = {"tpserve.v1": Counter(), "kserve": Counter(), "kserve-stream": Counter()}
+    frontend = psutil.Process(cluster.proc.pid)
+    before = frontend.memory_info().rss
     yield counts
-    record("fuzz", {api: dict(c) for api, c in counts.items()})
+    total = sum(sum(c.values()) for c in counts.values())
+    record("fuzz", {**{api: dict(c) for api, c in counts.items()}, "requests": total,
+                    "frontend_rss_growth_mb": round((frontend.memory_info().rss - before) / 2**20, 1)})
 
 
 def outcome(call) -> tuple[grpc.StatusCode, str]:
@@ -186,7 +211,7 @@ def kserve_case(draw):
         "model", "version", "no_text", "text_dtype", "text_shape", "text_utf8", "text_empty", "text_truncated",
         "no_max_tokens", "max_tokens_value", "max_tokens_dtype", "max_tokens_bytes", "temperature", "top_p",
         "top_k", "seed", "json_bad", "json_not_object", "json_unknown", "json_type", "json_value", "unknown_input",
-        "buffer_count", "garbage"]))
+        "buffer_count", "bomb", "huge_id", "bad_id", "shape", "dtype", "stop_words", "garbage"]))
     if kind == "model":
         name = draw(st.text(min_size=0, max_size=20).filter(lambda s: s != "smollm2-135m"))
         return kserve_request([text, max_tokens], model=name), {NOT_FOUND}, "model"
@@ -259,6 +284,41 @@ def kserve_case(draw):
             "text_input", "max_tokens", "stream", "temperature", "top_p", "top_k", "random_seed", "stop_words",
             "sampling_parameters")))
         return kserve_request([text, max_tokens, tensor(name, "INT32", [1], b"\x01\x00\x00\x00")]), {INVALID}, ""
+    if kind == "bomb":
+        body = draw(st.sampled_from([
+            '{"seed": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000, '{"a": ' + "[" * 100_000,
+            '{"stop": ["' + "q" * 70_000 + '"]}', '{"temperature": 1' + "0" * 5000 + "}"]))
+        return kserve_request([text, max_tokens, tensor("sampling_parameters", "BYTES", [1], bytes_el(body.encode()))]), \
+            {INVALID}, "sampling_parameters"
+    if kind == "huge_id":
+        req = kserve_request([text, max_tokens])
+        req.id = "i" * draw(st.integers(257, 200_000))
+        return req, {INVALID}, "id"
+    if kind == "bad_id":
+        req = kserve_request([text, max_tokens])
+        req.id = draw(st.sampled_from(["a\nb", "\x00", "\x1b[31m"]))
+        return req, {INVALID}, "id"
+    if kind == "shape":
+        name, dt, raw = draw(st.sampled_from([("max_tokens", "INT32", struct.pack("<ii", 2, 2)),
+                                              ("temperature", "FP32", struct.pack("<ff", 1, 1)),
+                                              ("stream", "BOOL", b"\x01\x01")]))
+        shape = draw(st.sampled_from([[2], [1, 2], [2, 1]]))
+        return kserve_request([text, tensor(name, dt, shape, raw)] + ([] if name == "max_tokens" else [max_tokens])), \
+            {INVALID}, name
+    if kind == "dtype":
+        name = draw(st.sampled_from(["max_tokens", "temperature", "top_p", "top_k", "random_seed", "stream",
+                                     "stop_words", "sampling_parameters"]))
+        dt = draw(st.sampled_from(["BYTES", "FP16", "BF16", "INT8", "UINT8", "INT16", "", "int32"]))
+        ok_types = {"max_tokens": "INT32", "temperature": "FP32", "top_p": "FP32", "top_k": "INT32",
+                    "random_seed": "UINT64", "stream": "BOOL", "stop_words": "BYTES", "sampling_parameters": "BYTES"}
+        if dt == ok_types[name]:
+            dt = "FP16"
+        extra = [] if name == "max_tokens" else [max_tokens]
+        return kserve_request([text, tensor(name, dt, [1], b"\x01\x00\x00\x00")] + extra), {INVALID}, name
+    if kind == "stop_words":
+        n = draw(st.integers(17, 20_000))
+        return kserve_request([text, max_tokens, tensor("stop_words", "BYTES", [n], bytes_el(b"w") * n)]), \
+            {INVALID}, "stop"
     if kind == "buffer_count":
         req = kserve_request([text, max_tokens])
         req.raw_input_contents.append(b"extra")
@@ -267,14 +327,15 @@ def kserve_case(draw):
 
 
 def stream_status(responses) -> tuple[grpc.StatusCode, str]:
-    """ModelStreamInfer reports a request's error in-stream as 'CODE: message'."""
+    """ModelStreamInfer reports a request's error in-stream as 'CODE: message'; a stream that ends
+    without an error or a final response left its request unanswered."""
     for r in responses:
         if r.error_message:
             name, _, message = r.error_message.partition(": ")
             return grpc.StatusCode[name], message
         if r.infer_response.parameters["triton_final_response"].bool_param:
             return grpc.StatusCode.OK, ""
-    return grpc.StatusCode.OK, ""
+    return grpc.StatusCode.UNKNOWN, "the stream ended without answering the request"
 
 
 def test_malformed_kserve_requests_get_the_expected_status(cluster, seen):
@@ -297,6 +358,61 @@ def test_malformed_kserve_requests_get_the_expected_status(cluster, seen):
 
     one()
     assert_healthy_and_idle(cluster)
+
+
+# ---- health -------------------------------------------------------------------------------------------
+def test_health_names_are_bounded_and_unknown_ones_answered(cluster, seen):
+    health = health_pb2_grpc.HealthStub(cluster.channel())
+    seen["health"] = Counter()
+
+    @settings(max_examples=1000, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.text(min_size=257, max_size=5000), st.text(max_size=40)), st.booleans())
+    def one(name, watch):
+        request = health_pb2.HealthCheckRequest(service=name)
+        if watch:
+            call = health.Watch(request, timeout=10)
+            code, details = outcome(lambda: (grpc.StatusCode.OK, str(next(call).status)))
+            call.cancel()
+        else:
+            code, details = outcome(lambda: health.Check(request, timeout=10))
+        seen["health"][code.name] += 1
+        known = name in ("", "liveness", "smollm2-135m")
+        if len(name) > 256:
+            check(code, details, {INVALID}, "service", name)
+        elif watch:
+            assert code == grpc.StatusCode.OK and (known or details == str(health_pb2.HealthCheckResponse.SERVICE_UNKNOWN))
+        else:
+            assert code == (grpc.StatusCode.OK if known else NOT_FOUND), (name, code, details)
+
+    one()
+    assert_healthy_and_idle(cluster)
+
+
+def test_open_health_watches_are_bounded(cluster):
+    from cluster.frontend.health import MAX_WATCHES
+
+    health = health_pb2_grpc.HealthStub(cluster.channel())
+    calls = [health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30) for _ in range(MAX_WATCHES)]
+    try:
+        for c in calls:
+            assert next(c).status == health_pb2.HealthCheckResponse.SERVING
+        extra = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(extra)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        for c in calls:
+            c.cancel()
+    deadline = time.monotonic() + 10
+    while True:  # the cancelled watches are gone: a new one is served
+        probe = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        code, _ = outcome(lambda: (grpc.StatusCode.OK, next(probe)))
+        probe.cancel()
+        if code == grpc.StatusCode.OK or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert code == grpc.StatusCode.OK
 
 
 def test_a_message_beyond_the_size_limit_is_refused_by_grpc_and_the_server_serves_on(cluster):

@@ -1,0 +1,118 @@
+"""No request stalls the frontend's event loop: huge chat requests are refused (or tokenized off the
+loop) while streams keep their pace and the liveness probe answers in time."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.api.tpserve.v1 import tpserve_pb2 as pb
+from cluster.frontend.validate import MAX_PROMPT_CHARS
+from tests.cluster.helpers import stub, wait_blocks_free
+from tests.reliability import record
+
+STREAMS, TOKENS = 8, 40
+
+
+def run_streams() -> tuple[float, list]:
+    """8 greedy streams at once; (the worst gap between two token deliveries, errors)."""
+    gaps, errors = [], []
+
+    def one(i):
+        try:
+            last = None
+            for m in stub_.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[100 + i, 200, 300]),
+                                                       sampling=pb.SamplingParameters(max_tokens=TOKENS, temperature=0,
+                                                                                      ignore_eos=True)), timeout=120):
+                now = time.monotonic()
+                if last is not None and m.token_ids:
+                    gaps.append(now - last)
+                last = now
+        except grpc.RpcError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(STREAMS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return max(gaps), errors
+
+
+def chat(content_chars: int, messages: int = 1) -> pb.GenerateRequest:
+    each = content_chars // messages
+    return pb.GenerateRequest(messages=pb.ChatMessages(messages=[
+        pb.ChatMessage(role="user", content="w" * each) for _ in range(messages)]),
+        sampling=pb.SamplingParameters(max_tokens=4))
+
+
+def test_huge_chat_requests_do_not_stall_streams_or_the_liveness_probe(cluster):
+    global stub_
+    stub_ = stub(cluster)
+    run_streams()  # warm
+    quiet = [run_streams() for _ in range(2)]  # the quiet worst gap, over two runs (this box is noisy)
+    assert not any(errors for _, errors in quiet)
+    quiet_gap = max(gap for gap, _ in quiet)
+
+    probes: list[float | None] = []
+    stop = threading.Event()
+
+    def probe():  # as the kubelet would: every second, with a one-second timeout
+        health = health_pb2_grpc.HealthStub(cluster.channel())
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=1).status
+                probes.append(time.monotonic() - t0 if status == health_pb2.HealthCheckResponse.SERVING else None)
+            except grpc.RpcError:
+                probes.append(None)
+            stop.wait(max(0.0, 1 - (time.monotonic() - t0)))
+
+    outcomes: list[tuple[str, grpc.StatusCode, str]] = []
+
+    def flood():
+        big = 15 << 20  # 15 MiB of chat content: under gRPC's 16 MiB, so the server itself must refuse it
+        requests = [("15MiB", chat(big, messages=1 + i)) for i in range(4)]
+        requests += [("90%", chat(int(0.9 * MAX_PROMPT_CHARS), messages=1 + i)) for i in range(4)]
+
+        def send(label, req):
+            try:
+                stub_.Complete(req, timeout=120)
+                outcomes.append((label, grpc.StatusCode.OK, ""))
+            except grpc.RpcError as e:
+                outcomes.append((label, e.code(), e.details()))
+
+        senders = [threading.Thread(target=send, args=r) for r in requests]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(180)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    time.sleep(0.3)  # the big messages are on their way while the streams run
+    loaded_gap, errors = run_streams()
+    flooder.join()
+    stop.set()
+    prober.join()
+
+    assert not errors
+    assert len(outcomes) == 8
+    for label, code, details in outcomes:
+        if label == "15MiB":
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "messages[" in details and "].content" in details, \
+                (label, code, details[:200])
+        else:  # within the character bound: served, or refused on its (token) length
+            assert code == grpc.StatusCode.OK or (code == grpc.StatusCode.INVALID_ARGUMENT and "tokens" in details), \
+                (label, code, details[:200])
+    assert loaded_gap < 2 * quiet_gap, (loaded_gap, quiet_gap)
+    assert probes and all(p is not None and p < 1.0 for p in probes), probes
+    st = wait_blocks_free(cluster)
+    assert all(r.kv_blocks_free == r.kv_blocks_total for r in st.replicas)
+    record("event_loop", {"streams": STREAMS, "huge_requests": 8, "worst_gap_quiet_s": round(quiet_gap, 3),
+                          "worst_gap_with_huge_s": round(loaded_gap, 3), "probes": len(probes),
+                          "worst_probe_s": round(max(probes), 3)})
