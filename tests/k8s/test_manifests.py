@@ -83,11 +83,16 @@ def test_ports_probes_service_and_scrape_agree_with_the_serve_command(overlay):
     assert ports["grpc"]["targetPort"] == port
     assert ports["grpc"]["appProtocol"] == ("https" if tls else "kubernetes.io/h2c")
     assert "health" not in ports  # probes come from the kubelet, not through the Service
-    assert ports["metrics"]["targetPort"] == metrics
+    assert set(ports) == {"grpc"}  # clients' port only: metrics are scraped from the pods
     assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) == metrics
+    assert flag(cmd, "--metrics-host") == "0.0.0.0"  # reachable in the pod (loopback is the default)
     assert {p["containerPort"] for p in c["ports"]} == {port, metrics, health}
-    policy = find(docs, "NetworkPolicy", "tpserve-frontend")["spec"]["ingress"][0]["ports"]
-    assert {p["port"] for p in policy} == {port, metrics, health}
+    rules = find(docs, "NetworkPolicy", "tpserve-frontend")["spec"]["ingress"]
+    open_ports = {p["port"] for r in rules if "from" not in r for p in r.get("ports", [])}
+    assert open_ports == {port, health}
+    metric_rules = [r for r in rules if any(p["port"] == metrics for p in r.get("ports", []))]
+    assert metric_rules and all(r["from"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}] for r in metric_rules)
     if tls:  # every file the flags name comes from a mounted Secret
         mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
         secrets = {v["name"] for v in pod["spec"]["volumes"] if "secret" in v}
@@ -139,3 +144,92 @@ def test_every_image_is_the_one_the_dockerfile_builds_and_pods_are_locked_down(o
                 assert "requests" in c["resources"] and "limits" in c["resources"]
     ray = find(render(overlay), "RayCluster")
     assert ray["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+
+
+def pod_specs(docs) -> list[tuple[str, dict]]:
+    """(name, pod spec) of every pod template in the rendered manifests, Ray's included."""
+    pods = []
+    for d in docs:
+        if d["kind"] == "RayCluster":
+            pods.append(("ray-head", d["spec"]["headGroupSpec"]["template"]["spec"]))
+            pods += [(f"ray-{g['groupName']}", g["template"]["spec"]) for g in d["spec"]["workerGroupSpecs"]]
+        elif (d.get("spec", {}).get("template", {}) or {}).get("spec"):
+            pods.append((d["metadata"]["name"], d["spec"]["template"]["spec"]))
+    return pods
+
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """The Kubernetes "restricted" Pod Security Standard (baseline included), rule by rule, plus
+    our own: no service-account token is mounted (no pod here talks to the API server)."""
+    bad = []
+    psc = pod.get("securityContext", {})
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            bad.append(key)
+    for v in pod.get("volumes", []):
+        kinds = {k for k, val in v.items() if k != "name" and val is not None}
+        if not kinds <= RESTRICTED_VOLUMES:
+            bad.append(f"volume {v['name']}: {kinds - RESTRICTED_VOLUMES}")
+    if pod.get("automountServiceAccountToken") is not False:
+        bad.append("automountServiceAccountToken is not false")
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = c.get("securityContext", {})
+        if sc.get("privileged"):
+            bad.append(f"{c['name']}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{c['name']}: allowPrivilegeEscalation")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{c['name']}: capabilities")
+        if not sc.get("runAsNonRoot", psc.get("runAsNonRoot")):
+            bad.append(f"{c['name']}: runAsNonRoot")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            bad.append(f"{c['name']}: runAsUser 0")
+        seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{c['name']}: seccompProfile {seccomp}")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            bad.append(f"{c['name']}: hostPort")
+        for key in ("procMount", "appArmorProfile"):
+            if key in sc and sc[key] not in ("Default", {"type": "RuntimeDefault"}, {"type": "Localhost"}):
+                bad.append(f"{c['name']}: {key}")
+    return bad
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_meets_the_restricted_pod_security_standard(overlay):
+    pods = pod_specs(render(overlay))
+    assert {"ray-head", "ray-replicas", "tpserve-frontend"} <= {name for name, _ in pods}
+    for name, pod in pods:
+        assert restricted_violations(pod) == [], name
+
+
+def test_the_restricted_check_finds_what_it_forbids():
+    _, pod = next(p for p in pod_specs(render("cpu-dev")) if p[0] == "tpserve-frontend")
+    for mutate, expected in (
+            (lambda p: p["securityContext"].pop("seccompProfile"), "seccompProfile"),
+            (lambda p: p.pop("automountServiceAccountToken"), "automountServiceAccountToken"),
+            (lambda p: p.update(hostNetwork=True), "hostNetwork"),
+            (lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "volume h"),
+            (lambda p: p["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+             "capabilities")):
+        broken = copy.deepcopy(pod)
+        mutate(broken)
+        assert any(expected in v for v in restricted_violations(broken)), expected
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_token_auth_is_on_everywhere_from_one_secret(overlay):
+    docs = render(overlay)
+    refs = []
+    for name, pod in pod_specs(docs):
+        for c in pod["containers"]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert env["RAY_AUTH_MODE"]["value"] == "token", (name, c["name"])
+            refs.append(env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"])
+            assert "value" not in env["RAY_AUTH_TOKEN"]  # never a literal token in a manifest
+    assert len(refs) == 3 and all(r == refs[0] for r in refs)  # head, workers and the frontend (a Ray Client)
