@@ -169,3 +169,20 @@ def test_bench_reaches_a_tls_server_with_the_token(tls_server, certs, token_file
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads(out.read_text())["runs"][0]["summary"]
     assert summary["completed"] == 4 and summary["failed"] == 0, summary
+
+
+def test_status_shows_no_pids_or_addresses_and_metrics_listen_on_loopback_by_default(tls_server, certs):
+    import psutil
+
+    with tls_channel(tls_server, certs) as ch:
+        v1 = pb_grpc.TpserveServiceStub(ch)
+        auth = [("authorization", f"Bearer {TOKEN}")]
+        first = v1.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30, metadata=auth)
+        v1.Complete(REQUEST, timeout=30, metadata=auth)
+        cached = v1.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30, metadata=auth)
+    assert first.replicas and all(len(r.workers) == 0 for r in first.replicas)  # no --expose-topology
+    # Within a second the replicas are not asked again (the step counter has not moved yet).
+    assert [r.steps for r in cached.replicas] == [r.steps for r in first.replicas]
+    listening = {c.laddr for c in psutil.Process(tls_server.proc.pid).net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == tls_server.metrics_port}
+    assert listening and {a.ip for a in listening} == {"127.0.0.1"}
