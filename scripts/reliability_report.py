@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/cluster/test_faults.py", "tests/cluster/test_fuzz.py", "tests/cluster/test_soak.py",
-         "tests/cluster/test_security.py",
+         "tests/cluster/test_security.py", "tests/cluster/test_event_loop.py", "tests/cluster/test_shared_replicas.py",
          "tests/cluster/test_lifecycle.py::test_a_node_that_goes_away_loses_no_request_and_its_replica_is_replaced"]
 
 
@@ -43,9 +43,26 @@ def rows(records: list[dict]) -> list[tuple[str, str, str, str, str]]:
                                               "replaced on the surviving node"))
         elif k == "fuzz":
             for api, seen in r.items():
-                if api != "kind":
+                if isinstance(seen, dict):
                     out.append((f"malformed requests, {api}", f"{sum(seen.values())} generated", "0",
-                                statuses(seen), "no UNKNOWN/INTERNAL; healthy after; every KV block free"))
+                                statuses(seen), "no UNKNOWN/INTERNAL; every stream answered; healthy after; "
+                                                "every KV block free"))
+            out.append(("malformed requests, all", f"{r['requests']} generated", "0", "-",
+                        f"frontend RSS growth {r['frontend_rss_growth_mb']:+.1f} MB"))
+        elif k == "event_loop":
+            out.append(("huge requests vs the event loop", f"{r['huge_requests']} chat requests of 15 MiB / 0.9 M "
+                                                            f"characters beside {r['streams']} streams", "0",
+                        "INVALID_ARGUMENT for the 8", f"worst inter-token gap {r['worst_gap_with_huge_s']} s "
+                                                       f"(quiet {r['worst_gap_quiet_s']} s); {r['probes']} liveness "
+                                                       f"probes, slowest {r['worst_probe_s']} s"))
+        elif k == "frontends":
+            out.append(("two frontends, one killed", f"{r['streams']} greedy streams over 2 frontends; one SIGKILLed "
+                                                     "mid-stream", "0", f"OK {r['survivor_streams']} (survivor)",
+                        "tokens equal a single-frontend run; 0 replica restarts"))
+        elif k == "silence":
+            out.append(("no frontend at all", f"{r['silent_s']} s without a frontend (stall timeout "
+                                              f"{r['stall_timeout_s']} s), a load of {r['load_s']} s", "-", "-",
+                        f"{r['restarts']} restarts; a SIGSTOPped rank replaced in {r['hung_replaced_s']} s"))
         elif k == "soak":
             growth = ", ".join(f"{name.replace('-', ' of ')} {mb:+.1f}" for name, mb in r["rss_growth_mb"].items())
             out.append(("soak", f"{r['requests']} short requests, ~20% cancelled, ~20% short deadlines", "0",

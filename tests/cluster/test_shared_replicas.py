@@ -21,6 +21,7 @@ from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
 from tests.cluster.conftest import ServeProcess
 from tests.cluster.helpers import wait_replicas
+from tests.reliability import record
 
 STALL_S = 2.0
 
@@ -87,11 +88,13 @@ def test_replicas_outlive_silent_frontends_a_slow_load_is_no_stall_and_a_hung_ra
         # A hung rank (SIGSTOP) is still found and the replica replaced.
         pid = next(w["pid"] for w in again[0]["workers"] if w["rank"] == 1)
         os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
         try:
             deadline = time.monotonic() + 60
             while driver.ray.get(controller.info.remote())["restarts"] < 1:
                 assert time.monotonic() < deadline, "a stopped rank was not replaced"
                 time.sleep(0.2)
+            replaced = time.monotonic()
         finally:
             try:
                 os.kill(pid, signal.SIGCONT)
@@ -99,6 +102,8 @@ def test_replicas_outlive_silent_frontends_a_slow_load_is_no_stall_and_a_hung_ra
                 pass
         assert driver.ray.get(controller.wait_ready.remote(timeout_s=120), timeout=130)
         assert driver.ray.get(controller.list_replicas.remote())[0]["replica_id"] != first[0]["replica_id"]
+        record("silence", {"silent_s": 2 * STALL_S + 1, "stall_timeout_s": STALL_S, "load_s": round(loaded_in, 1),
+                           "restarts": info["restarts"], "hung_replaced_s": round(replaced - stopped, 1)})
     finally:
         driver.shutdown_controller("silent")
         driver.close()
@@ -193,6 +198,7 @@ def test_two_frontends_share_replicas_and_one_dying_leaves_the_others_streams_wh
     assert not on_b.errors and on_b.tokens == expected
     st = pb_grpc.TpserveServiceStub(b.channel()).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
     assert st.replica_restarts == 0 and len(st.replicas) == 2
+    record("frontends", {"streams": 2 * len(PROMPTS), "survivor_streams": len(PROMPTS)})
 
 
 def test_a_reused_request_id_is_refused_and_leaks_no_count_so_no_replica_restarts(two_frontends):
