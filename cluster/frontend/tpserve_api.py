@@ -66,6 +66,9 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
         elif kind == "messages":
             prompt = PromptInput(kind, messages=messages_of(request.messages))
         elif kind == "prompt_token_ids":
+            n = len(request.prompt_token_ids.ids)
+            if n >= self.fe.limits.max_model_len:  # before copying millions of ids out of the message
+                raise InvalidArgument(kind, f"{n} tokens; the context holds {self.fe.limits.max_model_len}")
             prompt = PromptInput(kind, token_ids=list(request.prompt_token_ids.ids))
         else:
             raise InvalidArgument("input", f"give one of {text_field}, messages"
@@ -137,9 +140,14 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
                 self._status = (time.monotonic(), await self._cluster_status())
         reply = pb.ClusterStatus()
         reply.CopyFrom(self._status[1])
-        # Live counters of this frontend are not cached.
-        reply.requests_in_flight, reply.requests_refused = self.fe.router.in_flight, self.fe.router.refused
+        # This frontend's own counters cost nothing to read: they are live, not cached.
+        router = self.fe.router
+        reply.requests_in_flight, reply.requests_refused = router.in_flight, router.refused
         reply.requests_resumed = self.fe.resumed
+        for r in reply.replicas:
+            h = router.replicas.get(r.replica_id)
+            if h is not None:
+                r.requests_routed = h.routed
         return reply
 
     async def _cluster_status(self) -> pb.ClusterStatus:

@@ -53,11 +53,11 @@ def finite(field: str, value: float) -> float:
 def check_prompt_ids(ids: list[int], max_tokens: int, limits: ModelLimits, field: str = "prompt") -> list[int]:
     if not ids:
         raise InvalidArgument(field, "is empty")
+    if len(ids) >= limits.max_model_len:  # before the scan below: a list may hold millions of ids
+        raise InvalidArgument(field, f"{len(ids)} tokens; the context holds {limits.max_model_len}")
     bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
     if bad is not None:
         raise InvalidArgument(field, f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
-    if len(ids) >= limits.max_model_len:
-        raise InvalidArgument(field, f"{len(ids)} tokens; the context holds {limits.max_model_len}")
     if len(ids) + max_tokens > limits.max_model_len:
         raise InvalidArgument("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                                             f"the context of {limits.max_model_len} tokens")

@@ -13,7 +13,7 @@ from cluster.frontend.validate import MAX_PROMPT_CHARS
 from tests.cluster.helpers import stub, wait_blocks_free
 from tests.reliability import record
 
-STREAMS, TOKENS = 8, 40
+STREAMS, TOKENS = 8, 24
 
 
 def run_streams() -> tuple[float, list]:
@@ -51,7 +51,6 @@ def chat(content_chars: int, messages: int = 1) -> pb.GenerateRequest:
 def test_huge_chat_requests_do_not_stall_streams_or_the_liveness_probe(cluster):
     global stub_
     stub_ = stub(cluster)
-    run_streams()  # warm
     quiet = [run_streams() for _ in range(2)]  # the quiet worst gap, over two runs (this box is noisy)
     assert not any(errors for _, errors in quiet)
     quiet_gap = max(gap for gap, _ in quiet)

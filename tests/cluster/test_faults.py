@@ -155,8 +155,11 @@ def test_with_no_replica_to_resume_on_the_client_gets_unavailable_after_the_resu
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
         assert "resume" in info.value.details()
         assert 0.5 <= waited < 5, waited
-        after = wait_replicas(server, 1)
-        assert after.replica_restarts == 1 and after.replicas[0].state == pb.REPLICA_STATE_READY
+        deadline = time.monotonic() + 120  # (the status is cached for a second: it may predate the kill)
+        while (after := wait_replicas(server, 1)).replica_restarts != 1:
+            assert time.monotonic() < deadline, after
+            time.sleep(0.5)
+        assert after.replicas[0].state == pb.REPLICA_STATE_READY
         assert stub(server).Complete(pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParameters(max_tokens=3)),
                                      timeout=60).completion_tokens == 3
     finally:

@@ -26,7 +26,7 @@ from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from tests.cluster.helpers import greedy_request, stub, wait_blocks_free
 from tests.reliability import record
 
-EXAMPLES = 4500  # per API (a quarter of the KServe ones go through ModelStreamInfer); 1,000 health names
+EXAMPLES = 5000  # per API (a quarter of the KServe ones go through ModelStreamInfer); 1,000 health names
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
@@ -57,7 +57,7 @@ def v1_case(draw) -> tuple[bytes | pb.GenerateRequest, set, str]:
         "min_p", "repetition_penalty", "penalty", "max_tokens_zero", "max_tokens_absurd", "logprobs", "stop_empty",
         "stop_many", "stop_token_ids", "token_ids_empty", "token_ids_vocab", "role", "no_messages", "no_input",
         "seed", "request_id", "stop_long", "huge_request_id", "huge_chat", "huge_stop_list", "huge_stop_ids",
-        "cache_salt", "garbage"]))
+        "cache_salt", "huge_token_ids", "garbage"]))
     ok = "Hello there"
     if kind == "model":
         name = draw(st.text(min_size=1, max_size=20).filter(lambda s: s != "smollm2-135m"))
@@ -136,8 +136,12 @@ def v1_case(draw) -> tuple[bytes | pb.GenerateRequest, set, str]:
         stops = ["s"] * draw(st.integers(17, 100_000))
         return pb.GenerateRequest(prompt=ok, sampling=sampling(stop=stops)), {INVALID}, "stop"
     if kind == "huge_stop_ids":
-        ids = [1] * draw(st.integers(65, 1_000_000))
+        ids = [1] * draw(st.integers(65, 100_000))
         return pb.GenerateRequest(prompt=ok, sampling=sampling(stop_token_ids=ids)), {INVALID}, "stop_token_ids"
+    if kind == "huge_token_ids":
+        ids = [7] * draw(st.integers(1024, 200_000))
+        return pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=ids), sampling=sampling()), {INVALID}, \
+            "prompt_token_ids"
     if kind == "cache_salt":
         return pb.GenerateRequest(prompt=ok, cache_salt="c" * draw(st.integers(257, 100_000)),
                                   sampling=sampling()), {INVALID}, "cache_salt"
