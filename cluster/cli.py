@@ -62,7 +62,7 @@ def cmd_serve(args) -> int:
                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                         auth_token_file=args.auth_token_file, health_port=args.health_port,
                         metrics_host=args.metrics_host, stall_timeout_s=args.stall_timeout,
-                        expose_topology=args.expose_topology)
+                        expose_topology=args.expose_topology, http_port=args.http_port)
     return serve(opts, ready_file=args.ready_file)
 
 
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start an embedded one)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health); 0: off")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics (0: off)")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address the metrics endpoint binds (loopback by default; 0.0.0.0 in a pod)")

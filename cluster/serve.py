@@ -33,6 +33,7 @@ class ServeOptions:
     ray_address: str | None = None
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int = 8000  # the OpenAI-compatible HTTP API; 0 turns it off
     metrics_port: int = 9090
     metrics_host: str = "127.0.0.1"  # Prometheus scrapes from outside only when this is opened up
     served_model_name: str | None = None
@@ -61,7 +62,7 @@ class ServeOptions:
         for name in ("resume_timeout_s", "collective_timeout_s", "drain_timeout_s", "stall_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name.removesuffix("_s").replace("_", "-"), f"must be > 0 seconds, got {getattr(self, name)}")
-        for name in ("port", "metrics_port", "health_port"):
+        for name in ("port", "http_port", "metrics_port", "health_port"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(name.replace("_", "-"), f"{getattr(self, name)} is not a TCP port")
         if self.device not in ("cpu", "cuda"):
@@ -146,6 +147,13 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
     server = Server(frontend, opts.host, opts.port, tls=opts.tls, token=read_token(opts.auth_token_file),
                     health_port=opts.health_port, expose_topology=opts.expose_topology)
     await server.start()
+    http = None
+    if opts.http_port:
+        from cluster.frontend.openai_api import HttpServer, OpenAIApi
+
+        http = HttpServer(OpenAIApi(frontend, server.is_ready, read_token(opts.auth_token_file)), opts.host,
+                          opts.http_port, tls=opts.tls)
+        await http.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -153,8 +161,9 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
     security = ("TLS" if not opts.tls_client_ca else "mutual TLS") if opts.tls.enabled else "plaintext"
     security += ", bearer token" if opts.auth_token_file else ""
     health = f"; health also on plaintext :{server.health_port}" if server.health_port else ""
+    openai = f"; OpenAI-compatible HTTP on {opts.host}:{http.port}" if http else ""
     print(f"tpserve: serving {name!r} on {opts.host}:{server.port} ({security}; tpserve.v1, KServe v2, health, "
-          f"reflection); metrics on {opts.metrics_host}:{opts.metrics_port}{health}", flush=True)
+          f"reflection){openai}; metrics on {opts.metrics_host}:{opts.metrics_port}{health}", flush=True)
     announced, controller_error = False, None
     try:
         while not stop.is_set():
@@ -183,6 +192,8 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
         deadline = loop.time() + opts.drain_timeout_s
         while router.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.1)
+        if http is not None:
+            await http.stop()
         await server.stop(grace_s=1.0)
     finally:
         router.close()

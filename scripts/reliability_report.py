@@ -43,7 +43,7 @@ def rows(records: list[dict]) -> list[tuple[str, str, str, str, str]]:
                                               "replaced on the surviving node"))
         elif k == "fuzz":
             for api, seen in r.items():
-                if isinstance(seen, dict):
+                if isinstance(seen, dict) and seen:
                     out.append((f"malformed requests, {api}", f"{sum(seen.values())} generated", "0",
                                 statuses(seen), "no UNKNOWN/INTERNAL; every stream answered; healthy after; "
                                                 "every KV block free"))

@@ -17,7 +17,10 @@ from workers.errors import ConfigError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help="host:port of the server (the only address contacted)")
-    p.add_argument("--protocol", default="tpserve", choices=["tpserve", "kserve"])
+    p.add_argument("--protocol", default="tpserve", choices=["tpserve", "kserve", "openai"])
+    p.add_argument("--http-target", default=None,
+                   help="host:port of the OpenAI-compatible HTTP API for --protocol openai (default: the "
+                        "--target host, port 8000); --target still answers the model and cluster queries")
     p.add_argument("--model", default="", help="model name (default: the server's)")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, help="closed loop: requests always in flight")
@@ -54,6 +57,10 @@ def _pair(flag: str, text: str) -> tuple[int, int]:
     if not 1 <= lo <= hi:
         raise ConfigError(flag, f"need 1 <= LO <= HI, got {text!r}")
     return lo, hi
+
+
+def http_target(args) -> str:
+    return args.http_target or f"{args.target.rsplit(':', 1)[0]}:8000"
 
 
 def server_info(target: str, security: ClientSecurity | None = None) -> dict:
@@ -108,7 +115,7 @@ def run_bench(args) -> int:
         label = f"rate {point:g}/s" if args.request_rate else f"conc {int(point)}"
         if warm:
             asyncio.run(run_load(args.target, args.protocol, model, warm, LoadSpec(concurrency=len(warm)),
-                                  security=ClientSecurity.from_args(args)))
+                                  security=ClientSecurity.from_args(args), http_target=http_target(args)))
         records, duration = _run_with_progress(args, model, measured, load, label)
         run = {"load": asdict(load), "load_label": label, "summary": summarize(records, duration, slo),
                "records": [record_dict(r) for r in records]}
@@ -119,7 +126,8 @@ def run_bench(args) -> int:
     overhead = harness_overhead_ms()
     after = server_info(args.target, ClientSecurity.from_args(args))  # counters after the run
     report = {"harness_version": HARNESS_VERSION, "name": args.name or f"{model}", "target": args.target,
-              "protocol": args.protocol, "workload": asdict(spec), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "protocol": args.protocol, "http_target": http_target(args) if args.protocol == "openai" else None,
+              "workload": asdict(spec), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "harness_overhead_ms_per_chunk": overhead, "server": after, "runs": runs}
     print(f"harness overhead: {overhead * 1e3:.2f} us of client-side work per timed token chunk")
     if args.out:
@@ -136,14 +144,15 @@ def run_bench(args) -> int:
 def _run_with_progress(args, model, requests, load, label):
     if args.no_progress:
         return asyncio.run(run_load(args.target, args.protocol, model, requests, load,
-                                    security=ClientSecurity.from_args(args)))
+                                    security=ClientSecurity.from_args(args), http_target=http_target(args)))
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=True) as bar:
         task = bar.add_task(label, total=len(requests))
         return asyncio.run(run_load(args.target, args.protocol, model, requests, load,
-                                    on_done=lambda rec: bar.advance(task), security=ClientSecurity.from_args(args)))
+                                    on_done=lambda rec: bar.advance(task), security=ClientSecurity.from_args(args),
+                                    http_target=http_target(args)))
 
 
 def run_compare(argv: list[str]) -> int:

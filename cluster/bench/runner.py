@@ -1,4 +1,5 @@
-"""Drives a server over gRPC (tpserve.v1 or KServe v2) and times every request on the client.
+"""Drives a server over gRPC (tpserve.v1 or KServe v2) or its OpenAI-compatible HTTP API, and
+times every request on the client.
 
 Load shapes: closed loop (`concurrency` requests always in flight) or open loop (requests sent
 at seeded arrival times, Poisson or gamma). A run stops after its requests or its duration,
@@ -106,11 +107,50 @@ class KServeProtocol:
         rec.e2e = time.perf_counter() - start
 
 
+class OpenAIProtocol:
+    """POST /v1/completions with stream=true, read as server-sent events by httpx (not the `openai`
+    package: the HTTP-versus-gRPC ratio should measure the server, not a client library)."""
+
+    def __init__(self, client, model: str):
+        self.client, self.model = client, model
+
+    async def send(self, req: BenchRequest, rec: RequestRecord, timeout: float) -> None:
+        import json
+
+        body = {"model": self.model, "prompt": req.prompt_ids if req.prompt_ids is not None else req.prompt_text,
+                "max_tokens": req.output_len, "temperature": 0.0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        start = last = time.perf_counter()
+        async with self.client.stream("POST", "/v1/completions", json=body, timeout=timeout) as r:
+            if r.status_code != 200:
+                raise BenchError(f"HTTP_{r.status_code}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                now = time.perf_counter()
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise BenchError(chunk["error"].get("type", "error"))
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    if rec.ttft is None:
+                        rec.ttft = now - start
+                    else:
+                        rec.itl.append(now - last)
+                    last = now
+                if chunk.get("usage"):
+                    rec.output_tokens = chunk["usage"]["completion_tokens"]
+                    rec.prompt_tokens = chunk["usage"]["prompt_tokens"]
+        rec.e2e = time.perf_counter() - start
+
+
 class BenchError(Exception):
-    """A status reported inside a stream (KServe error_message)."""
+    """A status reported inside a stream (KServe error_message), or an HTTP status."""
 
 
-PROTOCOLS = {"tpserve": TpserveProtocol, "kserve": KServeProtocol}
+PROTOCOLS = {"tpserve": TpserveProtocol, "kserve": KServeProtocol, "openai": OpenAIProtocol}
 
 
 async def _one(proto, req: BenchRequest, timeout: float) -> RequestRecord:
@@ -124,16 +164,47 @@ async def _one(proto, req: BenchRequest, timeout: float) -> RequestRecord:
         rec.status = e.code().name
     except BenchError as e:
         rec.status = str(e)
+    except Exception as e:  # an HTTP transport error (httpx): the request is lost, the run goes on
+        import httpx
+
+        if not isinstance(e, httpx.HTTPError):
+            raise
+        rec.status = type(e).__name__
     return rec
 
 
+def http_client(http_target: str, security: ClientSecurity | None, concurrency: int):
+    """An httpx client for the OpenAI API: https with --tls-ca, the bearer token, enough connections."""
+    import ssl
+
+    import httpx
+
+    from cluster.tls import read_token
+
+    sec = security or ClientSecurity()
+    token = read_token(sec.token_file, "auth-token-file")
+    verify: ssl.SSLContext | bool = True
+    if sec.ca:
+        verify = ssl.create_default_context(cafile=sec.ca)
+        if sec.cert:
+            verify.load_cert_chain(sec.cert, sec.key)
+    scheme = "https" if sec.ca else "http"
+    return httpx.AsyncClient(base_url=f"{scheme}://{http_target}", verify=verify,
+                             headers={"Authorization": f"Bearer {token}"} if token else None,
+                             limits=httpx.Limits(max_connections=max(8, concurrency)), timeout=None)
+
+
 async def run_load(target: str, protocol: str, model: str, requests: list[BenchRequest], load: LoadSpec,
-                   on_done=None, security: ClientSecurity | None = None) -> tuple[list[RequestRecord], float]:
+                   on_done=None, security: ClientSecurity | None = None,
+                   http_target: str | None = None) -> tuple[list[RequestRecord], float]:
     """Send the requests under the load shape; returns per-request records and the wall duration."""
-    channel, metadata = (security or ClientSecurity()).channel(
-        target, options=[("grpc.max_receive_message_length", 64 << 20)], aio=True)
-    async with channel as ch:
-        proto = PROTOCOLS[protocol](ch, model, metadata)
+    if protocol == "openai":
+        conn = http_client(http_target or target, security, load.concurrency or 64)
+    else:
+        conn, metadata = (security or ClientSecurity()).channel(
+            target, options=[("grpc.max_receive_message_length", 64 << 20)], aio=True)
+    async with conn as ch:
+        proto = OpenAIProtocol(ch, model) if protocol == "openai" else PROTOCOLS[protocol](ch, model, metadata)
         records: list[RequestRecord] = []
         deadline = time.perf_counter() + load.duration_s if load.duration_s else None
         start = time.perf_counter()

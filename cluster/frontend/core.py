@@ -68,10 +68,11 @@ class Frontend:
         self.resumed = 0  # requests continued on another replica, since start
 
     async def stream(self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None,
-                     deadline: float | None = None) -> AsyncIterator[RequestOutput]:
+                     deadline: float | None = None, fill_max_tokens: bool = False) -> AsyncIterator[RequestOutput]:
         """Deltas of one request. Admission comes first, then tokenizing (off the event loop), so a
         flood of large prompts is refused or queued before any of them costs tokenizer time.
-        `deadline` (time.monotonic) bounds how long a resume may wait."""
+        `deadline` (time.monotonic) bounds how long a resume may wait. `fill_max_tokens`: generate
+        up to the rest of the context (the OpenAI API's default when max_tokens is absent)."""
         request_id = request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         try:
@@ -85,6 +86,8 @@ class Frontend:
         finished, handle, budget, resumes = False, None, 0, 0
         try:
             prompt_ids = await self.encoder.encode(prompt)
+            if fill_max_tokens:
+                params.max_tokens = max(1, self.limits.max_model_len - len(prompt_ids))
             check_prompt_ids(prompt_ids, params.max_tokens, self.limits, prompt.field)
             while not finished:
                 handle, stream, budget = self.router.place(prompt_ids, params, request_id, loop, received)

@@ -29,16 +29,18 @@ class ServeProcess:
     """`tpserve serve ...` as a child process in its own process group (so no Ray process is lost)."""
 
     def __init__(self, args: list[str], tmp: Path, timeout_s: float = 240, wait: bool = True):
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.ready_file = tmp / f"ready-{self.port}"
         self.log = open(tmp / f"serve-{self.port}.log", "w")
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--metrics-port", str(self.metrics_port), "--ready-file", str(self.ready_file), *args],
+             "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port),
+             "--ready-file", str(self.ready_file), *args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.log_path = tmp / f"serve-{self.port}.log"
         self.target = f"127.0.0.1:{self.port}"
+        self.http = f"http://127.0.0.1:{self.http_port}"
         if wait:
             self.wait_ready(timeout_s)
 

@@ -364,6 +364,62 @@ def test_malformed_kserve_requests_get_the_expected_status(cluster, seen):
     assert_healthy_and_idle(cluster)
 
 
+# ---- OpenAI-compatible HTTP ------------------------------------------------------------------------------
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) |
+                           st.text(max_size=20), lambda inner: st.lists(inner, max_size=4) |
+                           st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+HTTP_FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+               "stream", "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
+               "top_k", "min_p", "repetition_penalty", "ignore_eos", "cache_salt", "tools", "response_format",
+               "stream_options", "logit_bias", "user"]
+
+
+def http_case(draw) -> tuple[str, bytes]:
+    path = draw(st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+    body = {"model": "smollm2-135m", "max_tokens": 1}
+    body.update({"prompt": "Hello"} if path == "/v1/completions" else
+                {"messages": [{"role": "user", "content": "Hello"}]})
+    kind = draw(st.sampled_from(["field", "field", "field", "bomb", "huge", "garbage", "shape"]))
+    if kind == "field":  # one field set to any JSON value (mostly the wrong type or range)
+        body[draw(st.sampled_from(HTTP_FIELDS))] = draw(json_values)
+        return path, json.dumps(body).encode()
+    if kind == "bomb":
+        return path, draw(st.sampled_from([b"[" * 100_000, b'{"max_tokens": ' + b"9" * 5000 + b"}",
+                                           b'{"a": ' + b"{" * 50_000]))
+    if kind == "huge":  # past each field's bound (a prompt: 1M characters)
+        name = draw(st.sampled_from(["stop", "prompt", "cache_salt"]))
+        n = draw(st.integers(17, 100_000))
+        body[name] = ["s"] * n if name == "stop" else "w" * (n + (1_000_000 if name == "prompt" else 256))
+        return path, json.dumps(body).encode()
+    if kind == "shape":
+        return path, json.dumps(draw(st.one_of(st.lists(json_values, max_size=3), st.text(max_size=9),
+                                               st.integers()))).encode()
+    return path, draw(garbage)
+
+
+def test_malformed_http_requests_get_an_openai_error_never_a_500(cluster, seen):
+    import httpx
+
+    seen["http"] = Counter()
+    with httpx.Client(base_url=cluster.http, timeout=60) as h:
+        @settings(max_examples=400, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.data())
+        def one(data):
+            path, raw = http_case(data.draw)
+            r = h.post(path, content=raw, headers={"content-type": "application/json"})
+            seen["http"][str(r.status_code)] += 1
+            assert r.status_code in (200, 400, 404, 413), (raw[:200], r.status_code, r.text[:300])
+            if r.status_code != 200:
+                err = r.json()["error"]
+                assert err["message"] and err["type"], r.text[:300]
+                if r.status_code == 400:
+                    assert err["param"] and err["param"].split("[")[0].split(".")[0] in err["message"], err
+
+        one()
+    assert_healthy_and_idle(cluster)
+
+
 # ---- health -------------------------------------------------------------------------------------------
 def test_health_names_are_bounded_and_unknown_ones_answered(cluster, seen):
     health = health_pb2_grpc.HealthStub(cluster.channel())

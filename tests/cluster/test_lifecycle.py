@@ -68,6 +68,13 @@ def test_health_turns_serving_only_after_replicas_load_and_sigterm_leaves_nothin
     with pytest.raises(grpc.RpcError) as refused:
         stub.Complete(pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParameters(max_tokens=2)), timeout=10)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in refused.value.details()
+    import httpx  # the HTTP API drains the same way
+
+    assert httpx.get(server.http + "/health", timeout=10).status_code == 503
+    model = httpx.get(server.http + "/v1/models", timeout=10).json()["data"][0]["id"]
+    r = httpx.post(server.http + "/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2},
+                   timeout=10)
+    assert r.status_code == 503 and "draining" in r.json()["error"]["message"]
     rest, code = list(it), grpc.StatusCode.OK
     assert rest and rest[-1].finish_reason == pb.FINISH_REASON_LENGTH and rest[-1].completion_tokens == 480
     assert server.proc.wait(90) == 0

@@ -186,3 +186,29 @@ def test_status_shows_no_pids_or_addresses_and_metrics_listen_on_loopback_by_def
     listening = {c.laddr for c in psutil.Process(tls_server.proc.pid).net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == tls_server.metrics_port}
     assert listening and {a.ip for a in listening} == {"127.0.0.1"}
+
+
+def test_the_http_api_takes_the_same_tls_and_token(tls_server, certs):
+    import ssl
+
+    import httpx
+    import openai
+
+    base = f"https://127.0.0.1:{tls_server.http_port}"
+    trust = ssl.create_default_context(cafile=certs.ca)
+
+    def api(key):
+        return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60,
+                             http_client=httpx.Client(verify=trust))
+
+    r = api(TOKEN).completions.create(model="tiny", prompt="Hello", max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2
+    for wrong in WRONG[:3]:
+        with pytest.raises(openai.AuthenticationError) as info:
+            api(wrong).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert info.value.status_code == 401 and wrong not in str(info.value.body)
+    with httpx.Client(verify=trust) as h:
+        assert h.get(base + "/v1/models").status_code == 401  # no token
+        assert h.get(base + "/health").status_code == 200  # probes carry none
+    with pytest.raises(httpx.HTTPError):  # plaintext to the TLS port
+        httpx.get(f"http://127.0.0.1:{tls_server.http_port}/health", timeout=5)

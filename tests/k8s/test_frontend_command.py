@@ -50,10 +50,10 @@ def test_cpu_dev_frontend_command_runs_here_and_serves(tmp_path, smollm2_dir):
     head = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "node_ip_address": "127.0.0.1",
                                                          "include_dashboard": False, "ray_client_server_port": client_port,
                                                          "object_store_memory": 128 << 20})
-    port, metrics, health = free_port(), free_port(), free_port()
+    port, metrics, health, http = free_port(), free_port(), free_port(), free_port()
     # Swaps: addresses (the head, the pod IP, the listening address and ports) and paths.
     script = script.replace("0.0.0.0", "127.0.0.1").replace("--port 50051", f"--port {port}") \
-        .replace("--metrics-port 9090", f"--metrics-port {metrics}") \
+        .replace("--metrics-port 9090", f"--metrics-port {metrics}").replace("--http-port 8000", f"--http-port {http}") \
         .replace(f"--health-port {probe_port}", f"--health-port {health}")
     env.update(RAY_CLIENT=f"127.0.0.1:{client_port}", PYTHONPATH=str(ROOT),
                TPSERVE_CACHE_DIR=str(Path(smollm2_dir).parents[1]))

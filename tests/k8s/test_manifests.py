@@ -69,7 +69,7 @@ def flag(cmd: str, name: str) -> str:
 def test_ports_probes_service_and_scrape_agree_with_the_serve_command(overlay):
     docs = render(overlay)
     cmd, cfg = frontend_command(docs)
-    port, metrics = int(flag(cmd, "--port")), int(flag(cmd, "--metrics-port"))
+    port, metrics, http = int(flag(cmd, "--port")), int(flag(cmd, "--metrics-port")), int(flag(cmd, "--http-port"))
     health = int(flag(cmd, "--health-port"))
     pod = find(docs, "Deployment", "tpserve-frontend")["spec"]["template"]
     c = pod["spec"]["containers"][0]
@@ -83,13 +83,15 @@ def test_ports_probes_service_and_scrape_agree_with_the_serve_command(overlay):
     assert ports["grpc"]["targetPort"] == port
     assert ports["grpc"]["appProtocol"] == ("https" if tls else "kubernetes.io/h2c")
     assert "health" not in ports  # probes come from the kubelet, not through the Service
-    assert set(ports) == {"grpc"}  # clients' port only: metrics are scraped from the pods
+    assert set(ports) == {"grpc", "http"}  # clients' ports only: metrics are scraped from the pods
+    assert ports["http"]["targetPort"] == http
+    assert ports["http"]["appProtocol"] == ("https" if tls else "http")
     assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) == metrics
     assert flag(cmd, "--metrics-host") == "0.0.0.0"  # reachable in the pod (loopback is the default)
-    assert {p["containerPort"] for p in c["ports"]} == {port, metrics, health}
+    assert {p["containerPort"] for p in c["ports"]} == {port, http, metrics, health}
     rules = find(docs, "NetworkPolicy", "tpserve-frontend")["spec"]["ingress"]
     open_ports = {p["port"] for r in rules if "from" not in r for p in r.get("ports", [])}
-    assert open_ports == {port, health}
+    assert open_ports == {port, http, health}
     metric_rules = [r for r in rules if any(p["port"] == metrics for p in r.get("ports", []))]
     assert metric_rules and all(r["from"] == [{"namespaceSelector": {"matchLabels": {
         "kubernetes.io/metadata.name": "monitoring"}}}] for r in metric_rules)

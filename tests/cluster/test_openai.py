@@ -1,0 +1,202 @@
+"""The OpenAI-compatible HTTP API on the shared cluster, through the real `openai` client (no
+retries, so 429 and 503 show), httpx for what the client hides, and curl for SSE."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import httpx
+import openai
+import pytest
+
+from cluster.api.tpserve.v1 import tpserve_pb2 as pb
+from tests.cluster.helpers import stub, wait_blocks_free
+
+MODEL = "smollm2-135m"
+PROMPT = "The capital of France is"
+QUESTION = "What is the capital of France?"
+
+
+def client(cluster, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{cluster.http}/v1", api_key="none", max_retries=0, timeout=120, **kw)
+
+
+def grpc_greedy(cluster, n: int, **input_) -> pb.CompleteResponse:
+    return stub(cluster).Complete(pb.GenerateRequest(sampling=pb.SamplingParameters(max_tokens=n, temperature=0),
+                                                     **input_), timeout=120)
+
+
+def test_completions_and_chat_streamed_or_not_equal_the_grpc_api_with_usage(cluster):
+    c = client(cluster)
+    ref = grpc_greedy(cluster, 16, prompt=PROMPT)
+    r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0)
+    assert r.choices[0].text == ref.text and r.model == MODEL and r.id.startswith("cmpl-") and r.created > 0
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == \
+        (ref.prompt_tokens, 16, ref.prompt_tokens + 16)
+    chunks = list(c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == ref.text
+    assert chunks[-1].usage.completion_tokens == 16 and chunks[-1].usage.prompt_tokens == ref.prompt_tokens
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+
+    chat_ref = grpc_greedy(cluster, 16, messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user",
+                                                                                          content=QUESTION)]))
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=16,
+                                  temperature=0)
+    assert r.choices[0].message.content == chat_ref.text and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == chat_ref.prompt_tokens and r.usage.completion_tokens == chat_ref.completion_tokens
+    chunks = list(c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": QUESTION}]}],
+        max_completion_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat_ref.text
+    assert chunks[-1].usage.completion_tokens == chat_ref.completion_tokens
+    models = c.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_stop_logprobs_extensions_and_the_default_max_tokens(cluster):
+    c = client(cluster)
+    full = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
+    words = full.split()
+    stop = next(w for w in words[2:] if full.index(w) > 0)
+    r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+    r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 5 and "".join(lp.tokens) == r.choices[0].text
+    assert all(len(top) <= 2 and v <= 0 for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "developer", "content": "Be brief."},
+                                                         {"role": "user", "content": QUESTION}],
+                                  max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
+    assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
+
+    # vLLM-style extra body fields; and no max_tokens: generate to the end of the context (1024).
+    ids = [100 + i % 200 for i in range(1020)]
+    r = c.completions.create(model=MODEL, prompt=ids, temperature=0, extra_body={"ignore_eos": True, "top_k": 1})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4 and r.usage.prompt_tokens == 1020
+
+
+BAD = [  # (endpoint, body change, status, the field the error must name)
+    ("completions", {"temperature": -1}, 400, "temperature"),
+    ("completions", {"max_tokens": 0}, 400, "max_tokens"),
+    ("completions", {"max_tokens": 5000}, 400, "max_tokens"),
+    ("completions", {"top_p": "high"}, 400, "top_p"),
+    ("completions", {"n": 2}, 400, "n"),
+    ("completions", {"logprobs": 99}, 400, "logprobs"),
+    ("completions", {"stop": [""]}, 400, "stop"),
+    ("completions", {"model": "gpt-9"}, 404, "model"),
+    ("completions", {"prompt": "word " * 3000}, 400, "prompt"),
+    ("completions", {"prompt": None}, 400, "prompt"),
+    ("chat", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    ("chat", {"messages": []}, 400, "messages"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("chat", {"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages[0].content[0]"),
+    ("chat", {"max_completion_tokens": -3}, 400, "max_completion_tokens"),
+    ("chat", {"top_logprobs": 2}, 400, "top_logprobs"),
+]
+
+
+@pytest.mark.parametrize("endpoint,change,status,field", BAD, ids=[f"{e}-{'-'.join(c)}" for e, c, _, _ in BAD])
+def test_bad_input_gets_the_openai_error_shape_naming_the_field(cluster, endpoint, change, status, field):
+    body = {"model": MODEL, "max_tokens": 4}
+    body.update({"prompt": PROMPT} if endpoint == "completions" else {"messages": [{"role": "user", "content": "hi"}]})
+    body.update(change)
+    path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
+    r = httpx.post(cluster.http + path, json=body, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and field in err["message"] and err["type"]
+
+
+def test_bodies_that_are_not_requests_get_400_or_413(cluster):
+    url = cluster.http + "/v1/completions"
+    for raw in (b"{", b"[1, 2]", b"\xff\xfe", b'{"model": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                b'{"model": "smollm2-135m", "prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}"):
+        r = httpx.post(url, content=raw, headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] in ("body", "max_tokens"), (raw[:40], r.text)
+    r = httpx.post(url, content=b" " * ((16 << 20) + 1), timeout=60)
+    assert r.status_code == 413 and "error" in r.json()
+    assert httpx.get(cluster.http + "/v1/nothing", timeout=10).status_code == 404
+
+
+def test_overload_gets_429_and_the_admitted_finish(cluster):
+    async def flood():
+        async with httpx.AsyncClient(timeout=120) as h:
+            async def one(i):
+                return await h.post(cluster.http + "/v1/completions", json={
+                    "model": MODEL, "prompt": f"Story {i}:", "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+            return await asyncio.gather(*(one(i) for i in range(60)))
+
+    replies = asyncio.run(flood())
+    codes = [r.status_code for r in replies]
+    assert codes.count(429) >= 20 and codes.count(200) >= 8 and set(codes) <= {200, 429}, codes
+    refused = next(r for r in replies if r.status_code == 429).json()["error"]
+    assert refused["code"] == "rate_limit_exceeded" and "admission" in refused["message"]
+
+    async def saturated_call():  # the openai client sees a full server as RateLimitError, unretried
+        async with httpx.AsyncClient(timeout=120) as h:
+            flood = asyncio.gather(*(h.post(cluster.http + "/v1/completions", json={
+                "model": MODEL, "prompt": "x", "max_tokens": 16, "ignore_eos": True}) for _ in range(30)))
+            await asyncio.sleep(0.5)
+            with pytest.raises(openai.RateLimitError):
+                await asyncio.to_thread(client(cluster).completions.create, model=MODEL, prompt="y", max_tokens=2)
+            await flood
+
+    asyncio.run(saturated_call())
+    assert all(r.kv_blocks_free == r.kv_blocks_total for r in wait_blocks_free(cluster).replicas)
+
+
+def aborted(cluster) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).read().decode()
+    return float(re.search(r"^tpserve_requests_aborted_total (\S+)$", text, re.M).group(1))
+
+
+def test_a_client_that_disconnects_frees_its_blocks_streamed_or_not(cluster):
+    long = {"model": MODEL, "prompt": PROMPT, "max_tokens": 600, "temperature": 0, "ignore_eos": True}
+    before = aborted(cluster)
+    with httpx.Client(timeout=60) as h:
+        with h.stream("POST", cluster.http + "/v1/completions", json={**long, "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+        # (closing the stream closes the connection mid-response)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(cluster.http + "/v1/completions", json=long, timeout=1.5)
+    deadline = time.monotonic() + 20
+    while aborted(cluster) < before + 2:
+        assert time.monotonic() < deadline, "a disconnected request was not aborted"
+        time.sleep(0.1)
+    st = wait_blocks_free(cluster)
+    assert all(r.kv_blocks_free == r.kv_blocks_total and r.running == 0 for r in st.replicas)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed on this machine")
+def test_curl_reads_the_stream_as_server_sent_events(cluster):
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 6,
+                       "temperature": 0, "stream": True})
+    out = subprocess.run(["curl", "-sN", "-H", "Content-Type: application/json", "-d", body,
+                          cluster.http + "/v1/chat/completions"], capture_output=True, text=True, timeout=60).stdout
+    events = [line[len("data: "):] for line in out.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) >= 3
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    ref = grpc_greedy(cluster, 6, messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=QUESTION)]))
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == ref.text
+
+
+def test_health_answers_200_when_serving(cluster):
+    r = httpx.get(cluster.http + "/health", timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
