@@ -13,7 +13,7 @@ from cluster.frontend.validate import MAX_PROMPT_CHARS
 from tests.cluster.helpers import stub, wait_blocks_free
 from tests.reliability import record
 
-STREAMS, TOKENS = 8, 24
+STREAMS, TOKENS = 8, 16
 
 
 def run_streams() -> tuple[float, list]:

@@ -402,7 +402,7 @@ def test_malformed_http_requests_get_an_openai_error_never_a_500(cluster, seen):
 
     seen["http"] = Counter()
     with httpx.Client(base_url=cluster.http, timeout=60) as h:
-        @settings(max_examples=400, deadline=None, derandomize=True, database=None,
+        @settings(max_examples=250, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(st.data())
         def one(data):

@@ -37,7 +37,8 @@ def test_reported_latencies_match_the_scripted_server():
     assert abs(s["ttft"]["median_ms"] - 50) < tol
     assert abs(s["itl"]["median_ms"] - 10) < tol
     assert abs(s["tpot"]["median_ms"] - 10) < tol
-    assert abs(s["e2e"]["median_ms"] - (50 + 10 * (N_TOKENS - 1))) < 2 * tol
+    # e2e spans eight timer waits, each of which may overshoot on a loaded machine: a wider bound.
+    assert abs(s["e2e"]["median_ms"] - (50 + 10 * (N_TOKENS - 1))) < 3 * tol
     # TPOT is (E2E - TTFT) / (tokens - 1), request by request
     r = records[0]
     assert r.tpot == pytest.approx((r.e2e - r.ttft) / (N_TOKENS - 1))
