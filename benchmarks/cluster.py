@@ -14,17 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from benchmarks.server import running_server  # noqa: E402
 from benchmarks.throughput import engine_run, make_requests  # noqa: E402
 from workers.engine.core import EngineConfig  # noqa: E402
 from workers.engine.sampling_params import SamplingParams  # noqa: E402
@@ -33,12 +28,6 @@ from workers.model_source import resolve_model  # noqa: E402
 from workers.worker import WorkerSpec  # noqa: E402
 
 KV = 3 << 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def offline(folder, reqs, low_load) -> tuple[float, list[float]]:
@@ -108,23 +97,9 @@ def main() -> None:
     print(f"model {args.model}, tp {args.tp}, {len(reqs)} requests (decode-heavy mix, seed 0), "
           f"{sum(r.out_len for r in reqs)} output tokens, {os.cpu_count()} cores", flush=True)
     off_rate, off_ttft = offline(folder, reqs, low_load)
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        ready = Path(tmp) / "ready"
-        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--model", args.model, "--tp",
-                                 str(args.tp), "--port", str(port), "--metrics-port", "0", "--kv-cache-memory", str(KV),
-                                 "--max-num-seqs", str(len(reqs)), "--max-num-batched-tokens", "1024",
-                                 "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        try:
-            while not ready.exists():
-                if proc.poll() is not None:
-                    raise SystemExit("tpserve serve exited during start-up")
-                time.sleep(0.2)
-            rate, ttft, tokens = through_cluster(f"127.0.0.1:{port}", reqs, low_load)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(120)
+    with running_server("--model", args.model, "--tp", str(args.tp), "--kv-cache-memory", str(KV),
+                        "--max-num-seqs", str(len(reqs)), "--max-num-batched-tokens", "1024") as served:
+        rate, ttft, tokens = through_cluster(served.target, reqs, low_load)
     assert tokens == sum(r.out_len for r in reqs)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     print(f"{'path':<46}{'output tok/s':>13}{'ratio':>8}")

@@ -10,35 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.cluster import free_port
+from benchmarks.server import running_server
 
 
 def sweep(tp: int, points: str, out: Path) -> None:
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        ready = Path(tmp) / "ready"
-        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--tp", str(tp), "--port", str(port),
-                                 "--metrics-port", "0", "--kv-cache-memory", str(1 << 30), "--ready-file", str(ready)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            while not ready.exists():
-                if proc.poll() is not None:
-                    raise SystemExit("tpserve serve exited during start-up")
-                time.sleep(0.2)
-            subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--target", f"127.0.0.1:{port}",
-                            "--sweep", points, "--num-requests", "64", "--duration", "40", "--warmup", "2",
-                            "--input-range", "32,128", "--output-range", "16,64", "--name", f"tp {tp}",
-                            "--out", str(out), "--no-progress"], check=True)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(120)
+    with running_server("--tp", str(tp), "--kv-cache-memory", str(1 << 30)) as served:
+        subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--target", served.target,
+                        "--sweep", points, "--num-requests", "64", "--duration", "40", "--warmup", "2",
+                        "--input-range", "32,128", "--output-range", "16,64", "--name", f"tp {tp}",
+                        "--out", str(out), "--no-progress"], check=True)
 
 
 def main() -> None:

@@ -13,28 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from benchmarks.server import running_server  # noqa: E402
 from cluster.bench.metrics import summarize  # noqa: E402
 from cluster.bench.runner import LoadSpec, run_load  # noqa: E402
 from cluster.bench.workload import WorkloadSpec, make_workload  # noqa: E402
 
 PROTOCOLS = ("tpserve", "openai", "kserve")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -46,41 +34,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     spec = WorkloadSpec("random", input_range=(32, 256), output_range=(32, 96))
-    port, http = free_port(), free_port()
     results: dict[str, list[dict]] = {p: [] for p in PROTOCOLS}
-    with tempfile.TemporaryDirectory() as tmp:
-        ready = Path(tmp) / "ready"
-        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--model", args.model, "--tp",
-                                 str(args.tp), "--port", str(port), "--http-port", str(http), "--metrics-port", "0",
-                                 "--max-num-seqs", str(args.concurrency), "--max-queue-len", str(args.concurrency),
-                                 "--kv-cache-memory", str(512 << 20), "--ready-file", str(ready)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            while not ready.exists():
-                if proc.poll() is not None:
-                    raise SystemExit("tpserve serve exited during start-up")
-                time.sleep(0.2)
-            target, load = f"127.0.0.1:{port}", LoadSpec(concurrency=args.concurrency)
-            warm = make_workload(spec, args.concurrency, 49152, seed=999)
-            for p in PROTOCOLS:
-                asyncio.run(run_load(target, p, args.model, warm, load, http_target=f"127.0.0.1:{http}"))
-            print(f"{args.model}, tp {args.tp}, concurrency {args.concurrency}, {args.num_requests} requests per "
-                  f"run, {args.repeats} repeats, {os.cpu_count()} cores", flush=True)
-            for rep in range(args.repeats):
-                order = PROTOCOLS[rep % 3:] + PROTOCOLS[:rep % 3]
-                for i, p in enumerate(order):
-                    reqs = make_workload(spec, args.num_requests, 49152, seed=100 * rep + PROTOCOLS.index(p))
-                    records, duration = asyncio.run(run_load(target, p, args.model, reqs, load,
-                                                             http_target=f"127.0.0.1:{http}"))
-                    s = summarize(records, duration, {})
-                    if s["failed"]:
-                        raise SystemExit(f"{p}: {s['failed']} requests failed: {s['errors_by_status']}")
-                    results[p].append(s)
-                    print(f"  repeat {rep + 1} {p:<8} {s['output_token_throughput']:7.1f} tok/s  "
-                          f"TTFT p50 {s['ttft']['median_ms']:7.1f} ms", flush=True)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(120)
+    with running_server("--model", args.model, "--tp", str(args.tp), "--max-num-seqs", str(args.concurrency),
+                        "--max-queue-len", str(args.concurrency), "--kv-cache-memory", str(512 << 20)) as served:
+        target, http, load = served.target, served.http_target, LoadSpec(concurrency=args.concurrency)
+        warm = make_workload(spec, args.concurrency, 49152, seed=999)
+        for p in PROTOCOLS:
+            asyncio.run(run_load(target, p, args.model, warm, load, http_target=http))
+        print(f"{args.model}, tp {args.tp}, concurrency {args.concurrency}, {args.num_requests} requests per "
+              f"run, {args.repeats} repeats, {os.cpu_count()} cores", flush=True)
+        for rep in range(args.repeats):
+            order = PROTOCOLS[rep % 3:] + PROTOCOLS[:rep % 3]
+            for p in order:
+                reqs = make_workload(spec, args.num_requests, 49152, seed=100 * rep + PROTOCOLS.index(p))
+                records, duration = asyncio.run(run_load(target, p, args.model, reqs, load, http_target=http))
+                s = summarize(records, duration, {})
+                if s["failed"]:
+                    raise SystemExit(f"{p}: {s['failed']} requests failed: {s['errors_by_status']}")
+                results[p].append(s)
+                print(f"  repeat {rep + 1} {p:<8} {s['output_token_throughput']:7.1f} tok/s  "
+                      f"TTFT p50 {s['ttft']['median_ms']:7.1f} ms", flush=True)
 
     def med(p, key):
         vals = [key(s) for s in results[p]]
