@@ -212,3 +212,16 @@ def test_the_http_api_takes_the_same_tls_and_token(tls_server, certs):
         assert h.get(base + "/health").status_code == 200  # probes carry none
     with pytest.raises(httpx.HTTPError):  # plaintext to the TLS port
         httpx.get(f"http://127.0.0.1:{tls_server.http_port}/health", timeout=5)
+
+
+def test_the_plaintext_health_port_takes_only_small_messages(tls_server):
+    with grpc.insecure_channel(f"127.0.0.1:{tls_server.health_port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        assert stub.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as big:  # 5 KiB: past the port's 4 KiB limit, refused by gRPC itself
+            stub.Check(health_pb2.HealthCheckRequest(service="s" * 5000), timeout=10)
+        assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as long:  # under the limit, over the name bound
+            stub.Check(health_pb2.HealthCheckRequest(service="s" * 300), timeout=10)
+        assert long.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "service" in long.value.details()
