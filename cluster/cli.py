@@ -62,7 +62,9 @@ def cmd_serve(args) -> int:
                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                         auth_token_file=args.auth_token_file, health_port=args.health_port,
                         metrics_host=args.metrics_host, stall_timeout_s=args.stall_timeout,
-                        expose_topology=args.expose_topology, http_port=args.http_port)
+                        expose_topology=args.expose_topology, http_port=args.http_port, routing=args.routing,
+                        routing_prefill_weight=args.routing_prefill_weight, balance_rel=args.balance_rel,
+                        balance_abs_tokens=args.balance_abs_tokens)
     return serve(opts, ready_file=args.ready_file)
 
 
@@ -158,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a tensor-parallel collective may wait on a peer before the replica fails over")
     p.add_argument("--stall-timeout", type=float, default=30.0,
                    help="seconds a replica with work may go without an engine step before it is replaced")
+    p.add_argument("--routing", default="kv-aware", choices=["kv-aware", "least-load", "round-robin"],
+                   help="kv-aware: least prefill-weight x uncached prompt tokens + load (docs/routing.md); "
+                        "least-load: least queued and running tokens; round-robin: in turn")
+    p.add_argument("--routing-prefill-weight", type=float, default=1.0,
+                   help="kv-aware: what one uncached prompt token costs against one token of queued work")
+    p.add_argument("--balance-rel", type=float, default=1.5,
+                   help="kv-aware balance guard: take the least-loaded replica when the cache's choice has more "
+                        "than this x the least load + --balance-abs-tokens")
+    p.add_argument("--balance-abs-tokens", type=int, default=1024, help="see --balance-rel")
     p.add_argument("--expose-topology", action="store_true",
                    help="GetClusterStatus includes each worker's pid, node id and IP (off: none of them)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain of the gRPC server (turns TLS on)")

@@ -31,6 +31,15 @@ class Metrics:
         self.replica_outstanding = Gauge("tpserve_replica_outstanding_tokens",
                                          "Tokens this frontend still expects a replica to prefill or generate",
                                          ["replica"], registry=r)
+        self.routed = Counter("tpserve_routing_decisions_total",
+                              "Placements by what decided them: cache (a prefix hit won), load (no cache "
+                              "advantage), balance (the balance guard overrode the cache), round-robin",
+                              ["reason"], registry=r)
+        self.index_blocks = Gauge("tpserve_routing_index_blocks",
+                                  "Block keys the frontend's KV index holds for a replica", ["replica"], registry=r)
+        self.prefix_hit_ratio = Gauge("tpserve_prefix_cache_hit_ratio",
+                                      "Prompt tokens a replica served from its prefix cache / prompt tokens it was sent",
+                                      ["replica"], registry=r)
         self.prefix_hits = Gauge("tpserve_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
                                  ["replica"], registry=r)
 
@@ -45,6 +54,9 @@ class Metrics:
             if st.num_blocks:
                 self.kv_usage.labels(s["replica_id"]).set(1 - st.free_blocks / st.num_blocks)
             self.prefix_hits.labels(s["replica_id"]).set(st.prefix_hit_tokens)
+            if st.prefix_queried_tokens:
+                self.prefix_hit_ratio.labels(s["replica_id"]).set(st.prefix_hit_tokens / st.prefix_queried_tokens)
+            self.index_blocks.labels(s["replica_id"]).set(s.get("index_blocks", 0))
             self.replica_in_flight.labels(s["replica_id"]).set(s["in_flight"])
             self.replica_outstanding.labels(s["replica_id"]).set(s["outstanding"])
         self.waiting.set(waiting)

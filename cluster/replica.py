@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from workers.engine.client import EngineClient
 from workers.engine.core import EngineConfig
 from workers.engine.loop import drain
-from workers.engine.messages import Detach, Fatal, InboxMessage, OutboxMessage, Shutdown
+from workers.engine.messages import Detach, Fatal, InboxMessage, KVEvents, OutboxMessage, Shutdown
 from workers.rank import Rank, run_rank
 from workers.worker import WorkerSpec
 
@@ -38,7 +38,7 @@ CLIENT_TTL_S = 30.0
 
 class ClientOutboxes:
     """Rank 0's outbox under Ray: one queue per client. Step outputs and call results go to the
-    client they name; a Fatal goes to every client, present and future."""
+    client they name; KVEvents to every present client; a Fatal to every client, present and future."""
 
     def __init__(self):
         self._queues: dict[str, queue.Queue] = {}
@@ -57,9 +57,10 @@ class ClientOutboxes:
             return q
 
     def put(self, msg: OutboxMessage) -> None:  # the engine loop's thread
-        if isinstance(msg, Fatal):
-            with self._lock:
-                self._fatal = msg
+        if isinstance(msg, Fatal) or (isinstance(msg, KVEvents) and msg.client_id is None):
+            with self._lock:  # a client that joins later learns the cache from a digest
+                if isinstance(msg, Fatal):
+                    self._fatal = msg
                 queues = list(self._queues.values())
             for q in queues:
                 q.put(msg)

@@ -1,26 +1,28 @@
-"""Scheduling requests onto replicas: least outstanding work, prefix affinity on ties, and a
-bounded admission queue (beyond it, refuse at once).
+"""Scheduling requests onto replicas, and a bounded admission queue (beyond it, refuse at once).
 
-Outstanding work of a replica = prompt tokens of its requests not yet answered + tokens they may
-still generate. The router learns the replica set from the controller and keeps one engine client
-per replica (tokens arrive as one batched message per engine step).
+The router learns the replica set from the controller and keeps one engine client per replica
+(tokens arrive as one batched message per engine step). Each client also hears its engine's
+KVEvents (prefix-cache keys stored and evicted, and the engine's load), which feed the KVIndex;
+the choice itself is `cluster.routing` (kv-aware, least-load or round-robin).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import ray
 
+from cluster.kv_index import KVIndex
 from cluster.replica import engine_client
+from cluster.routing import Candidate, RoutingConfig, RoutingPolicy
+from workers.engine.block_keys import BlockKeyer
 from workers.engine.client import EngineClient, RequestStream
+from workers.engine.messages import KVEvents
 from workers.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-AFFINITY_TOKENS = 64  # prefix length that identifies a "same system prompt" for affinity
 
 
 class Unavailable(Exception):
@@ -42,25 +44,71 @@ class ReplicaHandle:
     client: EngineClient
     workers: list[dict]
     tp_size: int
-    outstanding: int = 0
+    slot: int = 0  # its bit in the KVIndex
+    outstanding: int = 0  # tokens this frontend still expects it to prefill or generate (a gauge)
     in_flight: int = 0
     routed: int = 0
-    prefixes: OrderedDict = field(default_factory=OrderedDict)  # recent prompt-prefix keys, LRU
+    # Placements the engine has not taken yet: (the client's AddRequest number, tokens of work).
+    unacked: deque = field(default_factory=deque)
 
-    def remember(self, key: int) -> None:
-        self.prefixes[key] = None
-        self.prefixes.move_to_end(key)
-        while len(self.prefixes) > 256:
-            self.prefixes.popitem(last=False)
+    def load(self) -> int:
+        """The engine's own load plus this frontend's placements it has not yet counted."""
+        engine = self.client.load
+        taken = engine.added_by(self.client.client_id)
+        while self.unacked and self.unacked[0][0] <= taken:
+            self.unacked.popleft()
+        return engine.tokens + sum(w for _, w in self.unacked)
+
+
+class Placement:
+    """One request on one replica: its stream, and the books kept while it runs. The request path
+    calls `progress` per delta, `abort` if it stops early, and `close` once at the end."""
+
+    __slots__ = ("router", "handle", "stream", "request_id", "reason", "cached_tokens", "_prompt", "_budget",
+                 "_prefilled", "_closed")
+
+    def __init__(self, router: "Router", handle: ReplicaHandle, stream: RequestStream, request_id: str,
+                 prompt_len: int, max_tokens: int, reason: str, cached_tokens: int):
+        self.router, self.handle, self.stream, self.request_id = router, handle, stream, request_id
+        self.reason, self.cached_tokens = reason, cached_tokens
+        self._prompt, self._budget = prompt_len, prompt_len + max_tokens
+        self._prefilled = self._closed = False
+
+    @property
+    def replica_id(self) -> str:
+        return self.handle.replica_id
+
+    def progress(self, new_tokens: int) -> None:
+        """`new_tokens` arrived: the first ones also mean the prefill is done."""
+        done = new_tokens + (0 if self._prefilled else self._prompt)
+        self._prefilled = True
+        self._budget -= done
+        self.handle.outstanding -= done
+
+    def abort(self) -> None:
+        """Stop it in the engine now (cancelled, past its deadline, or its consumer left)."""
+        self.handle.client.abort(self.request_id)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.handle.outstanding -= max(0, self._budget)
+            self.handle.in_flight -= 1
 
 
 class Router:
-    def __init__(self, controller, max_num_seqs: int, max_queue_len: int):
+    def __init__(self, controller, max_num_seqs: int, max_queue_len: int, routing: RoutingConfig | None = None,
+                 keyer: BlockKeyer | None = None, block_size: int = 16):
         self.controller = controller
         self.max_num_seqs, self.max_queue_len = max_num_seqs, max_queue_len
+        self.routing = (routing or RoutingConfig()).validate()
+        self.keyer, self.block_size = keyer, block_size
+        self.index = KVIndex()
+        self.policy = RoutingPolicy(self.routing, self.index)
         self.replicas: dict[str, ReplicaHandle] = {}
         self.active: set[str] = set()  # ids of the admitted requests: unique per frontend
         self.refused = 0
+        self.decisions: Counter = Counter()  # by reason
         self.draining = False
 
     # ---- replica set --------------------------------------------------------------------------------
@@ -73,9 +121,29 @@ class Router:
                 h = self.replicas.pop(rid)
                 h.client.fail(f"replica {rid} was taken out of service")
                 h.client.close(timeout_s=0.1)  # (no detach: the replica is gone)  # a reader stuck on a hung actor ends at its own timeout
+                self.index.forget(rid)
         for rid, r in ready.items():
             if rid not in self.replicas:
-                self.replicas[rid] = ReplicaHandle(rid, r["rank0"], engine_client(r["rank0"]), r["workers"], r["tp_size"])
+                self.add_replica(ReplicaHandle(rid, r["rank0"], engine_client(r["rank0"]), r["workers"],
+                                               r["tp_size"]))
+
+    def add_replica(self, h: ReplicaHandle) -> None:
+        h.slot = self.index.slot(h.replica_id)
+        h.client.on_kv_events = lambda ev, h=h: self._on_kv_events(h, ev)
+        self.replicas[h.replica_id] = h
+
+    def _on_kv_events(self, h: ReplicaHandle, ev: KVEvents) -> None:
+        """On the replica's reader thread: index the events; fetch a digest when they have a gap."""
+        if not self.index.apply(h.replica_id, ev):
+            return
+
+        def digested(fut, rid=h.replica_id):
+            if fut.exception() is None and rid in self.replicas:
+                self.index.apply_digest(rid, fut.result())
+            else:
+                self.index.digest_failed(rid)
+
+        h.client.call_async("kv_digest").add_done_callback(digested)
 
     @property
     def ready(self) -> list[ReplicaHandle]:
@@ -85,17 +153,12 @@ class Router:
         return len(self.ready) * self.max_num_seqs + self.max_queue_len
 
     # ---- routing --------------------------------------------------------------------------------------
-    def pick(self, prompt_ids: list[int]) -> ReplicaHandle:
-        ready = self.ready
-        if not ready:
-            raise Unavailable("no replica is ready")
-        key = hash(tuple(prompt_ids[:AFFINITY_TOKENS]))
-        least = min(h.outstanding for h in ready)
-        tied = [h for h in ready if h.outstanding == least]
-        for h in tied:
-            if key in h.prefixes:
-                return h
-        return min(tied, key=lambda h: h.routed)
+    def block_keys(self, prompt_ids: list[int], cache_salt: str | None) -> list[bytes]:
+        """The prompt's block keys, as its replica's engine will compute them (run off the event
+        loop: hashing is not part of the routing decision)."""
+        if self.keyer is None or self.routing.policy != "kv-aware":
+            return []
+        return self.keyer.keys(prompt_ids, self.block_size, cache_salt)
 
     @property
     def in_flight(self) -> int:
@@ -116,34 +179,33 @@ class Router:
             raise Overloaded(f"{self.in_flight} requests in flight; the admission bound is {self.capacity()}")
         self.active.add(request_id)
 
-    def place(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-              loop: asyncio.AbstractEventLoop, output_prefix: list[int] | None = None,
-              ) -> tuple[ReplicaHandle, RequestStream, int]:
-        """Send an admitted request (or the rest of a resumed one) to a replica. Returns the
-        handle, the stream and the work charged to the replica (give it back with `release`)."""
-        h = self.pick(prompt_ids)
+    def place(self, prompt_ids: list[int], keys: list[bytes], params: SamplingParams, request_id: str,
+              loop: asyncio.AbstractEventLoop, output_prefix: list[int] | None = None) -> Placement:
+        """Send an admitted request (or the rest of a resumed one) to the replica the policy picks."""
+        ready = self.ready
+        if not ready:
+            raise Unavailable("no replica is ready")
+        decision = self.policy.choose([Candidate(h.slot, h.load()) for h in ready], keys, len(prompt_ids),
+                                      self.block_size)
+        h = ready[decision.index]
         stream = h.client.add_request(prompt_ids, params, request_id=request_id, loop=loop,
                                       output_prefix=output_prefix)
         # Charged only once the replica has the request: a refusal above leaves no count behind.
-        h.remember(hash(tuple(prompt_ids[:AFFINITY_TOKENS])))
-        work = len(prompt_ids) + params.max_tokens  # prefix tokens move from "to generate" to "to prefill"
-        h.outstanding += work
+        remaining = params.max_tokens - len(output_prefix or ())
+        h.unacked.append((h.client.sent, len(prompt_ids) - decision.cached_tokens + remaining))
+        p = Placement(self, h, stream, request_id, len(prompt_ids), remaining, decision.reason,
+                      decision.cached_tokens)
+        h.outstanding += len(prompt_ids) + remaining
         h.in_flight += 1
         h.routed += 1
-        return h, stream, work
-
-    def progress(self, h: ReplicaHandle, tokens: int) -> None:
-        h.outstanding -= tokens
-
-    def release(self, h: ReplicaHandle, remaining: int) -> None:
-        h.outstanding -= remaining
-        h.in_flight -= 1
+        self.decisions[decision.reason] += 1
+        return p
 
     def done(self, request_id: str) -> None:
         self.active.discard(request_id)
 
     def status(self) -> list[dict]:
-        out = []
+        out, sizes = [], self.index.sizes()
         for h in list(self.replicas.values()):
             try:
                 st = h.client.call("stats", timeout=5) if h.client.dead is None else h.client.stats
@@ -151,7 +213,8 @@ class Router:
                 st = h.client.stats
             out.append({"replica_id": h.replica_id, "state": "ready" if h.client.dead is None else "unhealthy",
                         "tp_size": h.tp_size, "workers": h.workers, "stats": st, "routed": h.routed,
-                        "in_flight": h.in_flight, "outstanding": h.outstanding})
+                        "in_flight": h.in_flight, "outstanding": h.outstanding,
+                        "index_blocks": sizes.get(h.replica_id, 0)})
         return out
 
     def controller_info(self) -> dict:

@@ -53,6 +53,10 @@ class ServeOptions:
     health_port: int | None = None
     stall_timeout_s: float = 30.0
     expose_topology: bool = False
+    routing: str = "kv-aware"
+    routing_prefill_weight: float = 1.0
+    balance_rel: float = 1.5
+    balance_abs_tokens: int = 1024
 
     def validate(self) -> None:
         for name, lo in (("tp", 1), ("replicas", 0), ("max_num_seqs", 1), ("max_queue_len", 0),
@@ -69,8 +73,15 @@ class ServeOptions:
             raise ConfigError("device", f"{self.device!r} is not one of cpu, cuda")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        self.routing_config.validate()
         self.tls.validate()
         read_token(self.auth_token_file)
+
+    @property
+    def routing_config(self):
+        from cluster.routing import RoutingConfig
+
+        return RoutingConfig(self.routing, self.routing_prefill_weight, self.balance_rel, self.balance_abs_tokens)
 
     @property
     def tls(self) -> ServerTLS:
@@ -138,8 +149,15 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
     limits = ModelLimits(name, cfg.vocab_size, max_len)
     info = {"name": name, "architecture": cfg.model_type, "max_model_len": max_len, "tp_size": spec.tp_size,
             "vocab_size": cfg.vocab_size, "dtype": spec.dtype, "device": spec.device,
-            "has_chat_template": encoder.has_chat_template}
-    router = Router(controller, opts.max_num_seqs, opts.max_queue_len)
+            "has_chat_template": encoder.has_chat_template, "routing": opts.routing}
+    import ray
+
+    from workers.engine.block_keys import BlockKeyer
+
+    # The cluster's block-key salt is the controller's (a joined frontend did not make it).
+    engine_config = ray.get(controller.info.remote(), timeout=60)["engine"]
+    router = Router(controller, opts.max_num_seqs, opts.max_queue_len, opts.routing_config,
+                    BlockKeyer(engine_config.block_key_salt), spec.block_size)
     metrics = Metrics()
     if opts.metrics_port:
         metrics.serve(opts.metrics_port, opts.metrics_host)

@@ -83,38 +83,34 @@ class Frontend:
         self.metrics.running.set(self.router.in_flight)
         start = last = time.monotonic()
         received: list[int] = []  # every token the client has been given, across replicas
-        finished, handle, budget, resumes = False, None, 0, 0
+        finished, placement, resumes = False, None, 0
         try:
             prompt_ids = await self.encoder.encode(prompt)
             if fill_max_tokens:
                 params.max_tokens = max(1, self.limits.max_model_len - len(prompt_ids))
             check_prompt_ids(prompt_ids, params.max_tokens, self.limits, prompt.field)
+            keys = await self.encoder.run(self.router.block_keys, prompt_ids, params.cache_salt)
             while not finished:
-                handle, stream, budget = self.router.place(prompt_ids, params, request_id, loop, received)
-                prefilled = False
+                placement = self.router.place(prompt_ids, keys, params, request_id, loop, received)
+                self.metrics.routed.labels(placement.reason).inc()
                 try:
-                    async for out in stream:
+                    async for out in placement.stream:
                         now = time.monotonic()
                         n = len(out.new_token_ids)
                         if n:
-                            if not prefilled:  # the replica's prefill is done: that work is no longer outstanding
-                                self.router.progress(handle, len(prompt_ids))
-                                budget -= len(prompt_ids)
-                                prefilled = True
                             if not received:
                                 self.metrics.ttft.observe(now - start)
                             else:
                                 self.metrics.itl.observe(now - last)
                             last = now
                             received += out.new_token_ids
-                            budget -= n
-                            self.router.progress(handle, n)
+                            placement.progress(n)
                             self.metrics.generated.inc(n)
                         finished = out.finished
                         yield out
                 except ReplicaLost as lost:
-                    self.router.release(handle, max(0, budget))
-                    handle = None
+                    placement.close()
+                    placement = None
                     resumes += 1
                     if resumes > self.max_resumes:
                         raise Unavailable(f"request {request_id} lost {resumes} replicas; giving up") from None
@@ -124,11 +120,11 @@ class Frontend:
                     log.warning("request %s resumes after %d streamed tokens (%s)", request_id, len(received), lost)
             self.metrics.e2e.observe(time.monotonic() - start)
         finally:
-            if handle is not None:
+            if placement is not None:
                 if not finished:  # cancelled, deadline, or the consumer went away: free its blocks now
-                    handle.client.abort(request_id)
+                    placement.abort()
                     self.metrics.aborted.inc()
-                self.router.release(handle, max(0, budget))
+                placement.close()
             self.router.done(request_id)
             self.metrics.running.set(self.router.in_flight)
 

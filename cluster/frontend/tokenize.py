@@ -87,6 +87,10 @@ class PromptEncoder:
         finally:
             self._waiting -= 1
 
+    async def run(self, fn, *args):
+        """Other per-request work that must stay off the event loop (the router's block keys)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
     def encode_now(self, prompt: PromptInput) -> list[int]:
         """On the calling thread (the pool, or a test); `check` has run."""
         if prompt.text is not None:

@@ -27,6 +27,20 @@ class Block:
 
 
 @dataclass(slots=True)
+class KVEventLog:
+    """Keys that became findable (stored) or stopped being findable (removed) since the last
+    `take`: what a router's index of this cache needs to stay exact."""
+
+    stored: list[BlockKey] = field(default_factory=list)
+    removed: list[BlockKey] = field(default_factory=list)
+
+    def take(self) -> tuple[list[BlockKey], list[BlockKey]]:
+        out = self.stored, self.removed
+        self.stored, self.removed = [], []
+        return out
+
+
+@dataclass(slots=True)
 class BlockStats:
     prefix_hit_tokens: int = 0
     prefix_queried_tokens: int = 0
@@ -47,6 +61,7 @@ class BlockManager:
         self.cached_free: OrderedDict[int, None] = OrderedDict()  # ref 0 but holding a hashed prefix, LRU first
         self.hash_to_block: dict[BlockKey, int] = {}
         self.stats = BlockStats()
+        self.events = KVEventLog()
 
     @property
     def num_free_blocks(self) -> int:
@@ -64,6 +79,7 @@ class BlockManager:
             blk = self.blocks[bid]
             if blk.hash is not None and self.hash_to_block.get(blk.hash) == bid:
                 del self.hash_to_block[blk.hash]
+                self.events.removed.append(blk.hash)
         blk = self.blocks[bid]
         blk.hash, blk.token_ids, blk.parent, blk.ref_count = None, (), None, 1
         return bid
@@ -74,6 +90,26 @@ class BlockManager:
             self.cached_free.pop(bid, None)
         blk.ref_count += 1
 
+    def _lookup(self, tokens, usable: int, root: BlockKey | None) -> list[tuple[int, BlockKey]]:
+        """(block id, key) of the cached blocks that start `tokens`, up to `usable` blocks."""
+        found, prev, bs = [], root, self.block_size
+        for i in range(usable):
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            h = self.keyer.key(prev, chunk)
+            bid = self.hash_to_block.get(h)
+            if bid is None or self.blocks[bid].token_ids != chunk or self.blocks[bid].parent != prev:
+                break
+            found.append((bid, h))
+            prev = h
+        return found
+
+    def cached_prefix_tokens(self, seq: Sequence) -> int:
+        """Tokens a prefix match would serve from the cache now (nothing is taken)."""
+        if not self.enable_prefix_caching:
+            return 0
+        usable = (seq.num_tokens - 1) // self.block_size
+        return len(self._lookup(seq.all_token_ids, usable, self.keyer.root(seq.params.cache_salt))) * self.block_size
+
     def match_prefix(self, seq: Sequence) -> None:
         """Admit a sequence with no blocks: share every cached full block of its prefix.
 
@@ -81,24 +117,20 @@ class BlockManager:
         the logits for the next token.
         """
         tokens = seq.all_token_ids
-        bs = self.block_size
-        usable = (len(tokens) - 1) // bs
+        usable = (len(tokens) - 1) // self.block_size
         self.stats.prefix_queried_tokens += len(seq.prompt_token_ids)
-        prev = self.keyer.root(seq.params.cache_salt)
         if self.enable_prefix_caching:
-            for i in range(usable):
-                chunk = tuple(tokens[i * bs:(i + 1) * bs])
-                h = self.keyer.key(prev, chunk)
-                bid = self.hash_to_block.get(h)
-                if bid is None or self.blocks[bid].token_ids != chunk or self.blocks[bid].parent != prev:
-                    break
+            for bid, h in self._lookup(tokens, usable, self.keyer.root(seq.params.cache_salt)):
                 self._ref(bid)
                 seq.block_table.append(bid)
                 seq.block_hashes.append(h)
-                prev = h
-        seq.num_computed_tokens = len(seq.block_table) * bs
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
         seq.num_prefix_cached_tokens = min(seq.num_computed_tokens, len(seq.prompt_token_ids))
         self.stats.prefix_hit_tokens += seq.num_prefix_cached_tokens
+
+    def cached_keys(self) -> list[BlockKey]:
+        """Every key a prefix match can find now (a digest for a router's index)."""
+        return list(self.hash_to_block)
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         return self.blocks_needed(num_tokens) - len(seq.block_table) <= self.num_free_blocks
@@ -126,6 +158,7 @@ class BlockManager:
             if h not in self.hash_to_block:
                 self.hash_to_block[h] = blk.block_id
                 blk.hash, blk.token_ids, blk.parent = h, chunk, prev
+                self.events.stored.append(h)
             seq.block_hashes.append(h)
             prev = h
 

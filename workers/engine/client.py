@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import uuid
@@ -17,11 +18,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from workers.engine.messages import (AbortRequest, AddRequest, Call, CallResult, Detach, Fatal,
-                                     StepOutputs)
+from workers.engine.messages import (AbortRequest, AddRequest, Call, CallResult, Detach, EngineLoad, Fatal,
+                                     KVEvents, StepOutputs)
 from workers.engine.outputs import EngineStats, RequestOutput
 from workers.engine.sampling_params import SamplingParams
 from workers.errors import ConfigError, WorkerError
+
+log = logging.getLogger(__name__)
 
 
 class ReplicaLost(WorkerError):
@@ -113,6 +116,10 @@ class EngineClient:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self.stats = EngineStats()
+        self.load = EngineLoad()  # the engine's own load, from its latest KVEvents
+        self.sent = 0  # AddRequests this client has sent (EngineLoad.added_by says how many it took)
+        # Called on the reader thread with each KVEvents (a router's cache index listens here).
+        self.on_kv_events: Callable[[KVEvents], None] | None = None
         self.dead: str | None = None
         self._closed = False
         self._reader = threading.Thread(target=self._read, name="engine-client-reader", daemon=True)
@@ -134,6 +141,7 @@ class EngineClient:
             if engine_id in self._streams:
                 raise ConfigError("request_id", f"{request_id!r} is already in flight")
             self._streams[engine_id] = stream
+            self.sent += 1
         self._inbox.put(AddRequest(engine_id, list(prompt_token_ids), params, list(output_prefix or []),
                                    self.client_id))
         return stream
@@ -151,14 +159,19 @@ class EngineClient:
         return [s.result() for s in streams]
 
     def call(self, method: str, *args, timeout: float | None = None, **kwargs):
+        return self.call_async(method, *args, **kwargs).result(timeout)
+
+    def call_async(self, method: str, *args, **kwargs) -> Future:
+        """Send a call without waiting (safe on the reader thread, e.g. from `on_kv_events`)."""
         fut: Future = Future()
         with self._lock:
             if self.dead:
-                raise WorkerError(self.dead)
+                fut.set_exception(WorkerError(self.dead))
+                return fut
             call_id = next(self._ids)
             self._calls[call_id] = fut
         self._inbox.put(Call(call_id, method, args, kwargs, self.client_id))
-        return fut.result(timeout)
+        return fut
 
     # ---- reader ----------------------------------------------------------------------------------------
     def _read(self) -> None:
@@ -182,6 +195,13 @@ class EngineClient:
                     if stream is not None:
                         out.request_id = stream.request_id  # the caller's id, not the engine's
                         stream.push(out)
+            elif isinstance(msg, KVEvents):
+                self.load = msg.load
+                if self.on_kv_events is not None:
+                    try:
+                        self.on_kv_events(msg)
+                    except Exception:  # a listener's bug must not stop this replica's streams
+                        log.exception("a KVEvents listener failed")
             elif isinstance(msg, CallResult):
                 fut = self._calls.pop(msg.call_id, None)
                 if fut is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from workers.engine.block_keys import BlockKeyer, new_salt
 from workers.engine.block_manager import BlockManager
 from workers.engine.detokenizer import DetokState, Detokenizer
+from workers.engine.messages import EngineLoad
 from workers.engine.outputs import EngineStats, RequestOutput
 from workers.engine.sampler import sample
 from workers.engine.sampling_params import SamplingError, SamplingParams
@@ -110,6 +111,7 @@ class EngineCore:
         detok = self.detok.start(seq.prompt_token_ids, params.stop) if self.detok else None
         if detok is not None and prefix:
             self.detok.replay(detok, seq.all_token_ids, len(seq.prompt_token_ids))
+        seq.expected_cached_tokens = self.block_manager.cached_prefix_tokens(seq)
         self.live[request_id] = _Live(seq, detok, [])
         self.scheduler.add(seq)
 
@@ -208,6 +210,17 @@ class EngineCore:
             prompt_tokens=len(seq.prompt_token_ids), output_tokens=len(seq.output_token_ids),
             cached_prompt_tokens=seq.num_prefix_cached_tokens,
             computed_prompt_tokens=seq.num_computed_prefill_tokens, num_preemptions=seq.num_preemptions)
+
+    def load(self, added: tuple[tuple[str, int], ...] = ()) -> EngineLoad:
+        """Tokens still to prefill (preempted ones count again) and tokens still allowed to generate."""
+        prefill = decode = 0
+        for live in self.live.values():
+            s = live.seq
+            computed = s.num_computed_tokens if s.block_table else max(s.num_computed_tokens, s.expected_cached_tokens)
+            prefill += max(0, s.num_tokens - 1 - computed)
+            decode += max(0, s.params.max_tokens - len(s.output_token_ids))
+        return EngineLoad(prefill, decode, len(self.scheduler.running), len(self.scheduler.waiting),
+                          self.block_manager.num_free_blocks, self.block_manager.num_blocks, added)
 
     def snapshot(self) -> EngineStats:
         st = self.stats

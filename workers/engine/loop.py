@@ -12,8 +12,8 @@ import traceback
 from dataclasses import dataclass
 
 from workers.engine.core import EngineCore
-from workers.engine.messages import (AbortRequest, AddRequest, Call, CallResult, Detach, Fatal, Shutdown,
-                                     StepOutputs)
+from workers.engine.messages import (AbortRequest, AddRequest, Call, CallResult, Detach, Fatal, KVDigest,
+                                     KVEvents, Shutdown, StepOutputs)
 from workers.engine.outputs import RequestOutput
 from workers.errors import TpserveError
 
@@ -51,6 +51,9 @@ class EngineLoop:
         # remember such aborts so the add that follows is refused at once.
         self._early_aborts: dict[str, None] = {}
         self._owners: dict[str, str] = {}  # live request id -> the client that added it
+        self._added: dict[str, int] = {}  # AddRequests taken, per client (clients match them to placements)
+        self._kv_seq = 0  # KVEvents sent so far
+        self._last_load = None
         self._busy = False  # read by health checks on other threads; written only by run()
         self.stopped = threading.Event()
 
@@ -73,6 +76,7 @@ class EngineLoop:
                 else:
                     self.engine.worker.heartbeat(self.heartbeat_s)
                 self._flush(outputs)
+                self._publish()
         except Exception as e:  # a broken collective or a bug: the replica cannot go on
             log.error("engine loop failed:\n%s", traceback.format_exc())
             self.outbox.put(Fatal(f"{type(e).__name__}: {e}"))
@@ -93,12 +97,29 @@ class EngineLoop:
         for client_id, outs in by_client.items():
             self.outbox.put(StepOutputs(outs, stats, client_id))
 
+    def _publish(self) -> None:
+        """One KVEvents to every client when the cache's keys or the engine's load changed."""
+        stored, removed = self.engine.block_manager.events.take()
+        load = self.engine.load(tuple(self._added.items()))
+        if not stored and not removed and load == self._last_load:
+            return
+        self._kv_seq += 1
+        self._last_load = load
+        self.outbox.put(KVEvents(self._kv_seq, stored, removed, load))
+
+    def kv_digest(self) -> KVDigest:
+        """Every findable key, consistent with the KVEvents sent so far (runs on the loop thread)."""
+        self._publish()  # events not yet sent would fall between the digest and the next message
+        bm = self.engine.block_manager
+        return KVDigest(self._kv_seq, bm.cached_keys(), bm.num_blocks, bm.block_size)
+
     def _handle(self, msg, outputs: list[RequestOutput]) -> None:
         if isinstance(msg, AddRequest):
             self._add(msg, outputs)
         elif isinstance(msg, AbortRequest):
             self._abort(msg.request_id, outputs)
         elif isinstance(msg, Detach):
+            self._added.pop(msg.client_id, None)
             for rid in [r for r, c in self._owners.items() if c == msg.client_id]:
                 self._abort(rid, outputs)
         elif isinstance(msg, Call):
@@ -108,6 +129,7 @@ class EngineLoop:
 
     def _add(self, msg: AddRequest, outputs: list[RequestOutput]) -> None:
         rid = msg.request_id
+        self._added[msg.client_id] = self._added.get(msg.client_id, 0) + 1
         if rid in self.engine.live:  # clients keep their ids unique, so this is a client's bug
             log.error("ignoring a second add of live request %r from client %r", rid, msg.client_id)
             return
@@ -137,6 +159,8 @@ class EngineLoop:
         try:
             if msg.method == "stats":
                 value = self.engine.snapshot()
+            elif msg.method == "kv_digest":
+                value = self.kv_digest()
             elif msg.method in WORKER_CALLS:
                 value = getattr(self.engine.worker, msg.method)(*msg.args, **msg.kwargs)
             else:

@@ -63,6 +63,55 @@ class StepOutputs:
     client_id: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """The work an engine holds, from its own books (so every frontend reads the same figure):
+    prompt tokens still to prefill and tokens its requests may still generate. `added`: how many
+    AddRequests each client has sent that the engine has taken, so a client can tell which of its
+    placements this figure already includes."""
+
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    running: int = 0
+    waiting: int = 0
+    free_blocks: int = 0
+    num_blocks: int = 0
+    added: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + self.decode_tokens
+
+    def added_by(self, client_id: str) -> int:
+        for c, n in self.added:
+            if c == client_id:
+                return n
+        return 0
+
+
+@dataclass(slots=True)
+class KVEvents:
+    """Sent to every client after each change: the prefix-cache keys stored and evicted since the
+    previous message, and the engine's load. `seq` counts these messages; a client that sees a gap
+    (it joined late, or lost one) asks for a `kv_digest` and rebuilds its view from it."""
+
+    seq: int
+    stored: list[bytes]
+    removed: list[bytes]
+    load: EngineLoad
+    client_id: str | None = None  # None: every client
+
+
+@dataclass(slots=True)
+class KVDigest:
+    """Every key the prefix cache can find now, as of KVEvents number `seq` (a `kv_digest` call)."""
+
+    seq: int
+    keys: list[bytes]
+    num_blocks: int
+    block_size: int
+
+
 @dataclass(slots=True)
 class CallResult:
     call_id: int
@@ -79,4 +128,4 @@ class Fatal:
 
 
 InboxMessage = AddRequest | AbortRequest | Call | Detach | Shutdown
-OutboxMessage = StepOutputs | CallResult | Fatal
+OutboxMessage = StepOutputs | KVEvents | CallResult | Fatal

@@ -43,6 +43,8 @@ class Sequence:
     num_prefix_cached_tokens: int = 0  # prompt tokens served from the prefix cache (last admission)
     num_computed_prefill_tokens: int = 0  # prompt tokens actually run through the model, all admissions
     num_preemptions: int = 0
+    # Tokens the prefix cache held for it when it arrived: its queued prefill is counted without them.
+    expected_cached_tokens: int = 0
     # Sampling seed for unseeded requests, fixed at admission so a recompute draws the same.
     seed: int = 0
     # prompt + output, kept as one list so the per-token paths (detokenizer, hashing) copy nothing.

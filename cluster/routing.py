@@ -1,0 +1,106 @@
+"""Which replica serves a request: the routing policies, free of Ray so that the simulator drives
+the same code as the frontend.
+
+kv-aware (the default). For each ready replica r:
+
+    cached(r)  = block_size x the leading blocks of the prompt that r's prefix cache holds
+                 (the KVIndex, fed by r's engine), at most the blocks a prefix match may use
+    new(r)     = prompt tokens - cached(r)                  r's prefill work for this request
+    load(r)    = r's engine: prompt tokens still to prefill + tokens its requests may still
+                 generate (EngineLoad, the same figure for every frontend)
+                 + what this frontend placed on r that the engine had not yet taken
+    score(r)   = prefill_weight x new(r) + load(r)
+
+and the replica with the least score serves (ties: the least load, then round robin). A prompt
+token costs about what a generated token of the queue ahead costs the new request's wait, hence
+the default weight 1.
+
+Balance guard: one hot prefix makes cached(r) large for one replica, and new work would pile on it
+while others idle. When the chosen replica's load exceeds
+
+    balance_rel x min_r load(r) + balance_abs_tokens
+
+the least-loaded replica serves instead (the best cached among the least loaded). The defaults
+(1.5x plus 1,024 tokens: two steps of the default prefill budget) allow a cache hit to queue
+behind a little work, not behind a replica's worth.
+
+least-load: the least load(r). round-robin: in turn. Both ignore the cache.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cluster.kv_index import KVIndex
+from workers.errors import ConfigError
+
+POLICIES = ("kv-aware", "least-load", "round-robin")
+REASONS = ("cache", "load", "balance", "round-robin")
+
+
+@dataclass(slots=True)
+class RoutingConfig:
+    policy: str = "kv-aware"
+    prefill_weight: float = 1.0
+    balance_rel: float = 1.5
+    balance_abs_tokens: int = 1024
+
+    def validate(self) -> "RoutingConfig":
+        if self.policy not in POLICIES:
+            raise ConfigError("routing", f"{self.policy!r} is not one of {', '.join(POLICIES)}")
+        if not self.prefill_weight >= 0:
+            raise ConfigError("routing-prefill-weight", f"must be >= 0, got {self.prefill_weight}")
+        if not self.balance_rel >= 1:
+            raise ConfigError("balance-rel", f"must be >= 1, got {self.balance_rel}")
+        if self.balance_abs_tokens < 0:
+            raise ConfigError("balance-abs-tokens", f"must be >= 0, got {self.balance_abs_tokens}")
+        return self
+
+
+@dataclass(slots=True)
+class Candidate:
+    """What the policy reads of one ready replica."""
+
+    slot: int  # its bit in the KVIndex
+    load: int  # tokens, as defined above
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    index: int  # into the candidate list
+    reason: str  # cache | load | balance | round-robin
+    cached_tokens: int  # of this prompt, on the chosen replica (by the index)
+
+
+class RoutingPolicy:
+    def __init__(self, config: RoutingConfig, index: KVIndex):
+        self.config, self.index = config.validate(), index
+        self._turn = itertools.count()
+
+    def choose(self, candidates: Sequence[Candidate], keys: Sequence[bytes], prompt_len: int,
+               block_size: int) -> Decision:
+        """`keys`: the prompt's block keys (computed off the event loop, with tokenizing)."""
+        n = len(candidates)
+        turn = next(self._turn)
+        if self.config.policy == "round-robin":
+            return Decision(turn % n, "round-robin", 0)
+        if self.config.policy == "least-load":
+            best = min(range(n), key=lambda i: (candidates[i].load, (i - turn) % n))
+            return Decision(best, "load", 0)
+        usable = (prompt_len - 1) // block_size if block_size else 0
+        hits = self.index.match(keys[:usable], sum(1 << c.slot for c in candidates)) if usable else {}
+        w = self.config.prefill_weight
+        best, best_key, best_cached = 0, None, 0
+        least = min(c.load for c in candidates)
+        for i, c in enumerate(candidates):
+            cached = hits.get(c.slot, 0) * block_size
+            key = (w * (prompt_len - cached) + c.load, c.load, (i - turn) % n)
+            if best_key is None or key < best_key:
+                best, best_key, best_cached = i, key, cached
+        chosen = candidates[best]
+        if chosen.load > self.config.balance_rel * least + self.config.balance_abs_tokens:
+            idle = [i for i, c in enumerate(candidates) if c.load == least]
+            i = max(idle, key=lambda i: (hits.get(candidates[i].slot, 0), -((i - turn) % n)))
+            return Decision(i, "balance", hits.get(candidates[i].slot, 0) * block_size)
+        return Decision(best, "cache" if best_cached else "load", best_cached)
