@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routing", default="kv-aware", choices=["kv-aware", "least-load", "round-robin"],
                    help="kv-aware: least prefill-weight x uncached prompt tokens + load (docs/routing.md); "
                         "least-load: least queued and running tokens; round-robin: in turn")
-    p.add_argument("--routing-prefill-weight", type=float, default=1.0,
+    p.add_argument("--routing-prefill-weight", type=float, default=4.0,
                    help="kv-aware: what one uncached prompt token costs against one token of queued work")
     p.add_argument("--balance-rel", type=float, default=1.5,
                    help="kv-aware balance guard: take the least-loaded replica when the cache's choice has more "

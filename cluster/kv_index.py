@@ -15,6 +15,9 @@ Bounds and recovery:
 - A gap in a replica's message numbers (it joined late, a message was lost) or a digest older than
   `digest_period_s` asks for a fresh digest, which replaces that replica's keys.
 - `forget` drops a replica that went away, with every key only it held.
+
+Two frontends hold the same index up to the keys each has just routed (`expect`): those are in
+its own index a step before the engines report them.
 """
 from __future__ import annotations
 
@@ -116,6 +119,15 @@ class KVIndex:
             self._digested[replica_id] = self.clock()
             self._asked.pop(replica_id, None)
             self.digests += 1
+
+    def expect(self, replica_id: str, keys: Sequence[bytes]) -> None:
+        """The router just placed a prompt with these keys on the replica: count them as held now,
+        before the engine computes them, so the next request with the same prefix follows this
+        one instead of computing the prefix a second time elsewhere (as SGLang's router inserts at
+        routing time). The engine's own report confirms them; a digest drops any it never stored."""
+        with self._lock:
+            if replica_id in self._slot:
+                self._store_locked(replica_id, self._slot[replica_id], keys)
 
     def digest_failed(self, replica_id: str) -> None:
         with self._lock:

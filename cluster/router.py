@@ -191,6 +191,8 @@ class Router:
         stream = h.client.add_request(prompt_ids, params, request_id=request_id, loop=loop,
                                       output_prefix=output_prefix)
         # Charged only once the replica has the request: a refusal above leaves no count behind.
+        if keys:
+            self.index.expect(h.replica_id, keys[:(len(prompt_ids) - 1) // self.block_size])
         remaining = params.max_tokens - len(output_prefix or ())
         h.unacked.append((h.client.sent, len(prompt_ids) - decision.cached_tokens + remaining))
         p = Placement(self, h, stream, request_id, len(prompt_ids), remaining, decision.reason,

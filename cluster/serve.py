@@ -54,7 +54,7 @@ class ServeOptions:
     stall_timeout_s: float = 30.0
     expose_topology: bool = False
     routing: str = "kv-aware"
-    routing_prefill_weight: float = 1.0
+    routing_prefill_weight: float = 4.0
     balance_rel: float = 1.5
     balance_abs_tokens: int = 1024
 

@@ -31,12 +31,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=None, help="stop sending after this many seconds")
     p.add_argument("--warmup", type=int, default=2, help="requests sent first and not counted")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workload", default="random", choices=["fixed", "random", "longtail", "shared-prefix", "file"])
+    p.add_argument("--workload", default="random",
+                   choices=["fixed", "random", "longtail", "shared-prefix", "multi-tenant", "conversation", "file"])
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--input-range", default="32,256")
     p.add_argument("--output-range", default="16,128")
-    p.add_argument("--prefix-len", type=int, default=256)
+    p.add_argument("--prefix-len", type=int, default=None,
+                   help="shared prefix (shared-prefix: 256) or each tenant's system prompt (multi-tenant: 1000)")
+    p.add_argument("--tenants", type=int, default=8, help="multi-tenant: tenants, each with its own system prompt")
+    p.add_argument("--turns", type=int, default=4,
+                   help="conversation: turns per session (--num-requests counts turns; --protocol tpserve)")
     p.add_argument("--workload-file", default=None)
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
@@ -84,7 +89,12 @@ def run_bench(args) -> int:
     if args.concurrency is not None and args.concurrency < 1:
         raise ConfigError("--concurrency", f"must be >= 1, got {args.concurrency}")
     spec = WorkloadSpec(args.workload, args.input_len, args.output_len, _pair("--input-range", args.input_range),
-                        _pair("--output-range", args.output_range), args.prefix_len, args.workload_file)
+                        _pair("--output-range", args.output_range), args.prefix_len, args.workload_file,
+                        args.tenants, args.turns)
+    if args.workload == "conversation" and args.protocol != "tpserve":
+        raise ConfigError("--workload", "conversation sends token ids and reads the answer's: use --protocol tpserve")
+    if args.prefix_len is not None and args.prefix_len < 1:
+        raise ConfigError("--prefix-len", f"must be >= 1, got {args.prefix_len}")
     try:
         info = server_info(args.target, ClientSecurity.from_args(args))
     except ConfigError:
@@ -105,7 +115,9 @@ def run_bench(args) -> int:
         requests = make_workload(spec, args.num_requests + args.warmup, vocab, args.seed)
     except ValueError as e:
         raise ConfigError("--workload", str(e)) from None
-    warm, measured = requests[:args.warmup], requests[args.warmup:]
+    # A conversation's entries are sessions of --turns requests each.
+    measured_n = -(-args.num_requests // args.turns) if args.workload == "conversation" else args.num_requests
+    warm, measured = requests[:len(requests) - measured_n], requests[len(requests) - measured_n:]
     runs = []
     for point in points:
         load = LoadSpec(concurrency=None if args.request_rate else int(point),
@@ -149,7 +161,7 @@ def _run_with_progress(args, model, requests, load, label):
 
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=True) as bar:
-        task = bar.add_task(label, total=len(requests))
+        task = bar.add_task(label, total=sum(1 + len(r.follow_ups or ()) for r in requests))
         return asyncio.run(run_load(args.target, args.protocol, model, requests, load,
                                     on_done=lambda rec: bar.advance(task), security=ClientSecurity.from_args(args),
                                     http_target=http_target(args)))

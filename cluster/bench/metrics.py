@@ -6,6 +6,7 @@
 - E2E: from sending to the final message.
 - Throughput: completed requests / duration; output tokens / duration; (prompt + output) / duration.
 - Goodput: requests per second that met every SLO given (TTFT, TPOT, E2E).
+- Prefix hit rate: prompt tokens served from a replica's prefix cache / prompt tokens (tpserve.v1).
 Token counts come from the server (token ids in tpserve.v1, `output_tokens` in KServe).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ class RequestRecord:
     status: str = "OK"
     prompt_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server's prefix cache served (tpserve.v1 reports them)
     ttft: float | None = None
     e2e: float | None = None
     itl: list[float] = field(default_factory=list)
@@ -74,6 +76,7 @@ def summarize(records: list[RequestRecord], duration: float, slo: dict[str, floa
         "itl": stats([g for r in ok for g in r.itl]),
         "e2e": stats([r.e2e for r in ok if r.e2e is not None]),
         "prompt_tokens": in_tokens, "output_tokens": out_tokens,
+        "prefix_hit_rate": sum(r.cached_tokens for r in ok) / in_tokens if in_tokens else 0.0,
     }
 
 

@@ -39,8 +39,10 @@ class TpserveProtocol:
         self.pb, self.stub, self.model = pb, pb_grpc.TpserveServiceStub(channel), model
         self.metadata = metadata
 
-    async def send(self, req: BenchRequest, rec: RequestRecord, timeout: float) -> None:
+    async def send(self, req: BenchRequest, rec: RequestRecord, timeout: float) -> list[int]:
+        """Returns the output token ids (a conversation's next turn appends them)."""
         pb = self.pb
+        out_ids: list[int] = []
         msg = pb.GenerateRequest(model=self.model, sampling=pb.SamplingParameters(
             max_tokens=req.output_len, temperature=0.0, ignore_eos=True))
         if req.prompt_ids is not None:
@@ -57,9 +59,12 @@ class TpserveProtocol:
                     rec.itl.append(now - last)
                 last = now
                 rec.output_tokens += len(m.token_ids)
+                out_ids += m.token_ids
             if m.finish_reason:
                 rec.prompt_tokens = m.prompt_tokens
+                rec.cached_tokens = m.cached_prompt_tokens
         rec.e2e = time.perf_counter() - start
+        return out_ids
 
 
 class KServeProtocol:
@@ -153,10 +158,27 @@ class BenchError(Exception):
 PROTOCOLS = {"tpserve": TpserveProtocol, "kserve": KServeProtocol, "openai": OpenAIProtocol}
 
 
-async def _one(proto, req: BenchRequest, timeout: float) -> RequestRecord:
+async def _session(proto, req: BenchRequest, timeout: float, on_record) -> None:
+    """A conversation: each turn's prompt is the previous turn's prompt + its answer + a question.
+    A failed turn ends the session (its later turns are not sent)."""
+    prompt = list(req.prompt_ids)
+    for i, question in enumerate([None] + list(req.follow_ups)):
+        if question is not None:
+            prompt = prompt + answer + question
+        turn = BenchRequest(prompt, "", req.output_len)
+        answer: list[int] = []
+        rec = await _one(proto, turn, timeout, answer)
+        on_record(rec)
+        if not rec.ok:
+            return
+
+
+async def _one(proto, req: BenchRequest, timeout: float, answer: list[int] | None = None) -> RequestRecord:
     rec = RequestRecord()
     try:
-        await proto.send(req, rec, timeout)
+        ids = await proto.send(req, rec, timeout)
+        if answer is not None:
+            answer += ids
         rec.ok = rec.output_tokens > 0
         if not rec.ok:
             rec.status = "EMPTY"
@@ -209,11 +231,16 @@ async def run_load(target: str, protocol: str, model: str, requests: list[BenchR
         deadline = time.perf_counter() + load.duration_s if load.duration_s else None
         start = time.perf_counter()
 
-        async def run(req):
-            rec = await _one(proto, req, load.timeout_s)
+        def record(rec):
             records.append(rec)
             if on_done:
                 on_done(rec)
+
+        async def run(req):
+            if req.follow_ups is not None:
+                await _session(proto, req, load.timeout_s, record)
+            else:
+                record(await _one(proto, req, load.timeout_s))
 
         if load.request_rate:
             times = arrival_times(len(requests), load.request_rate, load.burstiness, load.seed)

@@ -2,7 +2,10 @@
 
 Kinds: fixed lengths; random lengths in ranges; a long-tailed chat-like mix (lognormal lengths);
 shared-prefix requests (one common system prefix + distinct suffixes, to exercise prefix caching);
-a JSONL file of {"prompt": ..., "max_tokens": ...}. Output lengths are enforced with ignore_eos.
+multi-tenant (T tenants, each a long system prompt, then short questions, tenants interleaved);
+conversation (multi-turn sessions: each turn's prompt is the previous prompt + its answer + a new
+question, sent as token ids so the chain of KV blocks survives the answer's boundary); a JSONL file
+of {"prompt": ..., "max_tokens": ...}. Output lengths are enforced with ignore_eos.
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ class BenchRequest:
     prompt_ids: list[int] | None  # for the tpserve protocol (exact length)
     prompt_text: str  # for the KServe protocol
     output_len: int
+    # conversation: the questions of the later turns (each turn = previous prompt + answer + question)
+    follow_ups: list[list[int]] | None = None
+    tenant: int | None = None  # multi-tenant: whose system prompt this is
 
 
 @dataclass(slots=True)
@@ -33,8 +39,10 @@ class WorkloadSpec:
     output_len: int = 64
     input_range: tuple[int, int] = (32, 256)
     output_range: tuple[int, int] = (16, 128)
-    prefix_len: int = 256
+    prefix_len: int | None = None  # shared-prefix: 256; multi-tenant: 1,000
     file: str | None = None
+    tenants: int = 8
+    turns: int = 4
 
 
 def _text(rng, n: int) -> str:
@@ -69,9 +77,43 @@ def make_workload(spec: WorkloadSpec, n: int, vocab: int, seed: int = 0) -> list
         ins = np.clip(rng.lognormal(np.log(spec.input_len), 0.9, size=n), 4, 8 * spec.input_len).astype(int)
         outs = np.clip(rng.lognormal(np.log(spec.output_len), 0.7, size=n), 2, 8 * spec.output_len).astype(int)
     elif spec.kind == "shared-prefix":
-        prefix_ids, prefix_text = _ids(rng, spec.prefix_len, vocab), _text(rng, spec.prefix_len)
+        plen = spec.prefix_len or 256
+        prefix_ids, prefix_text = _ids(rng, plen, vocab), _text(rng, plen)
         return [BenchRequest(prefix_ids + _ids(rng, spec.input_len, vocab),
                              prefix_text + " " + _text(rng, spec.input_len), spec.output_len) for _ in range(n)]
+    elif spec.kind == "multi-tenant":
+        return _multi_tenant(spec, n, vocab, rng)
+    elif spec.kind == "conversation":
+        return _conversation(spec, n, vocab, rng)
     else:
-        raise ValueError(f"--workload {spec.kind!r}: use fixed, random, longtail, shared-prefix or file")
+        raise ValueError(f"--workload {spec.kind!r}: use fixed, random, longtail, shared-prefix, multi-tenant, "
+                         f"conversation or file")
     return [BenchRequest(_ids(rng, int(i), vocab), _text(rng, int(i)), int(o)) for i, o in zip(ins, outs)]
+
+
+def _lengths(rng, lo_hi: tuple[int, int], n: int) -> list[int]:
+    return rng.integers(lo_hi[0], lo_hi[1] + 1, size=n).tolist()
+
+
+def _multi_tenant(spec: WorkloadSpec, n: int, vocab: int, rng) -> list[BenchRequest]:
+    """Each request: one tenant's system prompt (drawn uniformly, so tenants interleave) + a question."""
+    if spec.tenants < 1:
+        raise ValueError(f"--tenants must be >= 1, got {spec.tenants}")
+    plen = spec.prefix_len or 1000
+    systems = [(_ids(rng, plen, vocab), _text(rng, plen)) for _ in range(spec.tenants)]
+    tenants = rng.integers(0, spec.tenants, size=n).tolist()
+    qlens, outs = _lengths(rng, spec.input_range, n), _lengths(rng, spec.output_range, n)
+    return [BenchRequest(systems[t][0] + _ids(rng, q, vocab), systems[t][1] + " " + _text(rng, q), o, tenant=t)
+            for t, q, o in zip(tenants, qlens, outs)]
+
+
+def _conversation(spec: WorkloadSpec, n: int, vocab: int, rng) -> list[BenchRequest]:
+    """ceil(n / turns) sessions of `turns` turns; one BenchRequest per session (its first turn)."""
+    if spec.turns < 1:
+        raise ValueError(f"--turns must be >= 1, got {spec.turns}")
+    sessions = -(-n // spec.turns)
+    out = []
+    for _ in range(sessions):
+        qs = [_ids(rng, q, vocab) for q in _lengths(rng, spec.input_range, spec.turns)]
+        out.append(BenchRequest(qs[0], "", int(_lengths(rng, spec.output_range, 1)[0]), follow_ups=qs[1:]))
+    return out
