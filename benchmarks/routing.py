@@ -137,7 +137,8 @@ def main() -> None:
             ideals[n].append(ideal(n, loads[n][0], 2 * blocks))
         for p in policies[rep % len(policies):] + policies[:rep % len(policies)]:
             with running_server("--model", args.model, "--tp", "1", "--replicas", "2", "--routing", p,
-                                "--kv-cache-memory", str(blocks * BYTES_PER_BLOCK), "--ray-num-cpus", "2", *args.serve_args.split()) as served:
+                                "--kv-cache-memory", str(blocks * BYTES_PER_BLOCK), "--ray-num-cpus", "2",
+                                *args.serve_args.split()) as served:
                 for n in names:
                     reqs, load = loads[n]
                     records, duration = asyncio.run(run_load(served.target, "tpserve", args.model, reqs, load))
@@ -145,17 +146,16 @@ def main() -> None:
                     if s["failed"]:
                         raise SystemExit(f"{p} {n}: {s['failed']} requests failed: {s['errors_by_status']}")
                     results[p][n].append(s)
+                    print(f"  repeat {rep + 1} {p:<12} {n:<13} TTFT p50 {s['ttft']['median_ms']:7.1f} ms  "
+                          f"p90 {s['ttft']['p90_ms']:7.1f} ms  {s['output_token_throughput']:6.1f} tok/s  "
+                          f"hit {s['prefix_hit_rate']:.3f}  (ideal {ideals[n][-1]:.3f})", flush=True)
                 if p == "least-load":  # its unloaded TTFT: the same kind of requests one at a time
                     alone = workloads(args, seed=1000 + rep)["multi-tenant"][0][:24]
                     records, duration = asyncio.run(run_load(served.target, "tpserve", args.model, alone,
                                                              LoadSpec(concurrency=1)))
-                    s = summarize(records, duration, {})
-                    unloaded.append(s["ttft"]["median_ms"])
+                    unloaded.append(summarize(records, duration, {})["ttft"]["median_ms"])
                     print(f"  repeat {rep + 1} least-load unloaded multi-tenant TTFT p50 {unloaded[-1]:.1f} ms",
                           flush=True)
-                    print(f"  repeat {rep + 1} {p:<12} {n:<13} TTFT p50 {s['ttft']['median_ms']:7.1f} ms  "
-                          f"p90 {s['ttft']['p90_ms']:7.1f} ms  {s['output_token_throughput']:6.1f} tok/s  "
-                          f"hit {s['prefix_hit_rate']:.3f}  (ideal {ideals[n][-1]:.3f})", flush=True)
     table = report(results, ideals, policies, names)
     if unloaded:
         table += (f"\nleast-load, multi-tenant, one request at a time: TTFT p50 {_med(unloaded)} ms "

@@ -16,7 +16,7 @@ import ray
 
 from cluster.kv_index import KVIndex
 from cluster.replica import engine_client
-from cluster.routing import Candidate, RoutingConfig, RoutingPolicy
+from cluster.routing import RoutingConfig, RoutingPolicy
 from workers.engine.block_keys import BlockKeyer
 from workers.engine.client import EngineClient, RequestStream
 from workers.engine.messages import KVEvents
@@ -50,14 +50,16 @@ class ReplicaHandle:
     routed: int = 0
     # Placements the engine has not taken yet: (the client's AddRequest number, tokens of work).
     unacked: deque = field(default_factory=deque)
+    unacked_tokens: int = 0
 
     def load(self) -> int:
         """The engine's own load plus this frontend's placements it has not yet counted."""
         engine = self.client.load
-        taken = engine.added_by(self.client.client_id)
-        while self.unacked and self.unacked[0][0] <= taken:
-            self.unacked.popleft()
-        return engine.tokens + sum(w for _, w in self.unacked)
+        if self.unacked:
+            taken = engine.added_by(self.client.client_id)
+            while self.unacked and self.unacked[0][0] <= taken:
+                self.unacked_tokens -= self.unacked.popleft()[1]
+        return engine.tokens + self.unacked_tokens
 
 
 class Placement:
@@ -185,7 +187,7 @@ class Router:
         ready = self.ready
         if not ready:
             raise Unavailable("no replica is ready")
-        decision = self.policy.choose([Candidate(h.slot, h.load()) for h in ready], keys, len(prompt_ids),
+        decision = self.policy.choose([h.slot for h in ready], [h.load() for h in ready], keys, len(prompt_ids),
                                       self.block_size)
         h = ready[decision.index]
         stream = h.client.add_request(prompt_ids, params, request_id=request_id, loop=loop,
@@ -194,7 +196,9 @@ class Router:
         if keys:
             self.index.expect(h.replica_id, keys[:(len(prompt_ids) - 1) // self.block_size])
         remaining = params.max_tokens - len(output_prefix or ())
-        h.unacked.append((h.client.sent, len(prompt_ids) - decision.cached_tokens + remaining))
+        work = len(prompt_ids) - decision.cached_tokens + remaining
+        h.unacked.append((h.client.sent, work))
+        h.unacked_tokens += work
         p = Placement(self, h, stream, request_id, len(prompt_ids), remaining, decision.reason,
                       decision.cached_tokens)
         h.outstanding += len(prompt_ids) + remaining

@@ -61,14 +61,6 @@ class RoutingConfig:
         return self
 
 
-@dataclass(slots=True)
-class Candidate:
-    """What the policy reads of one ready replica."""
-
-    slot: int  # its bit in the KVIndex
-    load: int  # tokens, as defined above
-
-
 @dataclass(frozen=True, slots=True)
 class Decision:
     index: int  # into the candidate list
@@ -81,29 +73,48 @@ class RoutingPolicy:
         self.config, self.index = config.validate(), index
         self._turn = itertools.count()
 
-    def choose(self, candidates: Sequence[Candidate], keys: Sequence[bytes], prompt_len: int,
+    def choose(self, slots: Sequence[int], loads: Sequence[int], keys: Sequence[bytes], prompt_len: int,
                block_size: int) -> Decision:
-        """`keys`: the prompt's block keys (computed off the event loop, with tokenizing)."""
-        n = len(candidates)
+        """Among the ready replicas, given as their KVIndex slots and loads (tokens, as defined
+        above), in one order; `keys`: the prompt's block keys (computed off the event loop, with
+        tokenizing). The decision's index is into that order."""
+        n = len(slots)
         turn = next(self._turn)
         if self.config.policy == "round-robin":
             return Decision(turn % n, "round-robin", 0)
         if self.config.policy == "least-load":
-            best = min(range(n), key=lambda i: (candidates[i].load, (i - turn) % n))
+            best = min(range(n), key=lambda i: (loads[i], (i - turn) % n))
             return Decision(best, "load", 0)
         usable = (prompt_len - 1) // block_size if block_size else 0
-        hits = self.index.match(keys[:usable], sum(1 << c.slot for c in candidates)) if usable else {}
+        hits: dict[int, int] = {}
+        if usable and keys:
+            among = 0
+            for slot in slots:
+                among |= 1 << slot
+            hits = self.index.match(keys[:usable], among)
         w = self.config.prefill_weight
-        best, best_key, best_cached = 0, None, 0
-        least = min(c.load for c in candidates)
-        for i, c in enumerate(candidates):
-            cached = hits.get(c.slot, 0) * block_size
-            key = (w * (prompt_len - cached) + c.load, c.load, (i - turn) % n)
-            if best_key is None or key < best_key:
-                best, best_key, best_cached = i, key, cached
-        chosen = candidates[best]
-        if chosen.load > self.config.balance_rel * least + self.config.balance_abs_tokens:
-            idle = [i for i, c in enumerate(candidates) if c.load == least]
-            i = max(idle, key=lambda i: (hits.get(candidates[i].slot, 0), -((i - turn) % n)))
-            return Decision(i, "balance", hits.get(candidates[i].slot, 0) * block_size)
-        return Decision(best, "cache" if best_cached else "load", best_cached)
+        base = w * prompt_len
+        start = turn % n
+        least = min(loads)
+        best_i, best_score, best_load = -1, float("inf"), 0
+        saved = w * block_size
+        get = hits.get
+        order = itertools.chain(range(start, n), range(start))  # a rotating start: ties go round robin
+        for i in order:
+            load = loads[i]
+            score = base + load
+            if hits:
+                h = get(slots[i])
+                if h:
+                    score -= saved * h
+            if score < best_score or (score == best_score and load < best_load):
+                best_i, best_score, best_load = i, score, load
+        cached = hits.get(slots[best_i], 0) * block_size if hits else 0
+        if best_load > self.config.balance_rel * least + self.config.balance_abs_tokens:
+            # The least-loaded replicas; of those, the one that caches most of this prompt.
+            guard, most = -1, -1
+            for i in itertools.chain(range(start, n), range(start)):
+                if loads[i] == least and hits.get(slots[i], 0) > most:
+                    guard, most = i, hits.get(slots[i], 0)
+            return Decision(guard, "balance", most * block_size)
+        return Decision(best_i, "cache" if cached else "load", cached)

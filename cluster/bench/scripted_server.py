@@ -14,9 +14,11 @@ SLOW, REFUSE = 7, 9  # first prompt id: 7 -> first token after `slow_first_s`; 9
 class ScriptedServicer(pb_grpc.TpserveServiceServicer):
     def __init__(self, first_s: float, gap_s: float, slow_first_s: float):
         self.first_s, self.gap_s, self.slow_first_s = first_s, gap_s, slow_first_s
+        self.prompts: list[list[int]] = []  # every prompt received, in order (the tests read them)
 
     async def Generate(self, request, context):
         ids = list(request.prompt_token_ids.ids)
+        self.prompts.append(ids)
         if ids and ids[0] == REFUSE:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "scripted refusal")
         n = request.sampling.max_tokens
@@ -38,7 +40,8 @@ class ScriptedServicer(pb_grpc.TpserveServiceServicer):
 
 async def start(first_s=0.05, gap_s=0.01, slow_first_s=0.15) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
-    pb_grpc.add_TpserveServiceServicer_to_server(ScriptedServicer(first_s, gap_s, slow_first_s), server)
+    server.servicer = ScriptedServicer(first_s, gap_s, slow_first_s)
+    pb_grpc.add_TpserveServiceServicer_to_server(server.servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port

@@ -171,6 +171,34 @@ def metric(server, name: str) -> list[float]:
     return [float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, flags=re.M)]
 
 
+def index_blocks(server) -> list[float]:
+    """The frontend's KV index size per replica (the gauge is set when cluster status is read)."""
+    pb_grpc.TpserveServiceStub(server.channel()).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
+    return sorted(metric(server, "tpserve_routing_index_blocks"))
+
+
+def test_two_frontends_index_the_same_cache_and_route_a_shared_prefix_to_it(two_frontends):
+    a, b = two_frontends
+    prefix = [(7 * i) % 240 + 3 for i in range(96)]  # 6 full blocks
+    first = pb_grpc.TpserveServiceStub(a.channel()).Complete(pb.GenerateRequest(
+        prompt_token_ids=pb.TokenIds(ids=prefix + [5, 6, 7, 8]),
+        sampling=pb.SamplingParameters(max_tokens=4, temperature=0, ignore_eos=True)), timeout=60)
+    assert first.cached_prompt_tokens == 0
+    deadline = time.monotonic() + 10
+    while (index_blocks(a) != index_blocks(b) or sum(index_blocks(a)) == 0) and time.monotonic() < deadline:
+        time.sleep(1.1)  # the status (and so the gauge) is cached for 1 s
+    on_a, on_b = index_blocks(a), index_blocks(b)
+    assert on_a == on_b and on_a[0] == 0 and on_a[1] >= 6, (on_a, on_b)  # one replica holds it, in both views
+    # b never saw that request, yet sends the same prefix to the replica that holds it.
+    second = pb_grpc.TpserveServiceStub(b.channel()).Complete(pb.GenerateRequest(
+        prompt_token_ids=pb.TokenIds(ids=prefix + [9, 10, 11]),
+        sampling=pb.SamplingParameters(max_tokens=4, temperature=0, ignore_eos=True)), timeout=60)
+    assert second.cached_prompt_tokens == 96
+    assert metric(b, "tpserve_routing_decisions_total") == [1.0]  # one decision, reason "cache"
+    text = urllib.request.urlopen(f"http://127.0.0.1:{b.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'tpserve_routing_decisions_total{reason="cache"} 1.0' in text
+
+
 def test_two_frontends_share_replicas_and_one_dying_leaves_the_others_streams_whole(two_frontends):
     a, b = two_frontends
     alone = Streams(a, PROMPTS)

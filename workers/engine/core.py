@@ -46,6 +46,17 @@ class EngineConfig:
         return self
 
 
+def queued_tokens(seqs) -> tuple[int, int]:
+    """(prompt tokens still to prefill, tokens still allowed to generate) of live sequences. A
+    waiting sequence's prefill leaves out what the prefix cache held for it when it arrived."""
+    prefill = decode = 0
+    for s in seqs:
+        computed = s.num_computed_tokens if s.block_table else max(s.num_computed_tokens, s.expected_cached_tokens)
+        prefill += max(0, s.num_tokens - 1 - computed)
+        decode += max(0, s.params.max_tokens - len(s.output_token_ids))
+    return prefill, decode
+
+
 @dataclass(slots=True)
 class _Live:
     seq: Sequence
@@ -213,12 +224,7 @@ class EngineCore:
 
     def load(self, added: tuple[tuple[str, int], ...] = ()) -> EngineLoad:
         """Tokens still to prefill (preempted ones count again) and tokens still allowed to generate."""
-        prefill = decode = 0
-        for live in self.live.values():
-            s = live.seq
-            computed = s.num_computed_tokens if s.block_table else max(s.num_computed_tokens, s.expected_cached_tokens)
-            prefill += max(0, s.num_tokens - 1 - computed)
-            decode += max(0, s.params.max_tokens - len(s.output_token_ids))
+        prefill, decode = queued_tokens(live.seq for live in self.live.values())
         return EngineLoad(prefill, decode, len(self.scheduler.running), len(self.scheduler.waiting),
                           self.block_manager.num_free_blocks, self.block_manager.num_blocks, added)
 

@@ -76,3 +76,37 @@ def test_workloads_are_seeded_and_shaped():
     tail = make_workload(WorkloadSpec("longtail", input_len=64, output_len=32), 2000, 1000)
     lens = np.array([len(r.prompt_ids) for r in tail])
     assert np.percentile(lens, 99) > 3 * np.median(lens)  # a long tail
+
+
+def test_multi_tenant_and_conversation_workloads():
+    mt = make_workload(WorkloadSpec("multi-tenant", input_range=(4, 8), output_range=(2, 3), prefix_len=40,
+                                    tenants=3), 60, 1000, seed=2)
+    assert {r.tenant for r in mt} == {0, 1, 2}
+    for r in mt:  # every request of a tenant starts with that tenant's system prompt, and no other's
+        assert r.prompt_ids[:40] == next(q for q in mt if q.tenant == r.tenant).prompt_ids[:40]
+        assert 44 <= len(r.prompt_ids) <= 48
+    assert len({tuple(r.prompt_ids[:40]) for r in mt}) == 3
+    assert [r.tenant for r in mt[:12]] != sorted(r.tenant for r in mt[:12])  # interleaved, not grouped
+    conv = make_workload(WorkloadSpec("conversation", input_range=(3, 5), output_range=(4, 4), turns=3), 7, 1000)
+    assert len(conv) == 3 and all(len(r.follow_ups) == 2 for r in conv)  # ceil(7 / 3) sessions
+
+
+def test_a_conversation_sends_each_turn_as_the_previous_prompt_plus_its_answer_plus_a_question():
+    async def go():
+        server, port = await scripted_server.start(first_s=0.01, gap_s=0.001)
+        try:
+            sessions = make_workload(WorkloadSpec("conversation", input_range=(3, 5), output_range=(4, 4), turns=3),
+                                     6, 1000, seed=5)
+            records, _ = await run_load(f"127.0.0.1:{port}", "tpserve", "fake", sessions, LoadSpec(concurrency=1))
+            return sessions, records, server.servicer.prompts
+        finally:
+            await server.stop(0)
+
+    sessions, records, prompts = asyncio.run(go())
+    assert len(records) == 6 and all(r.ok for r in records)
+    answer = [100, 101, 102, 103]  # what the scripted server answers
+    for s, session in enumerate(sessions):
+        turns = prompts[3 * s:3 * s + 3]
+        assert turns[0] == session.prompt_ids
+        assert turns[1] == turns[0] + answer + session.follow_ups[0]
+        assert turns[2] == turns[1] + answer + session.follow_ups[1]

@@ -1,0 +1,344 @@
+"""A discrete-event model of a cluster, driving the real routing code past what one machine holds.
+
+    python -m cluster.simulator [--replicas 64] [--tenants 10000] [--requests 20000] [--rate R]
+                                [--policies kv-aware,least-load,round-robin] [--calibrate]
+
+What is real: the routing policy and the KV index (`cluster.routing`, `cluster.kv_index`), the
+block keys (`workers.engine.block_keys`), and inside each modelled replica the engine's own
+scheduler and block manager (continuous batching, chunked prefill, prefix cache with LRU
+eviction, preemption). Each replica reports KVEvents after each step, as rank 0 does, and the
+router counts what it placed but the replica has not yet taken, as the frontend does.
+
+What is modelled: a step's duration, `CostModel.step_time` = step_s + prefill_token_s x prompt
+tokens in the step + decode_seq_s x sequences decoding. The defaults are fitted to SmolLM2-135M
+on this project's 2-core machine at one thread per replica (`--calibrate` measures them again on
+the real engine). Reports reach the router at the step's end (no transport delay).
+
+This is the one simulator of the project: the planner (`tpserve plan`) extends it.
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import statistics
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cluster.kv_index import KVIndex
+from cluster.routing import POLICIES, RoutingConfig, RoutingPolicy
+from workers.engine.block_keys import BlockKeyer, new_salt
+from workers.engine.block_manager import BlockManager
+from workers.engine.core import queued_tokens
+from workers.engine.messages import EngineLoad, KVDigest, KVEvents
+from workers.engine.sampling_params import SamplingParams
+from workers.engine.scheduler import Scheduler, SchedulerConfig
+from workers.engine.sequence import Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """Seconds per engine step, from what the step holds."""
+
+    step_s: float = 0.060
+    prefill_token_s: float = 0.0030
+    decode_seq_s: float = 0.0030
+
+    def step_time(self, prefill_tokens: int, decode_seqs: int) -> float:
+        return self.step_s + self.prefill_token_s * prefill_tokens + self.decode_seq_s * decode_seqs
+
+
+@dataclass(slots=True)
+class SimRequest:
+    arrival: float
+    prompt: list[int]
+    max_tokens: int
+    keys: list[bytes] = field(default_factory=list)  # computed before the run: hashing is not routing
+    tenant: int = -1
+    replica: int = -1
+    ttft: float | None = None
+    done: float | None = None
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class ReplicaModel:
+    num_blocks: int = 4096
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 8192
+
+
+class SimReplica:
+    """One replica's engine without the model: the real scheduler and block manager."""
+
+    def __init__(self, rid: str, model: ReplicaModel, keyer: BlockKeyer, cost: CostModel):
+        self.rid, self.cost = rid, cost
+        self.bm = BlockManager(model.num_blocks, model.block_size, True, keyer)
+        self.scheduler = Scheduler(SchedulerConfig(model.max_num_seqs, model.max_num_batched_tokens,
+                                                   model.max_model_len), self.bm)
+        self.inbox: list[SimRequest] = []
+        self.live: dict[str, tuple[Sequence, SimRequest]] = {}
+        self.sent = self.taken = 0
+        self.kv_seq = 0
+        self.load = EngineLoad(num_blocks=model.num_blocks)
+        self.stepping = False
+        self._chunks = []
+        self._ids = itertools.count()
+
+    def start_step(self) -> float | None:
+        """Take the inbox and schedule a step; its duration, or None when there is nothing to do."""
+        for req in self.inbox:
+            seq = Sequence(f"r{next(self._ids)}", req.prompt, SamplingParams(max_tokens=req.max_tokens,
+                                                                               ignore_eos=True))
+            seq.expected_cached_tokens = self.bm.cached_prefix_tokens(seq)
+            self.live[seq.request_id] = (seq, req)
+            self.scheduler.add(seq)
+        self.taken += len(self.inbox)
+        self.inbox = []
+        sched = self.scheduler.schedule()
+        self._chunks = sched.chunks
+        if not sched.chunks:
+            return None
+        decode = [c.num_tokens == 1 and c.seq.num_computed_tokens >= len(c.seq.prompt_token_ids)
+                  for c in sched.chunks]
+        prefill = sum(c.num_tokens for c, d in zip(sched.chunks, decode) if not d)
+        return self.cost.step_time(prefill, sum(decode))
+
+    def end_step(self, now: float) -> KVEvents:
+        for c in self._chunks:
+            s = c.seq
+            samples = c.samples
+            s.num_computed_tokens += c.num_tokens
+            self.bm.register_computed(s)
+            if samples:
+                seq, req = self.live[s.request_id]
+                if req.ttft is None:
+                    req.ttft = now - req.arrival
+                    req.cached_tokens = s.num_prefix_cached_tokens
+                s.append_token(7)
+                if len(s.output_token_ids) >= s.params.max_tokens:
+                    req.done = now
+                    del self.live[s.request_id]
+                    self.scheduler.finish(s)
+        self._chunks = []
+        stored, removed = self.bm.events.take()
+        prefill, decode = queued_tokens(seq for seq, _ in self.live.values())
+        self.load = EngineLoad(prefill, decode, len(self.scheduler.running), len(self.scheduler.waiting),
+                               self.bm.num_free_blocks, self.bm.num_blocks, (("router", self.taken),))
+        self.kv_seq += 1
+        return KVEvents(self.kv_seq, stored, removed, self.load)
+
+    def digest(self) -> KVDigest:
+        return KVDigest(self.kv_seq, self.bm.cached_keys(), self.bm.num_blocks, self.bm.block_size)
+
+
+@dataclass(slots=True)
+class SimResult:
+    policy: str
+    requests: list[SimRequest]
+    decision_us: list[float]
+    reasons: dict
+    index_entries: int
+    index_bytes: int
+    sim_s: float
+    wall_s: float
+
+    def summary(self) -> dict:
+        ttft = [r.ttft for r in self.requests if r.ttft is not None]
+        prompt = sum(len(r.prompt) for r in self.requests)
+        d = np.asarray(self.decision_us)
+        return {"policy": self.policy, "completed": sum(r.done is not None for r in self.requests),
+                "ttft_p50_ms": float(np.percentile(ttft, 50) * 1e3), "ttft_p90_ms": float(np.percentile(ttft, 90) * 1e3),
+                "hit_rate": sum(r.cached_tokens for r in self.requests) / prompt if prompt else 0.0,
+                "decision_us_p50": float(np.percentile(d, 50)), "decision_us_p99": float(np.percentile(d, 99)),
+                "reasons": dict(self.reasons), "index_entries": self.index_entries,
+                "index_mib": self.index_bytes / 2**20, "sim_s": self.sim_s, "wall_s": self.wall_s}
+
+
+def index_bytes(index: KVIndex) -> int:
+    """Memory the index holds: its dicts, their keys and masks (shared key objects counted once)."""
+    seen, total = set(), sys.getsizeof(index._where)
+    for k, m in index._where.items():
+        total += sys.getsizeof(m)
+        if id(k) not in seen:
+            seen.add(id(k))
+            total += sys.getsizeof(k)
+    for held in index._held.values():
+        total += sys.getsizeof(held)
+    return total
+
+
+def simulate(requests: list[SimRequest], policy: str, replicas: int, model: ReplicaModel, cost: CostModel,
+             keyer: BlockKeyer, routing: RoutingConfig | None = None) -> SimResult:
+    """Route and serve `requests` (arrival order) on `replicas` modelled replicas under `policy`."""
+    now = 0.0
+    index = KVIndex(clock=lambda: now)
+    base = routing or RoutingConfig()
+    cfg = RoutingConfig(policy, base.prefill_weight, base.balance_rel, base.balance_abs_tokens)
+    router = RoutingPolicy(cfg, index)
+    reps = [SimReplica(f"replica-{i}", model, keyer, cost) for i in range(replicas)]
+    slots = [index.slot(r.rid) for r in reps]
+    unacked = [deque() for _ in reps]
+    unacked_tokens = [0] * replicas
+    events: list = []  # (time, order, kind, payload)
+    order = itertools.count()
+    for req in requests:
+        heapq.heappush(events, (req.arrival, next(order), 0, req))
+    decisions, reasons = [], {}
+    wall = time.perf_counter()
+
+    def load_of(i: int) -> int:  # as ReplicaHandle.load
+        r, u = reps[i], unacked[i]
+        while u and u[0][0] <= r.taken:
+            unacked_tokens[i] -= u.popleft()[1]
+        return r.load.tokens + unacked_tokens[i]
+
+    def kick(i: int) -> None:
+        d = reps[i].start_step()
+        if d is None:
+            reps[i].stepping = False
+        else:
+            reps[i].stepping = True
+            heapq.heappush(events, (now + d, next(order), 1, i))
+
+    while events:
+        now, _, kind, payload = heapq.heappop(events)
+        if kind == 0:  # an arrival: the routing decision, timed
+            req = payload
+            t = time.perf_counter()
+            dec = router.choose(slots, [load_of(i) for i in range(replicas)], req.keys, len(req.prompt),
+                                model.block_size)
+            decisions.append((time.perf_counter() - t) * 1e6)
+            if cfg.policy == "kv-aware":
+                index.expect(reps[dec.index].rid, req.keys[:(len(req.prompt) - 1) // model.block_size])
+            reasons[dec.reason] = reasons.get(dec.reason, 0) + 1
+            i = dec.index
+            req.replica = i
+            r = reps[i]
+            r.inbox.append(req)
+            r.sent += 1
+            work = len(req.prompt) - dec.cached_tokens + req.max_tokens
+            unacked[i].append((r.sent, work))
+            unacked_tokens[i] += work
+            if not r.stepping:
+                kick(i)
+        else:  # a replica's step ended: apply it, report, and start the next
+            i = payload
+            ev = reps[i].end_step(now)
+            if index.apply(reps[i].rid, ev):
+                index.apply_digest(reps[i].rid, reps[i].digest())
+            kick(i)
+    return SimResult(cfg.policy, requests, decisions, reasons, index.size, index_bytes(index), now,
+                     time.perf_counter() - wall)
+
+
+def multi_tenant(tenants: int, requests: int, rate: float, prefix_len: int, question: tuple[int, int],
+                 output: tuple[int, int], zipf_s: float, keyer: BlockKeyer, block_size: int,
+                 seed: int = 0) -> list[SimRequest]:
+    """Tenants drawn with Zipf popularity (rank k with weight k^-s), a system prompt each, Poisson
+    arrivals. Block keys are computed here, before the run, as the frontend does with tokenizing."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, tenants + 1) ** zipf_s
+    who = rng.choice(tenants, size=requests, p=weights / weights.sum())
+    systems: dict[int, list[int]] = {}
+    system_keys: dict[int, list[bytes]] = {}
+    t = np.cumsum(rng.exponential(1 / rate, size=requests))
+    out = []
+    for k in range(requests):
+        w = int(who[k])
+        if w not in systems:
+            systems[w] = rng.integers(100, 40000, size=prefix_len).tolist()
+            system_keys[w] = keyer.keys(systems[w], block_size)
+        q = rng.integers(100, 40000, size=int(rng.integers(question[0], question[1] + 1))).tolist()
+        prompt = systems[w] + q
+        # The system prompt's keys are shared; only the blocks past it are hashed again.
+        keys = system_keys[w] + keyer.keys(prompt, block_size)[len(system_keys[w]):] \
+            if prefix_len % block_size == 0 else keyer.keys(prompt, block_size)
+        out.append(SimRequest(float(t[k]), prompt, int(rng.integers(output[0], output[1] + 1)), keys, w))
+    return out
+
+
+def calibrate() -> CostModel:
+    """Fit the cost model on the real engine: SmolLM2-135M, one thread, prefill and decode steps."""
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from workers.launcher import start_worker_group
+    from workers.model_source import resolve_model
+    from workers.worker import WorkerSpec
+
+    rng = np.random.default_rng(0)
+    with start_worker_group(WorkerSpec(str(resolve_model("smollm2-135m")), tp_size=1, num_threads=1)) as g:
+        def timed(prompts, max_tokens):
+            t = time.perf_counter()
+            g.engine.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+            return time.perf_counter() - t
+
+        timed([rng.integers(100, 40000, size=16).tolist()], 2)
+        p64 = min(timed([rng.integers(100, 40000, size=64).tolist()], 1) for _ in range(2))
+        p512 = min(timed([rng.integers(100, 40000, size=512).tolist()], 1) for _ in range(2))
+        per_token = (p512 - p64) / 448
+        d1 = (timed([rng.integers(100, 40000, size=16).tolist()], 33) - timed(
+            [rng.integers(100, 40000, size=16).tolist()], 1)) / 32
+        batch = [rng.integers(100, 40000, size=16).tolist() for _ in range(32)]
+        d32 = (timed(batch, 17) - timed(batch, 1)) / 16
+    per_seq = max(0.0, (d32 - d1) / 31)
+    return CostModel(step_s=max(0.0, d1 - per_seq), prefill_token_s=per_token, decode_seq_s=per_seq)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--replicas", type=int, default=64)
+    ap.add_argument("--tenants", type=int, default=10_000)
+    ap.add_argument("--requests", type=int, default=20_000)
+    ap.add_argument("--rate", type=float, default=None, help="requests/s (default: 0.9 per replica)")
+    ap.add_argument("--prefix-len", type=int, default=1000)
+    ap.add_argument("--question", default="16,64")
+    ap.add_argument("--output", default="8,32")
+    ap.add_argument("--zipf", type=float, default=1.1, help="tenant popularity exponent")
+    ap.add_argument("--num-blocks", type=int, default=4096, help="KV blocks per replica")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--calibrate", action="store_true", help="measure the cost model on the real engine first")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    cost = calibrate() if args.calibrate else CostModel()
+    print(f"cost model: step {cost.step_s * 1e3:.1f} ms + {cost.prefill_token_s * 1e3:.2f} ms/prompt token + "
+          f"{cost.decode_seq_s * 1e3:.2f} ms/decoding sequence", flush=True)
+    model = ReplicaModel(num_blocks=args.num_blocks)
+    keyer = BlockKeyer(new_salt())
+    q, o = (tuple(int(x) for x in v.split(",")) for v in (args.question, args.output))
+    rate = args.rate or 0.9 * args.replicas
+    t = time.perf_counter()
+    base = multi_tenant(args.tenants, args.requests, rate, args.prefix_len, q, o, args.zipf, keyer, model.block_size,
+                        args.seed)
+    print(f"{args.requests} requests from {args.tenants} tenants (Zipf {args.zipf}) at {rate:g}/s on "
+          f"{args.replicas} replicas x {args.num_blocks} blocks; keys computed in {time.perf_counter() - t:.1f} s",
+          flush=True)
+    rows = []
+    for policy in args.policies.split(","):
+        reqs = [SimRequest(r.arrival, r.prompt, r.max_tokens, r.keys, r.tenant) for r in base]
+        s = simulate(reqs, policy, args.replicas, model, cost, keyer).summary()
+        rows.append(s)
+        print(f"  {policy:<12} TTFT p50 {s['ttft_p50_ms']:8.0f} ms  p90 {s['ttft_p90_ms']:8.0f} ms  "
+              f"hit {s['hit_rate']:.3f}  decision p50 {s['decision_us_p50']:.0f} us  p99 {s['decision_us_p99']:.0f} us  "
+              f"index {s['index_entries']} entries, {s['index_mib']:.1f} MiB  reasons {s['reasons']}  "
+              f"({s['sim_s']:.0f} s simulated in {s['wall_s']:.0f} s)", flush=True)
+    print("\n| policy | TTFT p50 ms | TTFT p90 ms | hit rate | decision p50 us | decision p99 us | index entries | index MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for s in rows:
+        print(f"| {s['policy']} | {s['ttft_p50_ms']:.0f} | {s['ttft_p90_ms']:.0f} | {s['hit_rate']:.3f} | "
+              f"{s['decision_us_p50']:.0f} | {s['decision_us_p99']:.0f} | {s['index_entries']} | {s['index_mib']:.1f} |")
+    if len(rows) > 1 and rows[0]["policy"] == "kv-aware":
+        for s in rows[1:]:
+            print(f"kv-aware / {s['policy']}: TTFT p90 {rows[0]['ttft_p90_ms'] / s['ttft_p90_ms']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

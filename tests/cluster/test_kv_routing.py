@@ -1,0 +1,128 @@
+"""The KV index and the routing policies, without Ray: the index follows a replica's reports,
+survives a missed report and a replica's death, stays within each replica's block count; the
+policies choose as documented; the balance guard fires on one hot prefix (the simulator drives
+the real policy and the engine's own scheduler and block manager)."""
+from __future__ import annotations
+
+import numpy as np
+
+from cluster.kv_index import KVIndex
+from cluster.routing import RoutingConfig, RoutingPolicy
+from cluster.simulator import CostModel, ReplicaModel, SimRequest, simulate
+from workers.engine.block_keys import BlockKeyer, new_salt
+from workers.engine.messages import EngineLoad, KVDigest, KVEvents
+
+KEYER = BlockKeyer(new_salt())
+
+
+def keys(tokens, bs=4):
+    return KEYER.keys(tokens, bs)
+
+
+def ev(seq, stored=(), removed=(), num_blocks=100):
+    return KVEvents(seq, list(stored), list(removed), EngineLoad(num_blocks=num_blocks))
+
+
+def test_the_index_follows_reports_and_a_gap_or_a_new_replica_asks_for_a_digest():
+    idx = KVIndex()
+    a = keys(list(range(40)))  # 10 blocks
+    assert idx.apply("r1", ev(1, a[:6])) is True  # first report: this frontend joined late, digest it
+    idx.apply_digest("r1", KVDigest(1, a[:6], 100, 4))
+    assert idx.apply("r1", ev(2, a[6:8])) is False
+    slot = idx.slot("r1")
+    assert idx.match(a, 1 << slot) == {slot: 8}
+    assert idx.apply("r1", ev(3, removed=a[2:3])) is False
+    assert idx.match(a, 1 << slot) == {slot: 2}  # a chain stops at its first missing block
+
+    # Report 4 is lost: 5 arrives, and the index asks for a digest, which replaces what it held.
+    assert idx.apply("r1", ev(5, a[8:10])) is True
+    assert idx.gaps == 1
+    truth = a[:3] + a[3:5]  # what the engine holds by then
+    idx.apply_digest("r1", KVDigest(5, truth, 100, 4))
+    assert idx.keys_of("r1") == set(truth) and idx.match(a, 1 << slot) == {slot: 5}
+    assert idx.apply("r1", ev(6)) is False  # in sequence again
+
+
+def test_the_index_forgets_a_dead_replica_and_keeps_what_others_hold():
+    idx = KVIndex()
+    shared, own = keys(list(range(16))), keys(list(range(100, 116)))
+    for rid, k in (("r1", shared + own), ("r2", shared)):
+        idx.apply(rid, ev(1, k))
+    s1, s2 = idx.slot("r1"), idx.slot("r2")
+    assert idx.match(shared, (1 << s1) | (1 << s2)) == {s1: 4, s2: 4}
+    idx.forget("r1")
+    assert idx.holders(shared[0]) == {"r2"} and idx.holders(own[0]) == set()
+    assert idx.size == 4 and "r1" not in idx.sizes()
+    # Its slot is reused by the next replica, which starts empty.
+    assert idx.slot("r3") == s1 and idx.keys_of("r3") == set()
+
+
+def test_the_index_holds_at_most_a_replica_s_block_count():
+    idx = KVIndex()
+    k = keys(list(range(400)))  # 100 blocks
+    idx.apply("r1", ev(1, k[:60], num_blocks=50))  # evictions were lost: the oldest go
+    assert idx.sizes() == {"r1": 50} and idx.keys_of("r1") == set(k[10:60])
+    idx.expect("r1", k[60:100])
+    assert idx.sizes() == {"r1": 50}
+
+
+def test_policies_choose_as_documented():
+    idx = KVIndex()
+    hot = keys(list(range(64)))  # 16 blocks
+    idx.apply("a", ev(1, hot))
+    idx.apply("b", ev(1))
+    sa, sb = idx.slot("a"), idx.slot("b")
+    prompt_len = 70
+    kv = RoutingPolicy(RoutingConfig("kv-aware", prefill_weight=1.0, balance_rel=1.5, balance_abs_tokens=100), idx)
+    # a holds 64 of the 70 tokens: 6 + 50 < 70 + 0, so a serves despite its load
+    d = kv.choose([sa, sb], [50, 0], hot, prompt_len, 4)
+    assert (d.index, d.reason, d.cached_tokens) == (0, "cache", 64)
+    # more load than the cache saves: b
+    d = kv.choose([sa, sb], [80, 0], hot, prompt_len, 4)
+    assert (d.index, d.reason) == (1, "load")
+    # a heavier prefill weight keeps it on a ... until the balance guard says a is too far ahead
+    heavy = RoutingPolicy(RoutingConfig("kv-aware", prefill_weight=4.0, balance_rel=1.5, balance_abs_tokens=100), idx)
+    assert heavy.choose([sa, sb], [80, 0], hot, prompt_len, 4).index == 0
+    d = heavy.choose([sa, sb], [101, 0], hot, prompt_len, 4)
+    assert (d.index, d.reason, d.cached_tokens) == (1, "balance", 0)
+    ll = RoutingPolicy(RoutingConfig("least-load"), idx)
+    assert ll.choose([sa, sb], [5, 3], hot, prompt_len, 4).index == 1
+    rr = RoutingPolicy(RoutingConfig("round-robin"), idx)
+    assert [rr.choose([sa, sb], [0, 9], hot, prompt_len, 4).index for _ in range(4)] == [0, 1, 0, 1]
+
+
+def hot_prefix(n=120, rate=12.0, prefix=512, seed=0):
+    """One tenant: every request shares a 512-token system prompt."""
+    rng = np.random.default_rng(seed)
+    system = rng.integers(100, 40000, size=prefix).tolist()
+    t = np.cumsum(rng.exponential(1 / rate, size=n))
+    out = []
+    for i in range(n):
+        prompt = system + rng.integers(100, 40000, size=16).tolist()
+        out.append(SimRequest(float(t[i]), prompt, 16, KEYER.keys(prompt, 16)))
+    return out
+
+
+def test_the_balance_guard_fires_on_one_hot_prefix():
+    model, cost = ReplicaModel(num_blocks=512), CostModel()
+    guarded = simulate(hot_prefix(), "kv-aware", 2, model, cost, KEYER)
+    unguarded = simulate(hot_prefix(), "kv-aware", 2, model, cost, KEYER,
+                         RoutingConfig(balance_rel=1e9, balance_abs_tokens=10**9))
+    share = [np.bincount([r.replica for r in res.requests], minlength=2).max() / 120 for res in (guarded, unguarded)]
+    assert guarded.reasons.get("balance", 0) > 0 and "balance" not in unguarded.reasons
+    assert share[0] < share[1], share  # the guard spreads the hot prefix over both replicas
+    g, u = guarded.summary(), unguarded.summary()
+    assert g["ttft_p90_ms"] < u["ttft_p90_ms"], (g, u)
+
+
+def test_simulated_routing_decisions_are_fast_and_kv_aware_beats_least_load_on_tenants():
+    from cluster.simulator import multi_tenant
+
+    model = ReplicaModel(num_blocks=256)
+    reqs = multi_tenant(tenants=24, requests=300, rate=6.0, prefix_len=256, question=(8, 32), output=(4, 8),
+                        zipf_s=0.0, keyer=KEYER, block_size=16)
+    res = {p: simulate([SimRequest(r.arrival, r.prompt, r.max_tokens, r.keys) for r in reqs], p, 4, model,
+                       CostModel(), KEYER).summary() for p in ("kv-aware", "least-load")}
+    assert res["kv-aware"]["hit_rate"] > res["least-load"]["hit_rate"] + 0.1, res
+    assert res["kv-aware"]["ttft_p90_ms"] < res["least-load"]["ttft_p90_ms"], res
+    assert res["kv-aware"]["completed"] == res["least-load"]["completed"] == 300
