@@ -18,7 +18,7 @@ from workers.config import ModelConfig
 from workers.engine.core import EngineConfig
 from workers.errors import ConfigError
 from workers.model_source import BUILTIN_MODELS, resolve_model
-from workers.worker import DTYPES, WorkerSpec
+from workers.worker import DTYPES, WorkerSpec, weights_folder
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class ServeOptions:
     health_port: int | None = None
     stall_timeout_s: float = 30.0
     expose_topology: bool = False
+    quantization: str = "none"
+    quant_group_size: int = 32
     routing: str = "kv-aware"
     routing_prefill_weight: float = 4.0
     balance_rel: float = 1.5
@@ -118,8 +120,10 @@ def init_ray(opts: ServeOptions) -> bool:
                 ray.shutdown()
                 time.sleep(2.0 * attempt)
     cpus = opts.ray_num_cpus or max(opts.replicas * opts.tp, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 << 20, namespace="tpserve",
-             _node_ip_address="127.0.0.1", log_to_driver=False)
+    # address="local": always a new instance of our own, never a Ray left running on this machine
+    # (ray.init with no address joins the one named in /tmp/ray/ray_current_cluster).
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=256 << 20,
+             namespace="tpserve", _node_ip_address="127.0.0.1", log_to_driver=False)
     return True
 
 
@@ -129,8 +133,10 @@ def build_spec(opts: ServeOptions) -> tuple[WorkerSpec, ModelConfig]:
     spec = WorkerSpec(str(folder), tp_size=opts.tp, device=opts.device,
                       dtype=opts.dtype or ("bfloat16" if opts.device == "cuda" else "float32"),
                       max_model_len=opts.max_model_len, kv_cache_memory=opts.kv_cache_memory,
-                      collective_timeout_s=opts.collective_timeout_s)
+                      collective_timeout_s=opts.collective_timeout_s, quantization=opts.quantization,
+                      quant_group_size=opts.quant_group_size)
     spec.validate(cfg)
+    weights_folder(spec)  # a quantized copy is made here once, before any rank starts
     return spec, cfg
 
 
@@ -149,7 +155,8 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
     limits = ModelLimits(name, cfg.vocab_size, max_len)
     info = {"name": name, "architecture": cfg.model_type, "max_model_len": max_len, "tp_size": spec.tp_size,
             "vocab_size": cfg.vocab_size, "dtype": spec.dtype, "device": spec.device,
-            "has_chat_template": encoder.has_chat_template, "routing": opts.routing}
+            "has_chat_template": encoder.has_chat_template, "routing": opts.routing,
+            "quantization": spec.quant.tag}
     import ray
 
     from workers.engine.block_keys import BlockKeyer

@@ -42,3 +42,20 @@ def wait_replicas(cluster, n: int, timeout_s: float = 180) -> pb.ClusterStatus:
         if len(ready) == n == len(st.replicas) or time.monotonic() > deadline:
             return st
         time.sleep(0.5)
+
+
+def run_driver(gcs: str, body: str, timeout_s: float = 180) -> dict:
+    """Run `body` as a Ray driver of the cluster at `gcs` in a child process and return the JSON
+    it prints last. A child, not this process: a driver in the pytest process (which also runs
+    grpc clients and servers) was seen to hang in ray.init's GCS connection."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = ("import json, time, ray\n"
+            f"ray.init(address={gcs!r}, namespace='tpserve', log_to_driver=False)\n"
+            "try:\n" + textwrap.indent(textwrap.dedent(body), "    ") + "\nfinally:\n    ray.shutdown()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -129,21 +129,21 @@ def test_replicas_spread_over_nodes_and_survive_a_joined_frontend(tmp_path, tiny
         assert out.completion_tokens == 3
     finally:
         assert second.terminate() == 0
-    import ray
+    from tests.cluster.helpers import run_driver
 
-    ray.init(address=gcs, namespace="tpserve")
-    try:
-        controller = ray.get_actor("controller:tiny", namespace="tpserve")
-        assert len(ray.get(controller.list_replicas.remote())) == 2  # still running after both frontends left
-        ray.get(controller.scale.remote(1))  # scale at run time
+    out = run_driver(gcs, """
+        c = ray.get_actor("controller:tiny", namespace="tpserve")
+        before = len(ray.get(c.list_replicas.remote(), timeout=30))  # still running after both frontends left
+        ray.get(c.scale.remote(1), timeout=60)  # scale at run time
         deadline = time.monotonic() + 60
-        while len(ray.get(controller.list_replicas.remote())) != 1:
-            assert time.monotonic() < deadline
+        while len(ray.get(c.list_replicas.remote(), timeout=30)) != 1 and time.monotonic() < deadline:
             time.sleep(0.3)
-        ray.get(controller.shutdown.remote(), timeout=60)
-        ray.kill(controller)
-    finally:
-        ray.shutdown()
+        after = len(ray.get(c.list_replicas.remote(), timeout=30))
+        ray.get(c.shutdown.remote(), timeout=60)
+        ray.kill(c)
+        print(json.dumps({"before": before, "after": after}))
+    """)
+    assert out == {"before": 2, "after": 1}
 
 
 def test_a_node_that_goes_away_loses_no_request_and_its_replica_is_replaced(
@@ -193,10 +193,9 @@ def test_a_node_that_goes_away_loses_no_request_and_its_replica_is_replaced(
         record("node", {"fault": "node with one of 2 replicas removed", "streams": 4, "resumed": resumed, "lost": 0})
     finally:
         server.terminate()
-        import ray
+        from tests.cluster.helpers import run_driver
 
-        ray.init(address=gcs, namespace="tpserve")
-        try:
+        run_driver(gcs, """
             ray.get(ray.get_actor("controller:tiny", namespace="tpserve").shutdown.remote(), timeout=60)
-        finally:
-            ray.shutdown()
+            print("{}")
+        """)
