@@ -19,6 +19,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (1..number of query heads)")
     p.add_argument("--device", default="cpu", choices=None, help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantization of the projections (quantized once into the cache; CPU kernels)")
+    p.add_argument("--quant-group-size", type=int, default=32, help="int4: input columns per scale (32, 64, 128, 256)")
 
 
 def cmd_prepare(args) -> int:
@@ -39,7 +42,8 @@ def cmd_generate(args) -> int:
         raise_usage("--temperature", f"must be >= 0, got {args.temperature}")
     requests = read_prompts_file(args.prompts_file, args) if args.prompts_file else None
     with OfflineGenerator(args.model, tp=args.tp, device=args.device, dtype=args.dtype,
-                          kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len) as gen:
+                          kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+                          quantization=args.quantization, quant_group_size=args.quant_group_size) as gen:
         if requests is None:
             print(gen.generate_text(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                     seed=args.seed, chat=args.chat))
@@ -64,7 +68,8 @@ def cmd_serve(args) -> int:
                         metrics_host=args.metrics_host, stall_timeout_s=args.stall_timeout,
                         expose_topology=args.expose_topology, http_port=args.http_port, routing=args.routing,
                         routing_prefill_weight=args.routing_prefill_weight, balance_rel=args.balance_rel,
-                        balance_abs_tokens=args.balance_abs_tokens)
+                        balance_abs_tokens=args.balance_abs_tokens, quantization=args.quantization,
+                        quant_group_size=args.quant_group_size)
     return serve(opts, ready_file=args.ready_file)
 
 

@@ -25,7 +25,8 @@ class OfflineGenerator:
     """One replica in this process (tp 1) or as local processes (tp > 1)."""
 
     def __init__(self, model: str, tp: int = 1, device: str = "cpu", dtype: str | None = None,
-                 kv_cache_memory: int | None = None, max_model_len: int = 2048):
+                 kv_cache_memory: int | None = None, max_model_len: int = 2048, quantization: str = "none",
+                 quant_group_size: int = 32):
         dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
         if dtype not in DTYPES:
             raise ConfigError("dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
@@ -33,7 +34,8 @@ class OfflineGenerator:
             raise ConfigError("tp", f"must be >= 1, got {tp}")
         self.folder = resolve_model(model)
         spec = WorkerSpec(str(self.folder), tp_size=tp, device=device, dtype=dtype,
-                          kv_cache_memory=kv_cache_memory, max_model_len=max_model_len)
+                          kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, quantization=quantization,
+                          quant_group_size=quant_group_size)
         spec.validate(ModelConfig.from_pretrained(self.folder))  # refuse a bad tp before spawning
         self.tokenizer = load_tokenizer(self.folder)
         self.group = start_worker_group(spec)

@@ -100,3 +100,21 @@ def make_tiny_llama_with_tokenizer(folder: Path, tokenizer_dir: Path, seed: int 
         if (Path(tokenizer_dir) / name).exists():
             shutil.copy(Path(tokenizer_dir) / name, Path(folder) / name)
     return Path(folder)
+
+
+def make_quant_llama(folder: Path, seed: int = 0) -> Path:
+    """A tiny Llama whose projections the int4 CPU kernel can take at tp 1, 2 and 3: every rank's
+    output rows a multiple of 16, its input cut a multiple of 32 (6 heads of 32, 3 KV heads,
+    intermediate 384). Logits spread (x4) so greedy tokens are not decided by near-ties."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=192, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=3, head_dim=32, max_position_embeddings=256,
+                      rms_norm_eps=1e-5, initializer_range=0.2, tie_word_embeddings=False, bos_token_id=1,
+                      eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    model.save_pretrained(folder)
+    return Path(folder)

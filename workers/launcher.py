@@ -21,7 +21,7 @@ from workers.engine.core import EngineConfig
 from workers.engine.messages import Shutdown
 from workers.errors import WorkerError
 from workers.rank import Rank, run_rank
-from workers.worker import WorkerSpec
+from workers.worker import WorkerSpec, weights_folder
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ class InProcessWorkerGroup:
 
 def start_worker_group(spec: WorkerSpec, engine_config: EngineConfig | None = None):
     """One replica: in this process at tp 1, one local process per rank above that."""
+    weights_folder(spec)  # quantize once here (if asked and not cached), not in every rank at once
     if spec.tp_size == 1:
         return InProcessWorkerGroup(spec, engine_config)
     return LocalWorkerGroup(spec, engine_config)

@@ -21,6 +21,7 @@ from workers.loader import load_weights, read_generation_eos
 from workers.models import build_model
 from workers.models.batch import ForwardBatch
 from workers.paged_cache import PagedKVCache, PagedSeq
+from workers.quantization import QuantConfig, is_quantized, quantized_checkpoint
 from workers.parallel import TPGroup, head_shard
 from workers.step_plan import PlanChannel, PlanOp, StepPlan
 
@@ -51,6 +52,13 @@ class WorkerSpec:
     collective_timeout_s: float = 30.0
     # Loading shards can take minutes on a slow disk; the one collective after it may wait that long.
     load_timeout_s: float = 900.0
+    # Weight-only quantization of the projections: none | int8 | int4 (workers/quantization.py).
+    quantization: str = "none"
+    quant_group_size: int = 32  # int4
+
+    @property
+    def quant(self) -> QuantConfig:
+        return QuantConfig(self.quantization, self.quant_group_size)
 
     def validate(self, config: ModelConfig) -> None:
         if self.device not in DEVICES:
@@ -65,6 +73,26 @@ class WorkerSpec:
             raise ConfigError("block_size", f"must be >= 1, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise ConfigError("kv_cache_memory", f"must be a positive number of bytes, got {self.kv_cache_memory}")
+        self.quant.validate()
+        if self.quant.enabled and not config.is_llama_family:
+            raise ConfigError("quantization", f"only the Llama family (llama, mistral, qwen2) is quantized; "
+                                              f"{config.model_type} is not")
+        if self.quant.enabled and self.device == "cuda":
+            raise ConfigError("quantization", "the quantized kernels here are the CPU ones; on cuda use none")
+
+
+def weights_folder(spec: WorkerSpec) -> str:
+    """Where this spec's weights are read: the model folder, or its quantized copy in the cache
+    (made once by whoever gets here first: `prepare_weights` before ranks start)."""
+    q, held = spec.quant.validate(), is_quantized(spec.model_path)
+    if held is not None:
+        if held != q:
+            raise ConfigError("quantization", f"{spec.model_path} holds {held.tag} weights; load it with "
+                                              f"--quantization {held.method}")
+        return spec.model_path
+    if not q.enabled:
+        return spec.model_path
+    return str(quantized_checkpoint(spec.model_path, q))
 
 
 def resolve_backend(spec: WorkerSpec) -> str:
@@ -88,8 +116,11 @@ class Worker:
             self.device = torch.device("cpu")
         self.group = self._init_group()
         self.dtype = DTYPES[spec.dtype]
-        self.model = build_model(self.config, self.group, self.dtype, self.device).eval()
-        self.read_counter = load_weights(self.model, spec.model_path)
+        self.model = build_model(self.config, self.group, self.dtype, self.device, spec.quant).eval()
+        self.read_counter = load_weights(self.model, weights_folder(spec))
+        for m in self.model.modules():
+            if hasattr(m, "finish_loading"):
+                m.finish_loading()
         self.eos_token_ids = sorted(set(self.config.eos_token_ids + read_generation_eos(spec.model_path)))
         self.max_model_len = min(spec.max_model_len, self.config.max_position_embeddings)
         self.block_size = spec.block_size
@@ -170,7 +201,7 @@ class Worker:
                 param_bytes += p.numel() * p.element_size()
         return {"rank": self.rank, "pid": os.getpid(), "param_bytes": param_bytes,
                 "bytes_read": self.read_counter.bytes_read, "load_seconds": self.load_seconds,
-                "num_threads": torch.get_num_threads()}
+                "num_threads": torch.get_num_threads(), "quantization": self.spec.quant.tag}
 
     def close(self) -> None:
         if self.group.size > 1 and dist.is_initialized():

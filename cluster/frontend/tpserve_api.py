@@ -132,7 +132,7 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
         i = self.fe.model_info
         return pb.ModelInfo(name=i["name"], architecture=i["architecture"], max_model_len=i["max_model_len"],
                             tp_size=i["tp_size"], vocab_size=i["vocab_size"], dtype=i["dtype"], device=i["device"],
-                            has_chat_template=i["has_chat_template"])
+                            has_chat_template=i["has_chat_template"], quantization=i.get("quantization", "none"))
 
     async def GetClusterStatus(self, request, context):
         async with self._status_lock:  # one query of the replicas at a time, shared by its waiters

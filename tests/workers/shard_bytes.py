@@ -49,3 +49,28 @@ def gpt2_rank_bytes(c: dict, tp: int, r: int) -> int:
     per_layer += e * qh * d + (e if r == 0 else 0)
     per_layer += ir * (e + 1) + e * ir + (e if r == 0 else 0)
     return 4 * (L * per_layer + 2 * e + _rows(v, tp, r) * e + p * e)
+
+
+def llama_projection_shapes(c: dict, tp: int, r: int) -> list[tuple[int, int]]:
+    """(output rows, input columns) of each projection this rank holds, per layer."""
+    h, i, nh, nkv = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    d = c.get("head_dim") or h // nh
+    q0, q1 = _cut(nh, tp, r)
+    g = nh // nkv
+    kv = (q1 - 1) // g + 1 - q0 // g
+    ir = _rows(i, tp, r)
+    return [((q1 - q0 + 2 * kv) * d, h), (h, (q1 - q0) * d), (2 * ir, h), (h, ir)]
+
+
+def llama_rank_bytes_quantized(c: dict, tp: int, r: int, method: str, group: int = 32, packed: bool = False) -> int:
+    """llama_rank_bytes with the projections quantized: int8 codes (1 byte) + a float32 scale per
+    output row; int4 codes (1 byte as stored, half a byte packed) + float32 (scale, zero) per group."""
+    n = llama_rank_bytes(c, tp, r)
+    for rows, cols in llama_projection_shapes(c, tp, r):
+        n -= c["num_hidden_layers"] * 4 * rows * cols
+        if method == "int8":
+            q = rows * cols + 4 * rows
+        else:
+            q = (rows * cols // 2 if packed else rows * cols) + rows * (cols // group) * 2 * 4
+        n += c["num_hidden_layers"] * q
+    return n

@@ -18,18 +18,20 @@ from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
 from workers.models.batch import ForwardBatch
 from workers.parallel import TPGroup, head_shard
+from workers.quantization import QuantConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, rotary: RotaryEmbedding, dtype, device):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, rotary: RotaryEmbedding, dtype, device,
+                 quant: QuantConfig | None = None):
         super().__init__()
         shard = head_shard(cfg.num_heads, cfg.num_kv_heads, group.size, group.rank)
         d = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_heads, cfg.num_kv_heads, shard,
-                                          cfg.attention_bias, dtype, device)
+                                          cfg.attention_bias, dtype, device, quant)
         # o_proj's input is this rank's heads, so its cut follows the head ranges.
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, cfg.o_proj_bias, group, dtype, device,
-                                        input_range=(shard.q_start * d, shard.q_end * d))
+                                        input_range=(shard.q_start * d, shard.q_end * d), quant=quant, name="o_proj")
         self.attn = Attention(layer_idx, shard, d, d ** -0.5, device, sliding_window=cfg.sliding_window)
         self.rotary = rotary
         self.num_heads, self.num_kv_heads, self.head_dim = shard.num_heads, shard.num_kv_heads, d
@@ -45,13 +47,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, group: TPGroup, dtype, device):
+    def __init__(self, cfg: ModelConfig, group: TPGroup, dtype, device, quant: QuantConfig | None = None):
         super().__init__()
         if cfg.hidden_act != "silu":
             raise UnsupportedArchitectureError(f"hidden_act {cfg.hidden_act!r}: the Llama family supports 'silu'")
         i = cfg.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [i, i], cfg.mlp_bias, group, dtype, device)
-        self.down_proj = RowParallelLinear(i, cfg.hidden_size, cfg.mlp_bias, group, dtype, device)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [i, i], cfg.mlp_bias, group, dtype, device,
+                                                       quant)
+        self.down_proj = RowParallelLinear(i, cfg.hidden_size, cfg.mlp_bias, group, dtype, device, quant=quant,
+                                           name="down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -59,12 +63,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, rotary, dtype, device):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, rotary, dtype, device, quant=None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(cfg, layer_idx, group, rotary, dtype, device)
+        self.self_attn = LlamaAttention(cfg, layer_idx, group, rotary, dtype, device, quant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, device)
-        self.mlp = LlamaMLP(cfg, group, dtype, device)
+        self.mlp = LlamaMLP(cfg, group, dtype, device, quant)
 
     def forward(self, positions, x, batch):
         x = x + self.self_attn(positions, self.input_layernorm(x), batch)
@@ -72,11 +76,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, group: TPGroup, dtype, device):
+    def __init__(self, cfg: ModelConfig, group: TPGroup, dtype, device, quant: QuantConfig | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group, dtype, device)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, group, rotary, dtype, device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, group, rotary, dtype, device, quant)
                                     for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, device)
 
@@ -94,10 +98,10 @@ class LlamaForCausalLM(nn.Module):
     packed_modules = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
                       "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)]}
 
-    def __init__(self, cfg: ModelConfig, group: TPGroup, dtype: torch.dtype, device):
+    def __init__(self, cfg: ModelConfig, group: TPGroup, dtype: torch.dtype, device, quant: QuantConfig | None = None):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, group, dtype, device)
+        self.model = LlamaModel(cfg, group, dtype, device, quant)
         tie = self.model.embed_tokens if cfg.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, group, dtype, device, tie_to=tie)
 

@@ -1,0 +1,118 @@
+"""Weight-only int8 / int4: the kernels against a dequantized matmul, tokens that do not depend on
+tp, per-rank bytes equal to the quantized shard arithmetic, a cut the int4 kernel cannot take
+refused by name, and a quantized checkpoint made once."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import workers.quantization as quantization
+from tests.models import make_quant_llama
+from tests.workers.shard_bytes import llama_rank_bytes_quantized
+from workers.config import ModelConfig
+from workers.engine.sampling_params import SamplingParams
+from workers.errors import ConfigError
+from workers.launcher import start_worker_group
+from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
+from workers.models.llama import LlamaForCausalLM
+from workers.parallel import TPGroup
+from workers.quantization import (QuantConfig, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8,
+                                  quantized_checkpoint)
+from workers.tensor_source import TensorSource
+from workers.worker import WorkerSpec
+
+PROMPTS = [[3, 5, 7, 9, 11, 13, 15], [20, 30, 40]]
+
+
+@pytest.fixture(scope="module")
+def quant_llama_dir(tmp_path_factory):
+    return make_quant_llama(tmp_path_factory.mktemp("quant-llama"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def private_cache(tmp_path_factory):
+    """Quantized copies go to this module's own cache, so 'made once' is this module's business."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TPSERVE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_the_kernel_equals_a_matmul_with_the_dequantized_weight(method):
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 128), torch.randn(5, 128)
+    quant = QuantConfig(method, 32)
+    if method == "int8":
+        codes, scale = quantize_int8(w)
+        ref = dequantize_int8(codes, scale)
+        extra = {"weight_scale": scale}
+    else:
+        codes, scale = quantize_int4(w, 32)
+        ref = dequantize_int4(codes, scale)
+        extra = {"weight_sz": scale}
+    layer = ColumnParallelLinear(128, 96, bias=True, group=TPGroup(0, 1), dtype=torch.float32, quant=quant)
+    bias = torch.randn(96)
+    for name, value in {"weight": codes, "bias": bias, **extra}.items():
+        p = getattr(layer, name)
+        p.weight_loader(p, TensorSource.wrap(name, value))
+    layer.finish_loading()
+    y, want = layer(x), x @ ref.T + bias
+    assert (y - want).abs().max() / want.abs().max() < 1e-5
+    # and the quantization itself is close to the float weight: about 1% for int8, 10% for int4
+    err = (ref - w).abs().mean() / w.abs().mean()
+    assert err < (0.01 if method == "int8" else 0.1), err
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_tokens_do_not_depend_on_tp_and_ranks_hold_their_quantized_slices(method, quant_llama_dir):
+    cfg = json.loads((quant_llama_dir / "config.json").read_text())
+    tokens = {}
+    for tp in (1, 2, 3):
+        spec = WorkerSpec(str(quant_llama_dir), tp_size=tp, kv_cache_memory=8 << 20, quantization=method)
+        with start_worker_group(spec) as group:
+            tokens[tp] = [c.token_ids for c in group.engine.generate(
+                PROMPTS, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))]
+            for r, report in enumerate(group.reports):
+                assert report["bytes_read"] == llama_rank_bytes_quantized(cfg, tp, r, method), (tp, r)
+                assert report["param_bytes"] == llama_rank_bytes_quantized(cfg, tp, r, method, packed=True), (tp, r)
+                assert report["quantization"] == QuantConfig(method).tag
+    assert tokens[2] == tokens[1] and tokens[3] == tokens[1]
+
+
+def test_int4_refuses_a_cut_the_kernel_cannot_take_and_names_the_layer(quant_llama_dir):
+    cfg = ModelConfig.from_pretrained(quant_llama_dir)
+    # tp 5 cuts the 384 MLP columns into 77 and 76: gate_up_proj's 154 rows are not whole packing
+    # units of 16, and down_proj's 77 input columns not whole groups of 32.
+    with pytest.raises(ConfigError) as e:
+        LlamaForCausalLM(cfg, TPGroup(0, 5), torch.float32, "cpu", QuantConfig("int4", 32))
+    assert e.value.field == "quantization" and "gate_up_proj" in e.value.message and "16" in e.value.message
+    with pytest.raises(ConfigError) as e:
+        RowParallelLinear(384, 192, False, TPGroup(1, 5), torch.float32, quant=QuantConfig("int4", 32),
+                          name="down_proj")
+    assert "down_proj" in e.value.message and "[77, 154)" in e.value.message and "groups of 32" in e.value.message
+    # int8 cuts anywhere: the same tp builds
+    for r in range(5):
+        LlamaForCausalLM(cfg, TPGroup(r, 5), torch.float32, "cpu", QuantConfig("int8"))
+    # and a row-parallel int8 rank holds every scale
+    row = RowParallelLinear(384, 192, False, TPGroup(1, 5), torch.float32, quant=QuantConfig("int8"))
+    assert tuple(row.weight.shape) == (192, 77) and tuple(row.weight_scale.shape) == (192,)
+
+
+def test_a_quantized_checkpoint_is_made_once(quant_llama_dir, monkeypatch):
+    first = quantized_checkpoint(quant_llama_dir, QuantConfig("int8"))
+    assert (first / "tokenizer_config.json").exists() or (first / "config.json").exists()
+
+    def no_work(*_):
+        raise AssertionError("quantized again")
+
+    monkeypatch.setattr(quantization, "quantize_int8", no_work)
+    assert quantized_checkpoint(quant_llama_dir, QuantConfig("int8")) == first
+    # a quantized folder loaded without --quantization is refused, not read as floats
+    from workers.worker import weights_folder
+
+    with pytest.raises(ConfigError) as e:
+        weights_folder(WorkerSpec(str(first)))
+    assert e.value.field == "quantization" and "int8" in e.value.message
