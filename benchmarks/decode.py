@@ -1,10 +1,14 @@
 """Decode latency at batch 1: tpserve at tp 1, 2, 3 against transformers' generate, in one run.
 
     python -m benchmarks.decode [--model smollm2-135m] [--tps 1,2,3] [--new-tokens 64]
+                                [--quantizations none,int8,int4]
 
 Prints ms per generated token (prefill excluded: timed as (t(N) - t(1)) / (N - 1)), the share
 of rank 0's decode time spent inside collectives (all-reduce and the logits gather, which
-includes waiting for slower ranks), and each figure's ratio to transformers.
+includes waiting for slower ranks), and each figure's ratio to transformers. With
+--quantizations, each tp runs once per quantization, and each row also shows the weights' bytes
+per rank and the read-bandwidth floor: those bytes / the read bandwidth measured here (a sum over
+a 512 MiB tensor, the way a GEMV reads its weight).
 """
 from __future__ import annotations
 
@@ -49,8 +53,23 @@ def bench_transformers(folder, ids: list[int], n: int, repeats: int) -> float:
     return per_token_ms(run, n, repeats)
 
 
-def bench_tpserve(folder, tp: int, ids: list[int], n: int, repeats: int) -> tuple[float, float]:
-    with start_worker_group(WorkerSpec(str(folder), tp_size=tp)) as group:
+def read_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
+    """Bytes read per second by a reduction over a tensor far larger than the caches."""
+    x = torch.ones(mib << 18)  # float32
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(repeats))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_tpserve(folder, tp: int, ids: list[int], n: int, repeats: int,
+                  quantization: str = "none") -> tuple[float, float, int]:
+    with start_worker_group(WorkerSpec(str(folder), tp_size=tp, quantization=quantization)) as group:
         def run(k):
             group.engine.generate([ids], SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True))
 
@@ -59,7 +78,8 @@ def bench_tpserve(folder, tp: int, ids: list[int], n: int, repeats: int) -> tupl
         group.call("set_comm_timing", True)
         t = time.perf_counter(); run(n); total = time.perf_counter() - t
         comm = group.call("set_comm_timing", False)
-    return ms, comm / total
+        weights = max(r["param_bytes"] for r in group.reports)
+    return ms, comm / total, weights
 
 
 def main() -> None:
@@ -68,6 +88,7 @@ def main() -> None:
     ap.add_argument("--tps", default="1,2,3")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quantizations", default="none")
     args = ap.parse_args()
     folder = resolve_model(args.model)
     from transformers import AutoTokenizer
@@ -76,14 +97,20 @@ def main() -> None:
     print(f"model {args.model}, prompt {len(ids)} tokens, {args.new_tokens} new tokens, batch 1, float32, "
           f"{os.cpu_count()} cores, torch {torch.__version__}")
     hf = bench_transformers(folder, ids, args.new_tokens, args.repeats)
-    rows = [("transformers generate", "-", hf, None)]
-    for tp in [int(t) for t in args.tps.split(",")]:
-        ms, comm = bench_tpserve(folder, tp, ids, args.new_tokens, args.repeats)
-        rows.append((f"tpserve tp={tp}", str(tp), ms, comm))
-    print(f"{'system':<24}{'ms/token':>10}{'collectives':>13}{'vs transformers':>17}")
-    for name, _, ms, comm in rows:
+    gbs = read_bandwidth_gbs()
+    print(f"read bandwidth (sum over 512 MiB): {gbs:.1f} GB/s")
+    rows = [("transformers generate", hf, None, None)]
+    for q in args.quantizations.split(","):
+        for tp in [int(t) for t in args.tps.split(",")]:
+            ms, comm, weights = bench_tpserve(folder, tp, ids, args.new_tokens, args.repeats, q)
+            rows.append((f"tpserve tp={tp} {q}", ms, comm, weights))
+    print(f"{'system':<28}{'ms/token':>10}{'collectives':>13}{'vs transformers':>17}{'weights/rank':>14}"
+          f"{'floor ms':>10}{'x floor':>9}")
+    for name, ms, comm, weights in rows:
         share = "-" if comm is None else f"{comm:.0%}"
-        print(f"{name:<24}{ms:>10.1f}{share:>13}{hf / ms:>16.2f}x")
+        floor = "" if weights is None else f"{weights / 2**20:>10.0f} MiB{weights / gbs / 1e6:>10.1f}" \
+                                            f"{ms / (weights / gbs / 1e6):>8.2f}x"
+        print(f"{name:<28}{ms:>10.1f}{share:>13}{hf / ms:>16.2f}x{floor}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import threading
 import time
 import urllib.request
@@ -38,75 +37,64 @@ def gcs():
     cluster.shutdown()
 
 
-class Driver:
-    """This test process as a Ray driver of the module's cluster, for the controller's own view."""
-
-    def __init__(self, gcs):
-        import ray
-
-        self.ray = ray
-        ray.init(address=gcs, namespace="tpserve", log_to_driver=False)
-
-    def controller(self, name):
-        return self.ray.get_actor(f"controller:{name}", namespace="tpserve")
-
-    def shutdown_controller(self, name):
-        try:
-            c = self.controller(name)
-            self.ray.get(c.shutdown.remote(), timeout=60)
-            self.ray.kill(c)
-        except ValueError:
-            pass
-
-    def close(self):
-        self.ray.shutdown()
-
-
 def test_replicas_outlive_silent_frontends_a_slow_load_is_no_stall_and_a_hung_rank_is_replaced(
         gcs, tiny_text_model):
-    from cluster.controller import ClusterConfig, get_or_create_controller
-    from cluster.serve import ServeOptions, build_spec
-    from workers.engine.core import EngineConfig
+    from tests.cluster.helpers import run_driver
 
-    driver = Driver(gcs)
-    try:
-        spec, _ = build_spec(ServeOptions(model=str(tiny_text_model), tp=2, kv_cache_memory=8 << 20))
+    # The scenario runs in a child driver: a Ray driver in the pytest process (which also runs grpc
+    # servers and clients) was seen to hang in ray.init's GCS connection.
+    out = run_driver(gcs, f"""
+        import os, signal
+        from cluster.controller import ClusterConfig, get_or_create_controller
+        from cluster.serve import ServeOptions, build_spec
+        from workers.engine.core import EngineConfig
+
+        STALL_S = {STALL_S}
+        spec, _ = build_spec(ServeOptions(model={str(tiny_text_model)!r}, tp=2, kv_cache_memory=8 << 20))
         config = ClusterConfig("silent", spec, EngineConfig(), replicas=1, stall_timeout_s=STALL_S)
         t0 = time.monotonic()
         controller, created = get_or_create_controller(config, detached=True)  # no frontend, ever
-        assert created and driver.ray.get(controller.wait_ready.remote(timeout_s=120), timeout=130)
-        loaded_in = time.monotonic() - t0
-        assert loaded_in > STALL_S, f"the load ({loaded_in:.1f} s) must outlast the stall timeout for this test"
-        first = driver.ray.get(controller.list_replicas.remote())
-        time.sleep(2 * STALL_S + 1)  # no frontend reports anything: the replica's own pings say "idle"
-        info = driver.ray.get(controller.info.remote())
-        again = driver.ray.get(controller.list_replicas.remote())
-        assert info["restarts"] == 0
-        assert [r["replica_id"] for r in again] == [r["replica_id"] for r in first]
-        assert [r["state"] for r in again] == ["ready"]
-
-        # A hung rank (SIGSTOP) is still found and the replica replaced.
-        pid = next(w["pid"] for w in again[0]["workers"] if w["rank"] == 1)
-        os.kill(pid, signal.SIGSTOP)
-        stopped = time.monotonic()
         try:
-            deadline = time.monotonic() + 60
-            while driver.ray.get(controller.info.remote())["restarts"] < 1:
-                assert time.monotonic() < deadline, "a stopped rank was not replaced"
-                time.sleep(0.2)
-            replaced = time.monotonic()
-        finally:
+            ready = ray.get(controller.wait_ready.remote(timeout_s=120), timeout=130)
+            loaded_in = time.monotonic() - t0
+            first = ray.get(controller.list_replicas.remote(), timeout=30)
+            time.sleep(2 * STALL_S + 1)  # no frontend reports anything: the replica's own pings say "idle"
+            restarts_idle = ray.get(controller.info.remote(), timeout=30)["restarts"]
+            again = ray.get(controller.list_replicas.remote(), timeout=30)
+            # A hung rank (SIGSTOP) is still found and the replica replaced.
+            pid = next(w["pid"] for w in again[0]["workers"] if w["rank"] == 1)
+            os.kill(pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            replaced = None
             try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        assert driver.ray.get(controller.wait_ready.remote(timeout_s=120), timeout=130)
-        assert driver.ray.get(controller.list_replicas.remote())[0]["replica_id"] != first[0]["replica_id"]
-        record("silence", {"silent_s": 2 * STALL_S + 1, "stall_timeout_s": STALL_S, "load_s": round(loaded_in, 1),
-                           "restarts": info["restarts"], "hung_replaced_s": round(replaced - stopped, 1)})
-    finally:
-        driver.shutdown_controller("silent")
-        driver.close()
+                while time.monotonic() - stopped < 60:
+                    if ray.get(controller.info.remote(), timeout=30)["restarts"] >= 1:
+                        replaced = time.monotonic() - stopped
+                        break
+                    time.sleep(0.2)
+            finally:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            ready_again = ray.get(controller.wait_ready.remote(timeout_s=120), timeout=130)
+            last = ray.get(controller.list_replicas.remote(), timeout=30)
+        finally:
+            ray.get(controller.shutdown.remote(), timeout=60)
+            ray.kill(controller)
+        print(json.dumps({{"created": created, "ready": ready, "loaded_in": loaded_in,
+                          "first": [r["replica_id"] for r in first], "again": [r["replica_id"] for r in again],
+                          "states": [r["state"] for r in again], "restarts_idle": restarts_idle,
+                          "replaced_s": replaced, "ready_again": ready_again,
+                          "last": [r["replica_id"] for r in last]}}))
+    """, timeout_s=400)
+    assert out["created"] and out["ready"]
+    assert out["loaded_in"] > STALL_S, f"the load ({out['loaded_in']:.1f} s) must outlast the stall timeout"
+    assert out["restarts_idle"] == 0 and out["again"] == out["first"] and out["states"] == ["ready"]
+    assert out["replaced_s"] is not None, "a stopped rank was not replaced"
+    assert out["ready_again"] and out["last"][0] != out["first"][0]
+    record("silence", {"silent_s": 2 * STALL_S + 1, "stall_timeout_s": STALL_S, "load_s": round(out["loaded_in"], 1),
+                       "restarts": out["restarts_idle"], "hung_replaced_s": round(out["replaced_s"], 1)})
 
 
 # ---- two frontends, one replica set ------------------------------------------------------------------
@@ -159,11 +147,17 @@ def two_frontends(gcs, tiny_text_model, tmp_path_factory):
     for s in (a, b):
         if s.proc.poll() is None:
             s.terminate()
-    driver = Driver(gcs)
-    try:
-        driver.shutdown_controller("shared")
-    finally:
-        driver.close()
+    from tests.cluster.helpers import run_driver
+
+    run_driver(gcs, """
+        try:
+            c = ray.get_actor("controller:shared", namespace="tpserve")
+            ray.get(c.shutdown.remote(), timeout=60)
+            ray.kill(c)
+        except ValueError:
+            pass
+        print("{}")
+    """)
 
 
 def metric(server, name: str) -> list[float]:
