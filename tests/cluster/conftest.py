@@ -29,24 +29,35 @@ class ServeProcess:
     """`tpserve serve ...` as a child process in its own process group (so no Ray process is lost)."""
 
     def __init__(self, args: list[str], tmp: Path, timeout_s: float = 240, wait: bool = True):
+        self.args, self.tmp, self.attempts = args, tmp, 0
+        self._start()
+        if wait:
+            self.wait_ready(timeout_s)
+
+    def _start(self) -> None:
+        # Ports are picked free here and bound by the child a moment later: another process (a Ray
+        # worker) may take one in between, so a bind failure is retried with new ports.
+        self.attempts += 1
         self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
-        self.ready_file = tmp / f"ready-{self.port}"
-        self.log = open(tmp / f"serve-{self.port}.log", "w")
+        self.ready_file = self.tmp / f"ready-{self.port}"
+        self.log_path = self.tmp / f"serve-{self.port}.log"
+        self.log = open(self.log_path, "w")
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port),
-             "--ready-file", str(self.ready_file), *args],
+             "--ready-file", str(self.ready_file), *self.args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.log_path = tmp / f"serve-{self.port}.log"
         self.target = f"127.0.0.1:{self.port}"
         self.http = f"http://127.0.0.1:{self.http_port}"
-        if wait:
-            self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float = 240) -> None:
         deadline = time.monotonic() + timeout_s
         while not self.ready_file.exists():
+            if self.proc.poll() is not None and self.attempts < 3 and "Failed to bind" in self.log_path.read_text():
+                self.kill()
+                self._start()
+                continue
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"tpserve serve did not become ready:\n{self.log_path.read_text()[-4000:]}")

@@ -53,7 +53,7 @@ class EngineLoop:
         self._owners: dict[str, str] = {}  # live request id -> the client that added it
         self._added: dict[str, int] = {}  # AddRequests taken, per client (clients match them to placements)
         self._kv_seq = 0  # KVEvents sent so far
-        self._last_load = None
+        self._last_load = engine.load()  # an idle engine sends nothing until something changes
         self._busy = False  # read by health checks on other threads; written only by run()
         self.stopped = threading.Event()
 

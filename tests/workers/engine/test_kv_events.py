@@ -46,8 +46,11 @@ class Collector:
         raise AssertionError("no such report from the engine")
 
     def settle(self, after: int) -> None:
-        """Until a report past the first `after` says the engine is idle."""
-        self.wait(after, lambda ev: ev.load.running == ev.load.waiting == 0)
+        """Until the reports past the first `after` show work, then an idle engine."""
+        busy = self.wait(after, lambda ev: ev.load.running or ev.load.waiting or ev.stored)
+        with self.lock:
+            start = self.events.index(busy)
+        self.wait(start, lambda ev: ev.load.running == ev.load.waiting == 0)
 
 
 def test_a_replica_in_other_processes_reports_the_keys_the_router_computes(tiny_llama_dir):
