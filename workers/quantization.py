@@ -7,8 +7,10 @@ weights; gpt-fast's int8 and int4), on PyTorch's own CPU kernels.
   0..15; the matmul is `aten._weight_int4pack_mm_for_cpu` on codes packed at load by
   `aten._convert_weight_to_int4pack_for_cpu` (packing is a layout, not quantization).
 
-Why these kernels and not torchao: torchao 0.18's CPU int4/int8 weight-only paths call these same
-aten ops, and it pins its own torch range; the ops ship with the pinned torch.
+Why these kernels: they ship with the pinned torch (torchao 0.18 is on PyPI but was not tried
+against torch 2.13). Measured here they are 6-10x slower than MKL's float GEMV for one row
+(docs/benchmarks.md), so on this CPU quantization saves memory, not time, until a faster kernel
+comes; a prefill chunk (more than 16 rows) dequantizes and multiplies in float instead.
 
 Whole tensors are quantized once, from the checkpoint's (or the dequantized GGUF's) values, into a
 safetensors folder in the cache (`quantized_checkpoint`): a second start reads the codes and does
@@ -107,11 +109,21 @@ def int4_pack(codes: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 8)
 
 
+# Rows of x above which the weight is dequantized once and multiplied in float: the CPU kernels
+# take ~1 ms per decode GEMV here but tens of ms for a 512-token prefill chunk, while dequantizing a
+# projection costs about a millisecond.
+DEQUANTIZE_ABOVE_ROWS = 16
+
+
 def quantized_linear(x: torch.Tensor, layer) -> torch.Tensor:
-    """x @ W^T (+ bias) for a layer holding int8 codes + scales, or packed int4 + scale_zero."""
+    """x @ W^T (+ bias) for a layer holding int8 codes + scales, or int4 codes (also packed) + scale_zero."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
-    if layer.quant.method == "int8":
+    if x2.shape[0] > DEQUANTIZE_ABOVE_ROWS:
+        w = dequantize_int8(layer.weight, layer.weight_scale) if layer.quant.method == "int8" \
+            else dequantize_int4(layer.weight, layer.weight_sz)
+        y = torch.nn.functional.linear(x2, w)
+    elif layer.quant.method == "int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, layer.weight, layer.weight_scale)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, layer.weight_packed, layer.quant.group_size,

@@ -59,8 +59,10 @@ def test_the_kernel_equals_a_matmul_with_the_dequantized_weight(method):
         p = getattr(layer, name)
         p.weight_loader(p, TensorSource.wrap(name, value))
     layer.finish_loading()
-    y, want = layer(x), x @ ref.T + bias
-    assert (y - want).abs().max() / want.abs().max() < 1e-5
+    for rows in (5, 40):  # the kernel (decode), and a dequantized matmul (a prefill chunk)
+        x = torch.randn(rows, 128)
+        y, want = layer(x), x @ ref.T + bias
+        assert (y - want).abs().max() / want.abs().max() < 1e-5, rows
     # and the quantization itself is close to the float weight: about 1% for int8, 10% for int4
     err = (ref - w).abs().mean() / w.abs().mean()
     assert err < (0.01 if method == "int8" else 0.1), err

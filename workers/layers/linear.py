@@ -55,12 +55,11 @@ class _Weighted(nn.Module):
         self.weight.weight_loader = loader
 
     def finish_loading(self) -> None:
-        """int4: pack the codes for the kernel (a layout change, once, after loading)."""
+        """int4: pack the codes for the kernel (a layout change, once, after loading). The plain
+        codes stay too: a prefill chunk dequantizes from them (quantization.quantized_linear)."""
         if self.quant is not None and self.quant.method == "int4":
-            packed = int4_pack(self.weight.data)
             sz_t = self.weight_sz.data.transpose(0, 1).contiguous()  # [in / group, out, 2]
-            del self.weight, self.weight_sz
-            self.weight_packed = nn.Parameter(packed, requires_grad=False)
+            self.weight_packed = nn.Parameter(int4_pack(self.weight.data), requires_grad=False)
             self.weight_sz_t = nn.Parameter(sz_t, requires_grad=False)
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
