@@ -42,7 +42,6 @@ class KVIndex:
         self._seq: dict[str, int] = {}  # last KVEvents number applied, per replica
         self._digested: dict[str, float] = {}  # when the last digest was applied
         self._asked: dict[str, float] = {}  # a digest was asked for and has not come back
-        self.digests = 0  # digests applied, since start
         self.gaps = 0  # message gaps seen, since start
 
     # ---- replicas -------------------------------------------------------------------------------
@@ -57,13 +56,6 @@ class KVIndex:
             self._slot[replica_id] = s
             self._held[replica_id] = {}
         return s
-
-    def replica_of(self, slot: int) -> str | None:
-        with self._lock:
-            for rid, s in self._slot.items():
-                if s == slot:
-                    return rid
-        return None
 
     def forget(self, replica_id: str) -> None:
         """The replica went away: drop its keys and free its slot."""
@@ -118,7 +110,6 @@ class KVIndex:
             self._seq[replica_id] = max(self._seq.get(replica_id, d.seq), d.seq)
             self._digested[replica_id] = self.clock()
             self._asked.pop(replica_id, None)
-            self.digests += 1
 
     def expect(self, replica_id: str, keys: Sequence[bytes]) -> None:
         """The router just placed a prompt with these keys on the replica: count them as held now,

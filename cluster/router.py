@@ -66,12 +66,12 @@ class Placement:
     """One request on one replica: its stream, and the books kept while it runs. The request path
     calls `progress` per delta, `abort` if it stops early, and `close` once at the end."""
 
-    __slots__ = ("router", "handle", "stream", "request_id", "reason", "cached_tokens", "_prompt", "_budget",
+    __slots__ = ("handle", "stream", "request_id", "reason", "cached_tokens", "_prompt", "_budget",
                  "_prefilled", "_closed")
 
-    def __init__(self, router: "Router", handle: ReplicaHandle, stream: RequestStream, request_id: str,
+    def __init__(self, handle: ReplicaHandle, stream: RequestStream, request_id: str,
                  prompt_len: int, max_tokens: int, reason: str, cached_tokens: int):
-        self.router, self.handle, self.stream, self.request_id = router, handle, stream, request_id
+        self.handle, self.stream, self.request_id = handle, stream, request_id
         self.reason, self.cached_tokens = reason, cached_tokens
         self._prompt, self._budget = prompt_len, prompt_len + max_tokens
         self._prefilled = self._closed = False
@@ -199,7 +199,7 @@ class Router:
         work = len(prompt_ids) - decision.cached_tokens + remaining
         h.unacked.append((h.client.sent, work))
         h.unacked_tokens += work
-        p = Placement(self, h, stream, request_id, len(prompt_ids), remaining, decision.reason,
+        p = Placement(h, stream, request_id, len(prompt_ids), remaining, decision.reason,
                       decision.cached_tokens)
         h.outstanding += len(prompt_ids) + remaining
         h.in_flight += 1
