@@ -57,15 +57,19 @@ def test_greedy_is_batch_invariant_and_equals_transformers(group, references):
 
 def test_continuous_batching_mixes_many_sequences_and_prefill_with_decode(group):
     before = group.engine.call("stats")
-    streams = [group.engine.add_request(p, GREEDY16) for p in PROMPTS[:20]]
-    time.sleep(0.05)  # the first ones are decoding when the rest arrive
-    streams += [group.engine.add_request(p, GREEDY16) for p in PROMPTS[20:]]
-    for s in streams:
+    long = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    first = [group.engine.add_request(p, long) for p in PROMPTS[:20]]
+    deltas = iter(first[0])
+    next(deltas)  # the first ones are decoding (47 tokens to go) when the rest arrive
+    rest = [group.engine.add_request(p, GREEDY16) for p in PROMPTS[20:]]
+    for _ in deltas:
+        pass
+    for s in first[1:] + rest:
         s.result()
     after = group.engine.call("stats")
     assert after.max_seqs_in_step >= 16
     assert after.mixed_steps > before.mixed_steps
-    assert after.steps - before.steps < 32 * 16 / 4  # far fewer steps than tokens: they were batched
+    assert after.steps - before.steps < (20 * 48 + 12 * 16) / 4  # far fewer steps than tokens: they were batched
 
 
 def test_seeded_sampling_is_reproducible_across_batches_and_runs(group):
