@@ -1,14 +1,15 @@
 """Decode latency at batch 1: tpserve at tp 1, 2, 3 against transformers' generate, in one run.
 
     python -m benchmarks.decode [--model smollm2-135m] [--tps 1,2,3] [--new-tokens 64]
-                                [--quantizations none,int8,int4]
+                                [--quantizations none,int8,int4] [--collectives shm,gloo]
 
 Prints ms per generated token (prefill excluded: timed as (t(N) - t(1)) / (N - 1)), the share
 of rank 0's decode time spent inside collectives (all-reduce and the logits gather, which
 includes waiting for slower ranks), and each figure's ratio to transformers. With
 --quantizations, each tp runs once per quantization, and each row also shows the weights' bytes
 per rank and the read-bandwidth floor: those bytes / the read bandwidth measured here (a sum over
-a 512 MiB tensor, the way a GEMV reads its weight).
+a 512 MiB tensor, the way a GEMV reads its weight). With --collectives shm,gloo, each tp > 1 runs
+once per CPU transport (shared memory, or gloo's TCP loopback).
 """
 from __future__ import annotations
 
@@ -68,8 +69,9 @@ def _timed(fn) -> float:
 
 
 def bench_tpserve(folder, tp: int, ids: list[int], n: int, repeats: int,
-                  quantization: str = "none") -> tuple[float, float, int]:
-    with start_worker_group(WorkerSpec(str(folder), tp_size=tp, quantization=quantization)) as group:
+                  quantization: str = "none", collectives: str = "shm") -> tuple[float, float, int]:
+    spec = WorkerSpec(str(folder), tp_size=tp, quantization=quantization, cpu_collectives=collectives)
+    with start_worker_group(spec) as group:
         def run(k):
             group.engine.generate([ids], SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True))
 
@@ -89,6 +91,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quantizations", default="none")
+    ap.add_argument("--collectives", default="shm", help="CPU transports for tp > 1: shm, gloo or both")
     args = ap.parse_args()
     folder = resolve_model(args.model)
     from transformers import AutoTokenizer
@@ -102,15 +105,17 @@ def main() -> None:
     rows = [("transformers generate", hf, None, None)]
     for q in args.quantizations.split(","):
         for tp in [int(t) for t in args.tps.split(",")]:
-            ms, comm, weights = bench_tpserve(folder, tp, ids, args.new_tokens, args.repeats, q)
-            rows.append((f"tpserve tp={tp} {q}", ms, comm, weights))
-    print(f"{'system':<28}{'ms/token':>10}{'collectives':>13}{'vs transformers':>17}{'weights/rank':>14}"
+            for c in args.collectives.split(",") if tp > 1 else ["-"]:
+                ms, comm, weights = bench_tpserve(folder, tp, ids, args.new_tokens, args.repeats, q,
+                                                  "shm" if c == "-" else c)
+                rows.append((f"tpserve tp={tp} {q}" + ("" if c == "-" else f" {c}"), ms, comm, weights))
+    print(f"{'system':<32}{'ms/token':>10}{'collectives':>13}{'vs transformers':>17}{'weights/rank':>14}"
           f"{'floor ms':>10}{'x floor':>9}")
     for name, ms, comm, weights in rows:
         share = "-" if comm is None else f"{comm:.0%}"
         floor = "" if weights is None else f"{weights / 2**20:>10.0f} MiB{weights / gbs / 1e6:>10.1f}" \
                                             f"{ms / (weights / gbs / 1e6):>8.2f}x"
-        print(f"{name:<28}{ms:>10.1f}{share:>13}{hf / ms:>16.2f}x{floor}")
+        print(f"{name:<32}{ms:>10.1f}{share:>13}{hf / ms:>16.2f}x{floor}")
 
 
 if __name__ == "__main__":

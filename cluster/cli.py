@@ -22,6 +22,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
                    help="weight-only quantization of the projections (quantized once into the cache; CPU kernels)")
     p.add_argument("--quant-group-size", type=int, default=32, help="int4: input columns per scale (32, 64, 128, 256)")
+    p.add_argument("--cpu-collectives", default="shm", choices=["shm", "gloo"],
+                   help="CPU ranks of one replica on one host: shared-memory collectives (gloo where the ranks "
+                        "share no /dev/shm) or always gloo")
 
 
 def cmd_prepare(args) -> int:
@@ -43,7 +46,8 @@ def cmd_generate(args) -> int:
     requests = read_prompts_file(args.prompts_file, args) if args.prompts_file else None
     with OfflineGenerator(args.model, tp=args.tp, device=args.device, dtype=args.dtype,
                           kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
-                          quantization=args.quantization, quant_group_size=args.quant_group_size) as gen:
+                          quantization=args.quantization, quant_group_size=args.quant_group_size,
+                          cpu_collectives=args.cpu_collectives) as gen:
         if requests is None:
             print(gen.generate_text(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                     seed=args.seed, chat=args.chat))
@@ -69,7 +73,7 @@ def cmd_serve(args) -> int:
                         expose_topology=args.expose_topology, http_port=args.http_port, routing=args.routing,
                         routing_prefill_weight=args.routing_prefill_weight, balance_rel=args.balance_rel,
                         balance_abs_tokens=args.balance_abs_tokens, quantization=args.quantization,
-                        quant_group_size=args.quant_group_size)
+                        quant_group_size=args.quant_group_size, cpu_collectives=args.cpu_collectives)
     return serve(opts, ready_file=args.ready_file)
 
 

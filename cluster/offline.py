@@ -26,7 +26,7 @@ class OfflineGenerator:
 
     def __init__(self, model: str, tp: int = 1, device: str = "cpu", dtype: str | None = None,
                  kv_cache_memory: int | None = None, max_model_len: int = 2048, quantization: str = "none",
-                 quant_group_size: int = 32):
+                 quant_group_size: int = 32, cpu_collectives: str = "shm"):
         dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
         if dtype not in DTYPES:
             raise ConfigError("dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
@@ -35,7 +35,7 @@ class OfflineGenerator:
         self.folder = resolve_model(model)
         spec = WorkerSpec(str(self.folder), tp_size=tp, device=device, dtype=dtype,
                           kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, quantization=quantization,
-                          quant_group_size=quant_group_size)
+                          quant_group_size=quant_group_size, cpu_collectives=cpu_collectives)
         spec.validate(ModelConfig.from_pretrained(self.folder))  # refuse a bad tp before spawning
         self.tokenizer = load_tokenizer(self.folder)
         self.group = start_worker_group(spec)

@@ -55,6 +55,7 @@ class ServeOptions:
     expose_topology: bool = False
     quantization: str = "none"
     quant_group_size: int = 32
+    cpu_collectives: str = "shm"
     routing: str = "kv-aware"
     routing_prefill_weight: float = 4.0
     balance_rel: float = 1.5
@@ -134,7 +135,7 @@ def build_spec(opts: ServeOptions) -> tuple[WorkerSpec, ModelConfig]:
                       dtype=opts.dtype or ("bfloat16" if opts.device == "cuda" else "float32"),
                       max_model_len=opts.max_model_len, kv_cache_memory=opts.kv_cache_memory,
                       collective_timeout_s=opts.collective_timeout_s, quantization=opts.quantization,
-                      quant_group_size=opts.quant_group_size)
+                      quant_group_size=opts.quant_group_size, cpu_collectives=opts.cpu_collectives)
     spec.validate(cfg)
     weights_folder(spec)  # a quantized copy is made here once, before any rank starts
     return spec, cfg

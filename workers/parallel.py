@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from workers.errors import ConfigError
+from workers.shm_comm import ShmCommunicator
 
 
 def split_sizes(n: int, parts: int) -> list[int]:
@@ -74,7 +75,9 @@ class TPGroup:
     """One replica's tensor-parallel group: this rank, the group size and the process groups.
 
     `device_group` carries activations (NCCL on CUDA, gloo on CPU); `cpu_group` (gloo) carries
-    the per-step plan that rank 0 broadcasts. With size 1 no collective ever runs.
+    the per-step plan that rank 0 broadcasts. On CPU, ranks that share a host hold `shm`, and
+    activations, logits and plans go through shared memory instead (gloo stays the fallback).
+    With size 1 no collective ever runs.
     """
 
     rank: int = 0
@@ -86,6 +89,8 @@ class TPGroup:
     timed: bool = False
     # gloo on a CUDA device (tp > 1 on one GPU, for testing): collectives go through host memory.
     stage_on_host: bool = False
+    shm: ShmCommunicator | None = None
+    load_group: dist.ProcessGroup | None = None  # gloo, the long load timeout: load-time agreement
 
     @property
     def is_driver(self) -> bool:
@@ -97,6 +102,13 @@ class TPGroup:
         if self.stage_on_host and x.is_cuda:
             return x.copy_(self.all_reduce(x.cpu()))
         with torch.profiler.record_function("tpserve.all_reduce"):
+            if self.shm is not None:
+                if self.timed:
+                    t = time.perf_counter()
+                    self.shm.all_reduce(x)
+                    self.comm_seconds += time.perf_counter() - t
+                    return x
+                return self.shm.all_reduce(x)
             if self.timed:
                 return self._timed(dist.all_reduce, x)
             dist.all_reduce(x, group=self.device_group)
@@ -113,6 +125,13 @@ class TPGroup:
         if self.stage_on_host and x.is_cuda:
             out = self.gather_last_dim(x.cpu(), sizes)
             return None if out is None else out.to(x.device)
+        if self.shm is not None:
+            t = time.perf_counter()
+            with torch.profiler.record_function("tpserve.all_reduce"):
+                out = self.shm.gather_last_dim(x.contiguous(), sizes)
+            if self.timed:
+                self.comm_seconds += time.perf_counter() - t
+            return out
         width = max(sizes)
         if x.shape[-1] < width:
             x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))

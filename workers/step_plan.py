@@ -4,7 +4,8 @@ A plan is packed into one int64 tensor: per sequence its start position, new-tok
 block table; then the new token ids and the rows whose logits rank 0 wants. Positions and slot
 mappings are derived on each rank. The transport broadcasts a fixed-size buffer over the CPU
 (gloo) group, so a step costs one broadcast; a larger plan (a long prefill) spills into a second
-broadcast of exactly its size.
+broadcast of exactly its size. Ranks that share a host send it through shared memory instead
+(workers/shm_comm.py): one round of exactly its length.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from workers.paged_cache import PagedSeq
+from workers.shm_comm import ShmCommunicator
 
 
 class PlanOp(IntEnum):
@@ -65,30 +67,44 @@ class StepPlan:
 class PlanChannel:
     """Broadcasts plans from rank 0 over a gloo group: one collective per step in the common case."""
 
-    def __init__(self, group: dist.ProcessGroup | None, rank: int, capacity: int = 16384):
-        self.group, self.rank, self.capacity = group, rank, capacity
+    def __init__(self, group: dist.ProcessGroup | None, rank: int, capacity: int = 16384,
+                 shm: ShmCommunicator | None = None):
+        self.group, self.rank, self.capacity, self.shm = group, rank, capacity, shm
         self.buffer = torch.zeros(capacity, dtype=torch.int64)
         self.broadcasts = 0
         self.last_send = time.monotonic()
 
     def send(self, plan: StepPlan) -> None:
-        body = plan.encode()
-        n = body.numel()
-        self.buffer[0] = n
-        self.buffer[1:1 + min(n, self.capacity - 1)] = body[:self.capacity - 1]
-        self._bcast(self.buffer)
-        if n > self.capacity - 1:
-            self._bcast(body)
-        self.last_send = time.monotonic()
+        self.send_body(plan.encode())
 
     def recv(self) -> StepPlan:
+        return StepPlan.decode(self.recv_body())
+
+    def send_body(self, body: torch.Tensor) -> None:
+        """Rank 0: an encoded plan (1-D int64) to every other rank."""
+        if self.shm is not None:  # exactly its length, in one round up to the slot size
+            self.shm.broadcast_bytes(body)
+            self.broadcasts += 1
+        else:
+            n = body.numel()
+            self.buffer[0] = n
+            self.buffer[1:1 + min(n, self.capacity - 1)] = body[:self.capacity - 1]
+            self._bcast(self.buffer)
+            if n > self.capacity - 1:
+                self._bcast(body)
+        self.last_send = time.monotonic()
+
+    def recv_body(self) -> torch.Tensor:
+        if self.shm is not None:
+            self.broadcasts += 1
+            return self.shm.broadcast_bytes(None)
         self._bcast(self.buffer)
         n = int(self.buffer[0])
         if n <= self.capacity - 1:
-            return StepPlan.decode(self.buffer[1:1 + n])
+            return self.buffer[1:1 + n]
         body = torch.empty(n, dtype=torch.int64)
         self._bcast(body)
-        return StepPlan.decode(body)
+        return body
 
     def _bcast(self, t: torch.Tensor) -> None:
         dist.broadcast(t, src=0, group=self.group)

@@ -23,12 +23,14 @@ from workers.models.batch import ForwardBatch
 from workers.paged_cache import PagedKVCache, PagedSeq
 from workers.quantization import QuantConfig, is_quantized, quantized_checkpoint
 from workers.parallel import TPGroup, head_shard
+from workers.shm_comm import ShmCommunicator
 from workers.step_plan import PlanChannel, PlanOp, StepPlan
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda")
+CPU_COLLECTIVES = ("shm", "gloo")
 
 
 @dataclass(slots=True)
@@ -55,6 +57,9 @@ class WorkerSpec:
     # Weight-only quantization of the projections: none | int8 | int4 (workers/quantization.py).
     quantization: str = "none"
     quant_group_size: int = 32  # int4
+    # CPU ranks on one host: shm (shared-memory collectives, gloo where the ranks share no
+    # /dev/shm) or gloo (always TCP; for comparison).
+    cpu_collectives: str = "shm"
 
     @property
     def quant(self) -> QuantConfig:
@@ -73,6 +78,8 @@ class WorkerSpec:
             raise ConfigError("block_size", f"must be >= 1, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise ConfigError("kv_cache_memory", f"must be a positive number of bytes, got {self.kv_cache_memory}")
+        if self.cpu_collectives not in CPU_COLLECTIVES:
+            raise ConfigError("cpu_collectives", f"{self.cpu_collectives!r} is not one of {', '.join(CPU_COLLECTIVES)}")
         self.quant.validate()
         if self.quant.enabled and not config.is_llama_family:
             raise ConfigError("quantization", f"only the Llama family (llama, mistral, qwen2) is quantized; "
@@ -99,6 +106,28 @@ def resolve_backend(spec: WorkerSpec) -> str:
     return spec.backend or ("nccl" if spec.device == "cuda" else "gloo")
 
 
+def init_tp_group(spec: WorkerSpec, rank: int) -> TPGroup:
+    """Join the replica's process group (a collective: every rank calls it)."""
+    if spec.tp_size == 1:
+        return TPGroup(0, 1)
+    backend = resolve_backend(spec)
+    load = timedelta(seconds=spec.load_timeout_s)
+    dist.init_process_group(backend, init_method=spec.dist_init_method, rank=rank,
+                            world_size=spec.tp_size, timeout=load)
+    # Serving collectives get the short timeout (a hung peer must fail the step, not stall it);
+    # the one collective after loading (the block count) waits on the slowest loader instead.
+    serving = timedelta(seconds=spec.collective_timeout_s)
+    load_group = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=load)
+    device_group = dist.new_group(backend=backend, timeout=serving)
+    # The step plan is small host data: it always travels on gloo, beside an NCCL device group.
+    cpu_group = device_group if backend == "gloo" else dist.new_group(backend="gloo", timeout=serving)
+    shm = None
+    if spec.device == "cpu" and backend == "gloo" and spec.cpu_collectives == "shm":
+        shm = ShmCommunicator.create(rank, spec.tp_size, load_group, spec.collective_timeout_s)
+    return TPGroup(rank, spec.tp_size, device_group, cpu_group,
+                   stage_on_host=backend == "gloo" and spec.device == "cuda", shm=shm, load_group=load_group)
+
+
 class Worker:
     """A rank: process group, model shard, KV cache."""
 
@@ -114,7 +143,7 @@ class Worker:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
-        self.group = self._init_group()
+        self.group = init_tp_group(spec, rank)
         self.dtype = DTYPES[spec.dtype]
         self.model = build_model(self.config, self.group, self.dtype, self.device, spec.quant).eval()
         self.read_counter = load_weights(self.model, weights_folder(spec))
@@ -128,26 +157,8 @@ class Worker:
         shard = head_shard(self.config.num_heads, self.config.num_kv_heads, self.group.size, rank)
         self.cache = PagedKVCache(self.config.num_layers, self.num_blocks, self.block_size, shard.num_kv_heads,
                                   self.config.head_dim, self.dtype, self.device)
-        self.channel = PlanChannel(self.group.cpu_group, rank) if self.group.size > 1 else None
+        self.channel = PlanChannel(self.group.cpu_group, rank, shm=self.group.shm) if self.group.size > 1 else None
         self.load_seconds = time.perf_counter() - t0
-
-    def _init_group(self) -> TPGroup:
-        spec = self.spec
-        if spec.tp_size == 1:
-            return TPGroup(0, 1)
-        backend = resolve_backend(spec)
-        load = timedelta(seconds=spec.load_timeout_s)
-        dist.init_process_group(backend, init_method=spec.dist_init_method, rank=self.rank,
-                                world_size=spec.tp_size, timeout=load)
-        # Serving collectives get the short timeout (a hung peer must fail the step, not stall it);
-        # the one collective after loading (the block count) waits on the slowest loader instead.
-        serving = timedelta(seconds=spec.collective_timeout_s)
-        self._load_group = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=load)
-        device_group = dist.new_group(backend=backend, timeout=serving)
-        # The step plan is small host data: it always travels on gloo, beside an NCCL device group.
-        cpu_group = device_group if backend == "gloo" else dist.new_group(backend="gloo", timeout=serving)
-        return TPGroup(self.rank, spec.tp_size, device_group, cpu_group,
-                       stage_on_host=backend == "gloo" and spec.device == "cuda")
 
     def _agree_num_blocks(self) -> int:
         """Blocks that fit this rank's budget, then the minimum over ranks: every rank must hold
@@ -164,7 +175,7 @@ class Worker:
                 budget = 256 << 20
         n = torch.tensor([budget // per_block], dtype=torch.int64)
         if self.group.size > 1:
-            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=self._load_group)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=self.group.load_group)
         if int(n) < 1:
             raise ConfigError("kv_cache_memory", f"{budget} bytes hold no KV block of {per_block} bytes")
         return int(n)
@@ -204,6 +215,9 @@ class Worker:
                 "num_threads": torch.get_num_threads(), "quantization": self.spec.quant.tag}
 
     def close(self) -> None:
+        if self.group.shm is not None:
+            self.group.shm.close()
+            self.group.shm = None
         if self.group.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
