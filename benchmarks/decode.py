@@ -17,7 +17,8 @@ import argparse
 import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from workers import set_openmp_env  # noqa: E402
+set_openmp_env()
 
 import torch  # noqa: E402
 

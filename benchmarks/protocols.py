@@ -15,7 +15,8 @@ import asyncio
 import os
 import statistics
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from workers import set_openmp_env  # noqa: E402
+set_openmp_env()
 
 from benchmarks.server import running_server  # noqa: E402
 from cluster.bench.metrics import summarize  # noqa: E402

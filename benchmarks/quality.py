@@ -23,7 +23,8 @@ import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from workers import set_openmp_env  # noqa: E402
+set_openmp_env()
 
 import torch  # noqa: E402
 

@@ -31,7 +31,8 @@ import os
 import statistics
 from collections import OrderedDict
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from workers import set_openmp_env  # noqa: E402
+set_openmp_env()
 
 from benchmarks.server import running_server  # noqa: E402
 from cluster.bench.metrics import summarize  # noqa: E402

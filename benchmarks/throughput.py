@@ -21,7 +21,8 @@ import os
 import time
 from dataclasses import dataclass
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from workers import set_openmp_env  # noqa: E402
+set_openmp_env()
 
 import torch  # noqa: E402
 

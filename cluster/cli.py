@@ -6,7 +6,8 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: ranks share cores
+from workers import set_openmp_env  # noqa: E402
+set_openmp_env()  # before torch loads: ranks share cores
 
 from workers.errors import TpserveError  # noqa: E402
 

@@ -22,6 +22,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from workers import OPENMP_ENV
 from workers.engine.client import EngineClient
 from workers.engine.core import EngineConfig
 from workers.engine.loop import drain
@@ -230,7 +231,7 @@ def place_replica(replica_id: str, spec: WorkerSpec, engine_config: EngineConfig
     bundles = [dict(resources_per_rank) for _ in range(spec.tp_size)]
     pg = placement_group(bundles, strategy="STRICT_PACK", name=f"tpserve-{replica_id}",
                          _soft_target_node_id=target_node)
-    env = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(threads)}
+    env = {**OPENMP_ENV, "OMP_NUM_THREADS": str(threads)}
     actors = [RankActor.options(
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
         num_cpus=resources_per_rank.get("CPU", 0), num_gpus=resources_per_rank.get("GPU", 0),

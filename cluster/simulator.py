@@ -268,7 +268,8 @@ def calibrate() -> CostModel:
     """Fit the cost model on the real engine: SmolLM2-135M, one thread, prefill and decode steps."""
     import os
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from workers import set_openmp_env  # noqa: E402
+    set_openmp_env()
     from workers.launcher import start_worker_group
     from workers.model_source import resolve_model
     from workers.worker import WorkerSpec

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from workers import set_openmp_env  # noqa: E402
+set_openmp_env()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from workers import set_openmp_env
+
 from workers.worker import WorkerSpec, init_tp_group
 
 
@@ -81,7 +83,7 @@ def measure_collectives(tp: int, sizes: list[int], iters: int = 200, transport: 
 
     spec = WorkerSpec("", tp_size=tp, dist_init_method=f"tcp://127.0.0.1:{free_port()}",
                       num_threads=num_threads or threads_per_rank(tp), cpu_collectives=transport)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_openmp_env()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(spec, r, sizes, iters, out), daemon=True) for r in range(tp)]

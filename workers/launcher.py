@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from workers.engine.client import EngineClient
 from workers.engine.core import EngineConfig
 from workers.engine.messages import Shutdown
+from workers import set_openmp_env
 from workers.errors import WorkerError
 from workers.rank import Rank, run_rank
 from workers.worker import WorkerSpec, weights_folder
@@ -57,7 +58,7 @@ class LocalWorkerGroup:
             spec = replace(spec, num_threads=threads_per_rank(spec.tp_size))
         self.spec = spec
         # Spinning OpenMP threads starve ranks that share cores; children inherit this at spawn.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        set_openmp_env()
         ctx = mp.get_context("spawn")
         ready, self._inbox, self._outbox = ctx.Queue(), ctx.Queue(), ctx.Queue()
         engine_config = engine_config or EngineConfig()

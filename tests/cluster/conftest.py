@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from tests.models import make_tiny_llama_with_tokenizer
+from workers import OPENMP_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +43,7 @@ class ServeProcess:
         self.ready_file = self.tmp / f"ready-{self.port}"
         self.log_path = self.tmp / f"serve-{self.port}.log"
         self.log = open(self.log_path, "w")
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **OPENMP_ENV, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port),

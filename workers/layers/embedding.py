@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.layers.linear import plain_linear
 from workers.parallel import TPGroup, shard_range, split_sizes
 from workers.tensor_source import TensorSource, copy_into
 
@@ -50,4 +51,4 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits [.., vocab] on rank 0; None on the other ranks."""
-        return self.group.gather_last_dim(F.linear(hidden, self.weight), self.sizes)
+        return self.group.gather_last_dim(plain_linear(hidden, self.weight), self.sizes)

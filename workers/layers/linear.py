@@ -21,6 +21,27 @@ from workers.quantization import QuantConfig, check_int4_cut, int4_pack, quantiz
 from workers.tensor_source import TensorSource, copy_into
 
 
+# A few rows (batch-1 decode) make a matmul a GEMV. MKL runs F.linear's x @ W.T there at ~10 GB/s
+# on this CPU, while a batched W @ x over 8 row-blocks of W streams the weight at 17-25 GB/s
+# (2.2-2.9x faster at 1 row, measured in docs/benchmarks.md); from ~16 rows F.linear is as fast.
+GEMV_MAX_ROWS = 2
+GEMV_BLOCKS = 8
+
+
+def plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [T, in], faster for a few rows on CPU."""
+    n = weight.shape[0]
+    if x.dim() != 2 or x.shape[0] > GEMV_MAX_ROWS or n % GEMV_BLOCKS or x.device.type != "cpu" \
+            or not weight.is_contiguous():
+        return F.linear(x, weight, bias)
+    rows, k = x.shape
+    y = torch.bmm(weight.view(GEMV_BLOCKS, n // GEMV_BLOCKS, k), x.t().unsqueeze(0).expand(GEMV_BLOCKS, k, rows))
+    y = y.view(n, rows).t()  # [rows, n]; contiguous already when rows == 1
+    if rows > 1:
+        y = y.contiguous()
+    return y if bias is None else y.add_(bias)
+
+
 def _param(*shape: int, dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
@@ -64,7 +85,7 @@ class _Weighted(nn.Module):
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
-            return F.linear(x, self.weight, self.bias)
+            return plain_linear(x, self.weight, self.bias)
         return quantized_linear(x, self)
 
 
