@@ -1,5 +1,5 @@
 """tpserve beside its peers on this CPU, one run, same requests: transformers, tpserve (each tp x
-quantization), and llama.cpp (the same GGUF) through llama-cpp-python.
+quantization, and bfloat16), and llama.cpp (the same GGUF) through llama-cpp-python.
 
     make bench-peers      # builds .venv-peers (llama-cpp-python 0.3.36, ~6 min once), then runs this
     python -m benchmarks.peers [--tps 1,2] [--quantizations none,int8,int4] [--repeats 3]
@@ -74,7 +74,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tps", default="1,2")
     ap.add_argument("--quantizations", default="none,int8,int4")
-    ap.add_argument("--load-systems", default="tp1-none,tp2-none",
+    ap.add_argument("--bf16", default="1,2", help="tp degrees that also run in bfloat16 (unquantized)")
+    ap.add_argument("--load-systems", default="tp1-none,tp2-none,tp1-bf16,tp2-bf16",
                     help="tpserve settings that run the 64 requests (tpN-quantization)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -95,7 +96,7 @@ def main() -> None:
     text_ids = tok(TEXT.read_text()).input_ids
     tps = [int(t) for t in args.tps.split(",")]
     quants = args.quantizations.split(",")
-    settings = [(tp, q) for q in quants for tp in tps]
+    settings = [(tp, q) for q in quants for tp in tps] + [(int(t), "bf16") for t in args.bf16.split(",") if t]
     load = set(args.load_systems.split(","))
     gbs = read_bandwidth_gbs()
     print(f"model {args.model} ({gguf.name}), {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -116,7 +117,8 @@ def main() -> None:
         del hf
         for tp, q in settings:
             name = f"tp{tp}-{q}"
-            spec = WorkerSpec(str(folder), tp_size=tp, quantization=q, kv_cache_memory=1 << 30)
+            spec = WorkerSpec(str(folder), tp_size=tp, quantization="none" if q == "bf16" else q,
+                              dtype="bfloat16" if q == "bf16" else "float32", kv_cache_memory=1 << 30)
             cfg = EngineConfig(max_num_seqs=args.num_requests, max_num_batched_tokens=1024)
             with start_worker_group(spec, cfg) as group:
                 b1.setdefault(name, []).append(tpserve_decode(group, ids, args.new_tokens))
@@ -149,7 +151,7 @@ def main() -> None:
         ms = statistics.median(b1[name])
         floor = f"{ms / (weights[name] / gbs / 1e6):.2f}x" if name in weights else "-"
         label = {"transformers": "transformers `generate` fp32", "llama.cpp": "llama.cpp Q4_1 (same GGUF)"}.get(
-            name, f"tpserve {name.replace('-', ' ')}")
+            name, f"tpserve {name.replace('-', ' ').replace('none', 'fp32').replace('bf16', 'bf16 weights')}")
         lines.append(f"| {label} | {spread(b1[name])} | {ms / ref:.2f}x | {floor} | "
                      f"{spread(tput[name]) if name in tput else '-'} |")
     best = max((n for n in tput if n.startswith("tp")), key=lambda n: statistics.median(tput[n]))

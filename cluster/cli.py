@@ -195,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="load-test a running server (tpserve bench --help)", add_help=False)
 
+    from cluster.planner.cli import add_plan_args, add_profile_args, cmd_plan, cmd_profile
+
+    p = sub.add_parser("profile", help="measure this machine for the planner (hw.json)")
+    add_profile_args(p)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("plan", help="predict TTFT/TPOT/throughput per tp x replicas x max_num_seqs")
+    add_plan_args(p)
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("client", help="stream a completion from a running server")
     p.add_argument("--target", default="127.0.0.1:50051")
     p.add_argument("--prompt", required=True)

@@ -9,10 +9,16 @@ scheduler and block manager (continuous batching, chunked prefill, prefix cache 
 eviction, preemption). Each replica reports KVEvents after each step, as rank 0 does, and the
 router counts what it placed but the replica has not yet taken, as the frontend does.
 
-What is modelled: a step's duration, `CostModel.step_time` = step_s + prefill_token_s x prompt
-tokens in the step + decode_seq_s x sequences decoding. The defaults are fitted to SmolLM2-135M
-on this project's 2-core machine at one thread per replica (`--calibrate` measures them again on
-the real engine). Reports reach the router at the step's end (no transport delay).
+What is modelled: a step's duration, from the step's shape (`StepShape`: each prefill chunk's
+tokens and context, each decoding sequence's context). `CostModel.step_time` = step_s +
+prefill_token_s x prompt tokens in the step + decode_seq_s x sequences decoding; its defaults
+are fitted to SmolLM2-135M on this project's 2-core machine at one thread per replica
+(`--calibrate` measures them again on the real engine). The planner's `RooflineCost`
+(cluster/planner/cost.py) prices the same shapes from a hardware profile instead. Reports reach
+the router at the step's end (no transport delay).
+
+Load: open loop (each request arrives at its `arrival`), or closed loop (`concurrency` requests in
+flight; each completion sends the next request at once, as `tpserve bench --concurrency` does).
 
 This is the one simulator of the project: the planner (`tpserve plan`) extends it.
 """
@@ -41,6 +47,23 @@ from workers.engine.sequence import Sequence
 
 
 @dataclass(frozen=True, slots=True)
+class StepShape:
+    """What one engine step computes: (new tokens, tokens already cached) per prefill chunk, and
+    the context length (cached tokens + the new one) of each decoding sequence."""
+
+    prefill: tuple[tuple[int, int], ...] = ()
+    decode: tuple[int, ...] = ()
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(n for n, _ in self.prefill)
+
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + len(self.decode)
+
+
+@dataclass(frozen=True, slots=True)
 class CostModel:
     """Seconds per engine step, from what the step holds."""
 
@@ -48,8 +71,8 @@ class CostModel:
     prefill_token_s: float = 0.0030
     decode_seq_s: float = 0.0030
 
-    def step_time(self, prefill_tokens: int, decode_seqs: int) -> float:
-        return self.step_s + self.prefill_token_s * prefill_tokens + self.decode_seq_s * decode_seqs
+    def step_time(self, shape: StepShape) -> float:
+        return self.step_s + self.prefill_token_s * shape.prefill_tokens + self.decode_seq_s * len(shape.decode)
 
 
 @dataclass(slots=True)
@@ -63,6 +86,13 @@ class SimRequest:
     ttft: float | None = None
     done: float | None = None
     cached_tokens: int = 0
+
+    @property
+    def tpot(self) -> float | None:
+        """As docs/bench.md defines it: (E2E - TTFT) / (output tokens - 1)."""
+        if self.done is None or self.ttft is None or self.max_tokens < 2:
+            return None
+        return (self.done - self.arrival - self.ttft) / (self.max_tokens - 1)
 
 
 @dataclass(slots=True)
@@ -88,6 +118,7 @@ class SimReplica:
         self.kv_seq = 0
         self.load = EngineLoad(num_blocks=model.num_blocks)
         self.stepping = False
+        self.finished: list[SimRequest] = []  # requests the last step completed
         self._chunks = []
         self._ids = itertools.count()
 
@@ -105,12 +136,10 @@ class SimReplica:
         self._chunks = sched.chunks
         if not sched.chunks:
             return None
-        decode = [c.num_tokens == 1 and c.seq.num_computed_tokens >= len(c.seq.prompt_token_ids)
-                  for c in sched.chunks]
-        prefill = sum(c.num_tokens for c, d in zip(sched.chunks, decode) if not d)
-        return self.cost.step_time(prefill, sum(decode))
+        return self.cost.step_time(step_shape(sched.chunks))
 
     def end_step(self, now: float) -> KVEvents:
+        self.finished = []
         for c in self._chunks:
             s = c.seq
             samples = c.samples
@@ -124,6 +153,7 @@ class SimReplica:
                 s.append_token(7)
                 if len(s.output_token_ids) >= s.params.max_tokens:
                     req.done = now
+                    self.finished.append(req)
                     del self.live[s.request_id]
                     self.scheduler.finish(s)
         self._chunks = []
@@ -153,7 +183,13 @@ class SimResult:
         ttft = [r.ttft for r in self.requests if r.ttft is not None]
         prompt = sum(len(r.prompt) for r in self.requests)
         d = np.asarray(self.decision_us)
-        return {"policy": self.policy, "completed": sum(r.done is not None for r in self.requests),
+        done = [r for r in self.requests if r.done is not None]
+        tpot = [r.tpot for r in done if r.tpot is not None]
+        span = max(r.done for r in done) - min(r.arrival for r in self.requests) if done else 0.0
+        return {"policy": self.policy, "completed": len(done),
+                "tpot_ms_p50": float(np.percentile(tpot, 50) * 1e3) if tpot else None,
+                "tpot_ms_mean": float(np.mean(tpot) * 1e3) if tpot else None,
+                "output_tok_s": sum(r.max_tokens for r in done) / span if span > 0 else 0.0,
                 "ttft_p50_ms": float(np.percentile(ttft, 50) * 1e3), "ttft_p90_ms": float(np.percentile(ttft, 90) * 1e3),
                 "hit_rate": sum(r.cached_tokens for r in self.requests) / prompt if prompt else 0.0,
                 "decision_us_p50": float(np.percentile(d, 50)), "decision_us_p99": float(np.percentile(d, 99)),
@@ -174,9 +210,23 @@ def index_bytes(index: KVIndex) -> int:
     return total
 
 
-def simulate(requests: list[SimRequest], policy: str, replicas: int, model: ReplicaModel, cost: CostModel,
-             keyer: BlockKeyer, routing: RoutingConfig | None = None) -> SimResult:
-    """Route and serve `requests` (arrival order) on `replicas` modelled replicas under `policy`."""
+def step_shape(chunks) -> StepShape:
+    """A scheduled step's shape (the engine's own chunks: `Scheduler.schedule().chunks`)."""
+    prefill, decode = [], []
+    for c in chunks:
+        s = c.seq
+        if c.num_tokens == 1 and s.num_computed_tokens >= len(s.prompt_token_ids):
+            decode.append(s.num_computed_tokens + 1)
+        else:
+            prefill.append((c.num_tokens, s.num_computed_tokens))
+    return StepShape(tuple(prefill), tuple(decode))
+
+
+def simulate(requests: list[SimRequest], policy: str, replicas: int, model: ReplicaModel, cost,
+             keyer: BlockKeyer, routing: RoutingConfig | None = None, concurrency: int | None = None) -> SimResult:
+    """Route and serve `requests` on `replicas` modelled replicas under `policy`. Open loop: each
+    arrives at its `arrival`. Closed loop (`concurrency`): the first `concurrency` arrive at 0 and
+    each completion sends the next one at that moment (their `arrival` is overwritten)."""
     now = 0.0
     index = KVIndex(clock=lambda: now)
     base = routing or RoutingConfig()
@@ -188,8 +238,16 @@ def simulate(requests: list[SimRequest], policy: str, replicas: int, model: Repl
     unacked_tokens = [0] * replicas
     events: list = []  # (time, order, kind, payload)
     order = itertools.count()
-    for req in requests:
-        heapq.heappush(events, (req.arrival, next(order), 0, req))
+    pending = deque(requests)
+    if concurrency is None:
+        for req in requests:
+            heapq.heappush(events, (req.arrival, next(order), 0, req))
+        pending.clear()
+    else:
+        for _ in range(min(concurrency, len(pending))):
+            req = pending.popleft()
+            req.arrival = 0.0
+            heapq.heappush(events, (0.0, next(order), 0, req))
     decisions, reasons = [], {}
     wall = time.perf_counter()
 
@@ -233,6 +291,11 @@ def simulate(requests: list[SimRequest], policy: str, replicas: int, model: Repl
             ev = reps[i].end_step(now)
             if index.apply(reps[i].rid, ev):
                 index.apply_digest(reps[i].rid, reps[i].digest())
+            for _ in reps[i].finished:  # closed loop: each completion sends the next request
+                if pending:
+                    nxt = pending.popleft()
+                    nxt.arrival = now
+                    heapq.heappush(events, (now, next(order), 0, nxt))
             kick(i)
     return SimResult(cfg.policy, requests, decisions, reasons, index.size, index_bytes(index), now,
                      time.perf_counter() - wall)

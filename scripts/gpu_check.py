@@ -11,7 +11,8 @@ tp 2 on the same device through gloo (host-staged collectives); the engine's bat
 cannot be checked on one GPU. Then timings of the engine on a 1B-class Llama (random weights,
 bfloat16): decode ms/step at batch 1, 8 and 64 with the achieved fraction of memory bandwidth,
 and prefill tokens/s with the fraction of the bf16 matmul peak, both ceilings measured in this
-run. Exits non-zero if a check fails.
+run. Also int8 and int4 weights on the device against the CPU kernels on the same quantized
+checkpoint (logits within 1e-3, greedy tokens equal), with their decode ms/token. Exits non-zero if a check fails.
 """
 from __future__ import annotations
 
@@ -264,6 +265,16 @@ def main() -> int:
         spec = WorkerSpec(str(folder), tp_size=2, device=dev, dtype="float32", backend="gloo", kv_cache_memory=KV)
         timings.append(("tpserve tp2 fp32 via gloo (host-staged)", check_against_reference(
             "tp2 (gloo, one device) fp32", spec, prompt, n, dev, ref_logits, 1e-4, ref_tokens)))
+
+        # ---- weight-only quantization on the device: the CPU kernels' numbers ----------------------
+        for q in ("int8", "int4"):
+            cpu = WorkerSpec(str(folder), tp_size=1, device="cpu", dtype="float32", quantization=q, kv_cache_memory=KV)
+            with start_worker_group(cpu) as grp:
+                q_logits = grp.call("prefill_logits", [prompt]).cpu()
+                q_tokens = greedy(grp, prompt, n)
+            spec = WorkerSpec(str(folder), tp_size=1, device=dev, dtype="float32", quantization=q, kv_cache_memory=KV)
+            timings.append((f"tpserve tp1 {q} (fp32 activations)", check_against_reference(
+                f"tp1 {q} on {dev} vs the cpu kernels", spec, prompt, n, dev, q_logits, 1e-3, q_tokens)))
 
         # ---- the engine: batch invariance ------------------------------------------------------
         check_batch_invariance(folder, dev, "float32", 16)

@@ -2,8 +2,8 @@
 A sequence's token at position p lives in block table[p // bs], offset p % bs.
 
 Attention for a step: every new token's k/v is written to its slot first (one index_copy per
-layer), then decoding sequences (one new token each) attend in one batched SDPA over their
-gathered, padded block lists, and prefill chunks attend one sequence at a time (causal, offset by
+layer), then decoding sequences (one new token each) attend in batched SDPAs over their gathered,
+padded block lists (one per group of similar length: `group_by_length`), and prefill chunks attend one sequence at a time (causal, offset by
 what is already cached). Gathers move whole blocks (contiguous bs x KVH x D chunks), and decode
 never copies K/V per query head (see HeadLayout).
 """
@@ -64,29 +64,12 @@ class PagedAttentionBatch(AttentionBatch):
                 self.prefills.append((row, s.length, s.start, table[:nb].to(dev)))
             row += s.length
         self.slot_mapping = torch.cat(slots).to(dev) if slots else torch.empty(0, dtype=torch.long)
-        self.decode_rows = None
-        if decode_rows:
-            width = max(len(t) for t in decode_tables)
-            tables = torch.zeros(len(decode_tables), width, dtype=torch.long)
-            for i, t in enumerate(decode_tables):
-                tables[i, :len(t)] = torch.tensor(t)
-            self.decode_lens = torch.tensor(decode_lens)
-            self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
-            self.decode_tables = tables.to(dev)
-            self._decode_masks: dict[int | None, torch.Tensor] = {}
-
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """[B, 1, 1, W]: True where a key position belongs to the sequence (and to the window);
-        built once per step and window, then shared by every layer."""
-        mask = self._decode_masks.get(window)
-        if mask is None:
-            width = self.decode_tables.shape[1] * self.cache.block_size
-            pos, lens = torch.arange(width)[None, :], self.decode_lens[:, None]
-            keep = pos < lens
-            if window is not None:
-                keep &= pos >= lens - window  # the new token sits at lens - 1
-            mask = self._decode_masks[window] = keep.to(self.cache.device)[:, None, None, :]
-        return mask
+        # Decoding sequences attend in groups of similar length: one padded SDPA over all of them
+        # gathers and scans every sequence's blocks up to the longest one's (at 64 sequences of
+        # mixed length, about twice the K/V each needs); a few groups cost a few calls instead.
+        self.decode_groups = [_DecodeGroup(cache, [decode_rows[i] for i in g], [decode_tables[i] for i in g],
+                                           [decode_lens[i] for i in g])
+                              for g in group_by_length([len(t) for t in decode_tables])]
 
     def attend(self, layer, q, k, v, heads, scale, window=None):
         with torch.profiler.record_function("tpserve.attention"):
@@ -98,21 +81,21 @@ class PagedAttentionBatch(AttentionBatch):
         kc.view(nb * bs, kvh, d).index_copy_(0, self.slot_mapping, k)
         vc.view(nb * bs, kvh, d).index_copy_(0, self.slot_mapping, v)
         out = torch.empty_like(q)
-        if self.decode_rows is not None:
-            b, w = self.decode_tables.shape
-            flat = self.decode_tables.view(-1)  # index_select on dim 0 copies whole blocks (memcpy)
+        for grp in self.decode_groups:
+            b, w = grp.tables.shape
+            flat = grp.tables.view(-1)  # index_select on dim 0 copies whole blocks (memcpy)
             keys = kc.index_select(0, flat).view(b, w * bs, kvh, d).transpose(1, 2)  # [B, KVH, W, D]
             values = vc.index_select(0, flat).view(b, w * bs, kvh, d).transpose(1, 2)
-            qd = q.index_select(0, self.decode_rows)  # [B, H, D]
+            qd = q.index_select(0, grp.rows)  # [B, H, D]
             if heads.grid is not None:
                 qd = qd.index_select(1, heads.grid)
             # Each KV head's query group plays the role of a query axis: no K/V copy per query head.
             o = F.scaled_dot_product_attention(qd.view(b, kvh, heads.group, d), keys, values,
-                                               attn_mask=self.decode_mask(window), scale=scale)
+                                               attn_mask=grp.mask(window), scale=scale)
             o = o.reshape(b, kvh * heads.group, d)
             if heads.inverse is not None:
                 o = o.index_select(1, heads.inverse)
-            out.index_copy_(0, self.decode_rows, o)
+            out.index_copy_(0, grp.rows, o)
         for row, length, start, table in self.prefills:
             ctx = start + length
             keys = kc.index_select(0, table).view(-1, kvh, d)[:ctx].transpose(0, 1)  # [KVH, L, D]
@@ -121,3 +104,52 @@ class PagedAttentionBatch(AttentionBatch):
             o = causal_attention(q[row:row + length].transpose(0, 1), keys, values, start, scale, window)
             out[row:row + length] = o.transpose(0, 1)
         return out
+
+
+def group_by_length(widths: list[int], max_waste: float = 1.25, min_group: int = 4) -> list[list[int]]:
+    """Indices of `widths` (blocks per sequence) in groups of similar width: sorted, a group closes
+    when padding its members to the next one's width would read more than max_waste x what they
+    need (and it holds at least min_group members: each group is one more SDPA call)."""
+    order = sorted(range(len(widths)), key=lambda i: widths[i])
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    need = 0
+    for i in order:
+        w = widths[i]
+        if len(cur) >= min_group and (len(cur) + 1) * w > max_waste * (need + w):
+            groups.append(cur)
+            cur, need = [], 0
+        cur.append(i)
+        need += w
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+class _DecodeGroup:
+    """Decoding sequences attended in one padded SDPA: their rows, block tables and lengths."""
+
+    def __init__(self, cache: PagedKVCache, rows: list[int], tables: list[list[int]], lens: list[int]):
+        dev = cache.device
+        width = max(len(t) for t in tables)
+        padded = torch.zeros(len(tables), width, dtype=torch.long)
+        for i, t in enumerate(tables):
+            padded[i, :len(t)] = torch.tensor(t)
+        self.cache = cache
+        self.rows = torch.tensor(rows, dtype=torch.long, device=dev)
+        self.tables = padded.to(dev)
+        self.lens = torch.tensor(lens)
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[B, 1, 1, W]: True where a key position belongs to the sequence (and to the window);
+        built once per step and window, then shared by every layer."""
+        mask = self._masks.get(window)
+        if mask is None:
+            width = self.tables.shape[1] * self.cache.block_size
+            pos, lens = torch.arange(width)[None, :], self.lens[:, None]
+            keep = pos < lens
+            if window is not None:
+                keep &= pos >= lens - window  # the new token sits at lens - 1
+            mask = self._masks[window] = keep.to(self.cache.device)[:, None, None, :]
+        return mask

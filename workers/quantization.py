@@ -21,6 +21,10 @@ row-parallel cuts (along the input) must fall on group boundaries, and every ran
 must be a multiple of 16 (the kernel's packing unit); a cut that cannot is refused at load with a
 ConfigError naming the layer, the cut and the group size (no silent padding or fallback).
 
+On CUDA every quantized matmul dequantizes the weight to the activations' dtype and multiplies:
+the same numbers as the CPU kernels, the memory saved, but not yet the speed (`_weight_int4pack_mm`
+and a fused int8 GEMV are not wired: no GPU was at hand to check their packing).
+
 Only the Llama family's projections are quantized (q/k/v/o, gate/up/down); the embedding and the
 LM head stay in the model's dtype.
 """
@@ -119,10 +123,11 @@ def quantized_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """x @ W^T (+ bias) for a layer holding int8 codes + scales, or int4 codes (also packed) + scale_zero."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
-    if x2.shape[0] > DEQUANTIZE_ABOVE_ROWS:
+    if x2.shape[0] > DEQUANTIZE_ABOVE_ROWS or x2.is_cuda:
+        # CUDA takes this path too: correct in any dtype, but not the fused kernels (see the docstring).
         w = dequantize_int8(layer.weight, layer.weight_scale) if layer.quant.method == "int8" \
             else dequantize_int4(layer.weight, layer.weight_sz)
-        y = torch.nn.functional.linear(x2, w)
+        y = torch.nn.functional.linear(x2, w.to(x2.dtype))
     elif layer.quant.method == "int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, layer.weight, layer.weight_scale)
     else:

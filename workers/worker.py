@@ -84,8 +84,6 @@ class WorkerSpec:
         if self.quant.enabled and not config.is_llama_family:
             raise ConfigError("quantization", f"only the Llama family (llama, mistral, qwen2) is quantized; "
                                               f"{config.model_type} is not")
-        if self.quant.enabled and self.device == "cuda":
-            raise ConfigError("quantization", "the quantized kernels here are the CPU ones; on cuda use none")
 
 
 def weights_folder(spec: WorkerSpec) -> str:

@@ -39,3 +39,18 @@ def test_decode_and_prefill_chunks_match_plain_attention(tp, rank):
     kv_index = shard.kv_index()
     expected = torch.cat([reference(q, k, v, kv_index, s) for q, k, v, (s, _) in zip(qs, full_k, full_v, lens)])
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_decode_groups_cover_every_sequence_once_and_bound_the_padding():
+    from workers.paged_cache import group_by_length
+
+    g = torch.Generator().manual_seed(5)
+    widths = torch.randint(1, 40, (64,), generator=g).tolist()
+    groups = group_by_length(widths)
+    assert sorted(i for grp in groups for i in grp) == list(range(64))
+    assert 1 < len(groups) < 64  # mixed lengths split, but not one call per sequence
+    for grp in groups:
+        need = sum(widths[i] for i in grp)
+        padded = len(grp) * max(widths[i] for i in grp)
+        assert padded <= 1.25 * need or len(grp) <= 4
+    assert group_by_length([7] * 10) == [list(range(10))]  # equal lengths: one call

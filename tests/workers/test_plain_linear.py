@@ -24,3 +24,8 @@ def test_a_strided_weight_takes_f_linear():
     w = torch.randn(96, 64 * GEMV_BLOCKS).t()  # a transposed view: not contiguous
     x = torch.randn(1, 96)
     torch.testing.assert_close(plain_linear(x, w), F.linear(x, w))
+
+
+def test_bfloat16_takes_f_linear_exactly():
+    x, w = torch.randn(1, 96).bfloat16(), torch.randn(64 * GEMV_BLOCKS, 96).bfloat16()
+    assert torch.equal(plain_linear(x, w), F.linear(x, w))

@@ -24,6 +24,7 @@ from workers.tensor_source import TensorSource, copy_into
 # A few rows (batch-1 decode) make a matmul a GEMV. MKL runs F.linear's x @ W.T there at ~10 GB/s
 # on this CPU, while a batched W @ x over 8 row-blocks of W streams the weight at 17-25 GB/s
 # (2.2-2.9x faster at 1 row, measured in docs/benchmarks.md); from ~16 rows F.linear is as fast.
+# float32 only: in bfloat16 F.linear is the faster of the two (13 against 8 GB/s).
 GEMV_MAX_ROWS = 2
 GEMV_BLOCKS = 8
 
@@ -32,7 +33,7 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """F.linear(x, weight, bias) for x [T, in], faster for a few rows on CPU."""
     n = weight.shape[0]
     if x.dim() != 2 or x.shape[0] > GEMV_MAX_ROWS or n % GEMV_BLOCKS or x.device.type != "cpu" \
-            or not weight.is_contiguous():
+            or weight.dtype != torch.float32 or not weight.is_contiguous():
         return F.linear(x, weight, bias)
     rows, k = x.shape
     y = torch.bmm(weight.view(GEMV_BLOCKS, n // GEMV_BLOCKS, k), x.t().unsqueeze(0).expand(GEMV_BLOCKS, k, rows))
@@ -78,7 +79,7 @@ class _Weighted(nn.Module):
     def finish_loading(self) -> None:
         """int4: pack the codes for the kernel (a layout change, once, after loading). The plain
         codes stay too: a prefill chunk dequantizes from them (quantization.quantized_linear)."""
-        if self.quant is not None and self.quant.method == "int4":
+        if self.quant is not None and self.quant.method == "int4" and self.weight.device.type == "cpu":
             sz_t = self.weight_sz.data.transpose(0, 1).contiguous()  # [in / group, out, 2]
             self.weight_packed = nn.Parameter(int4_pack(self.weight.data), requires_grad=False)
             self.weight_sz_t = nn.Parameter(sz_t, requires_grad=False)

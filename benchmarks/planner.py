@@ -1,0 +1,137 @@
+"""The planner checked against measurement on this machine, in one invocation.
+
+    python -m benchmarks.planner [--tps 1,2] [--quantizations none,int8] [--concurrency 1,4,16,64]
+                                 [--repeats 3] [--plot docs/planner.png]
+
+1. `tpserve profile` (the same function), --repeats times: the hardware profile, with its spread.
+2. For each tp x quantization: `tpserve serve` (one replica), then `tpserve bench` (the random
+   workload, closed loop) at each concurrency, --repeats times.
+3. `tpserve plan`'s prediction for each point, calibrated from the profile alone (never from the
+   measurements), on the bench's own request lengths (same generator, same seed).
+Prints predicted against measured (median over repeats, min-max) for TPOT (median over requests),
+output tokens/s and TTFT p90, the median absolute error of each, and the worst point; plots
+predicted against measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from workers import set_openmp_env
+
+set_openmp_env()
+
+from benchmarks.server import running_server  # noqa: E402
+from cluster.bench.main import main as bench_main  # noqa: E402
+from cluster.planner.model_shape import ModelShape, load_config  # noqa: E402
+from cluster.planner.plan import Planner, Workload, workload_lengths  # noqa: E402
+from cluster.planner.profile import profile  # noqa: E402
+
+INPUT_RANGE, OUTPUT_RANGE = (32, 256), (16, 64)
+REQUESTS = {1: 6, 4: 12, 16: 32, 64: 64}
+WARMUP = 2
+FIGURES = (("tpot_ms", "TPOT p50 ms"), ("output_tok_s", "output tok/s"), ("ttft_ms_p90", "TTFT p90 ms"))
+
+
+def measure(target: str, concurrency: int, n: int, out: Path) -> dict:
+    bench_main(["--target", target, "--concurrency", str(concurrency), "--num-requests", str(n), "--warmup",
+                str(WARMUP), "--workload", "random", "--input-range", ",".join(map(str, INPUT_RANGE)),
+                "--output-range", ",".join(map(str, OUTPUT_RANGE)), "--out", str(out), "--no-progress"])
+    s = json.loads(out.read_text())["runs"][0]["summary"]
+    return {"tpot_ms": s["tpot"]["median"], "output_tok_s": s["output_token_throughput"],
+            "ttft_ms_p90": s["ttft"]["p90"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tps", default="1,2")
+    ap.add_argument("--quantizations", default="none,int8")
+    ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--hardware-out", default=None, help="also save the profile here")
+    args = ap.parse_args()
+    conc = [int(c) for c in args.concurrency.split(",")]
+    t0 = time.perf_counter()
+    hw = profile(args.repeats)
+    if args.hardware_out:
+        hw.save(args.hardware_out)
+    print(f"profile: {hw.source}; read {hw.read_gbs:.1f} GB/s (spread {hw.spread.get('read_gbs')})", flush=True)
+    model = ModelShape(load_config(args.model), args.model)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for q in args.quantizations.split(","):
+            for tp in [int(t) for t in args.tps.split(",")]:
+                planner = Planner(model, hw, q)
+                with running_server("--model", args.model, "--tp", str(tp), "--replicas", "1",
+                                    "--quantization", q) as served:
+                    for c in conc:
+                        n = REQUESTS.get(c, 2 * c)
+                        got = [measure(served.target, c, n, Path(tmp) / f"{q}-{tp}-{c}-{r}.json")
+                               for r in range(args.repeats)]
+                        lengths = workload_lengths("random", n + WARMUP, 128, 64, INPUT_RANGE, OUTPUT_RANGE, None,
+                                                   0)[WARMUP:]
+                        pred = planner.evaluate(tp, 1, 64, Workload(lengths, concurrency=c), {})
+                        row = {"tp": tp, "quantization": q, "concurrency": c,
+                               "measured": {k: [g[k] for g in got] for k, _ in FIGURES},
+                               "predicted": {k: getattr(pred, k) for k, _ in FIGURES}}
+                        rows.append(row)
+                        print(f"  tp {tp} {q} c {c}: " + ", ".join(
+                            f"{label} {row['predicted'][k]:.1f} pred / {statistics.median(row['measured'][k]):.1f} "
+                            f"meas" for k, label in FIGURES), flush=True)
+    print(f"\n`python -m benchmarks.planner --repeats {args.repeats}`, {time.strftime('%Y-%m-%d')}, "
+          f"{time.perf_counter() - t0:.0f} s. Measured: median of {args.repeats} (min-max).\n")
+    print("| tp | quantization | concurrency | " + " | ".join(f"{label} pred / meas" for _, label in FIGURES) + " |")
+    print("|---:|---|---:|" + "---:|" * len(FIGURES))
+    errors: dict[str, list] = {k: [] for k, _ in FIGURES}
+    for r in rows:
+        cells = []
+        for k, _ in FIGURES:
+            m = r["measured"][k]
+            med, p = statistics.median(m), r["predicted"][k]
+            err = abs(p - med) / med
+            errors[k].append((err, r))
+            cells.append(f"{p:.1f} / {med:.1f} ({min(m):.1f}-{max(m):.1f}) {'+' if p >= med else '-'}{err:.0%}")
+        print(f"| {r['tp']} | {r['quantization']} | {r['concurrency']} | " + " | ".join(cells) + " |")
+    print()
+    for k, label in FIGURES:
+        errs = errors[k]
+        worst = max(errs, key=lambda e: e[0])
+        print(f"{label}: median absolute error {statistics.median(e for e, _ in errs):.1%}; worst {worst[0]:.0%} "
+              f"at tp {worst[1]['tp']} {worst[1]['quantization']} concurrency {worst[1]['concurrency']}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(FIGURES), figsize=(5 * len(FIGURES), 4.4))
+        for ax, (k, label) in zip(axes, FIGURES):
+            for r in rows:
+                m = r["measured"][k]
+                ax.errorbar(statistics.median(m), r["predicted"][k],
+                            xerr=[[statistics.median(m) - min(m)], [max(m) - statistics.median(m)]],
+                            fmt="o" if r["tp"] == 1 else "s", color="C0" if r["quantization"] == "none" else "C1",
+                            ms=5, capsize=2)
+                ax.annotate(str(r["concurrency"]), (statistics.median(m), r["predicted"][k]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+            lo = min(min(min(r["measured"][k]), r["predicted"][k]) for r in rows) * 0.8
+            hi = max(max(max(r["measured"][k]), r["predicted"][k]) for r in rows) * 1.2
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+            ax.set_xscale("log"); ax.set_yscale("log")
+            ax.set_xlabel(f"measured {label}"); ax.set_ylabel(f"predicted {label}")
+            ax.set_title(label)
+        fig.suptitle("tpserve plan vs tpserve bench (circles tp 1, squares tp 2; blue none, orange int8; "
+                     "labels: concurrency)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

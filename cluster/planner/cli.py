@@ -1,0 +1,116 @@
+"""The `tpserve profile` and `tpserve plan` commands (argument parsing and printing only)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from workers.errors import ConfigError
+
+
+def add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="where to write the hardware profile (JSON)")
+    p.add_argument("--repeats", type=int, default=3)
+
+
+def cmd_profile(args) -> int:
+    from cluster.planner.profile import profile
+
+    if args.repeats < 1:
+        raise ConfigError("repeats", f"must be >= 1, got {args.repeats}")
+    hw = profile(args.repeats, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    hw.save(args.out)
+    print(f"{hw.name}: read {hw.read_gbs:.1f} GB/s; {hw.source}; wrote {args.out}")
+    return 0
+
+
+def _pair(flag: str, text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(flag, f"{text!r}: use LO,HI") from None
+    if not 1 <= lo <= hi:
+        raise ConfigError(flag, f"{text!r}: need 1 <= LO <= HI")
+    return lo, hi
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a model folder, a .gguf, a built-in name, or a config.json alone")
+    p.add_argument("--hardware", required=True, help="a profile from `tpserve profile`, or h100 | h200 | a100")
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--slo", default=None, help="ttft=MS,tpot=MS: TTFT p90 and TPOT p90 bounds")
+    p.add_argument("--workload", default="fixed", choices=["fixed", "random", "longtail", "file"])
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--input-range", default="32,256")
+    p.add_argument("--output-range", default="16,128")
+    p.add_argument("--workload-file", default=None, help="JSONL of {\"prompt\": ..., \"max_tokens\": ...}")
+    p.add_argument("--num-requests", type=int, default=200)
+    load = p.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
+    load.add_argument("--concurrency", type=int, help="closed loop: requests in flight")
+    p.add_argument("--max-devices", type=int, default=None, help="devices to spend at most (default: one node)")
+    p.add_argument("--max-num-seqs", default="16,64,256", help="values of max_num_seqs to try")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--tp", type=int, default=None, help="report this configuration (with --replicas)")
+    p.add_argument("--replicas", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the candidates and the choice as JSON here ('-': stdout)")
+
+
+def cmd_plan(args) -> int:
+    from cluster.planner.hardware import HardwareProfile
+    from cluster.planner.model_shape import ModelShape, load_config
+    from cluster.planner.plan import Planner, Workload, cheapest, parse_slo, table, to_json, workload_lengths
+
+    for flag in ("num_requests", "input_len", "output_len", "max_num_batched_tokens"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(flag.replace("_", "-"), f"must be >= 1, got {getattr(args, flag)}")
+    if args.rate is not None and not args.rate > 0:
+        raise ConfigError("rate", f"must be > 0, got {args.rate}")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise ConfigError("concurrency", f"must be >= 1, got {args.concurrency}")
+    if (args.tp is None) != (args.replicas is None):
+        raise ConfigError("tp", "give --tp and --replicas together")
+    try:
+        seqs = tuple(int(v) for v in args.max_num_seqs.split(","))
+    except ValueError:
+        raise ConfigError("max-num-seqs", f"{args.max_num_seqs!r}: use a comma list of integers") from None
+    slo = parse_slo(args.slo)
+    hw = HardwareProfile.load(args.hardware)
+    cfg = load_config(args.model)
+    model = ModelShape(cfg, args.model)
+    lengths = workload_lengths(args.workload, args.num_requests, args.input_len, args.output_len,
+                               _pair("input-range", args.input_range), _pair("output-range", args.output_range),
+                               args.workload_file, args.seed)
+    work = Workload(lengths, rate=args.rate, concurrency=args.concurrency, seed=args.seed)
+    planner = Planner(model, hw, args.quantization, args.dtype, args.max_num_batched_tokens)
+    max_devices = args.max_devices or hw.devices_per_node
+    cands = planner.candidates(work, slo, max_devices, seqs=seqs)
+    chosen = None
+    if args.tp is not None:
+        chosen = next((c for c in cands if c.tp == args.tp and c.replicas == args.replicas
+                       and c.max_num_seqs == max(seqs)), None)
+        if chosen is None:
+            chosen = planner.evaluate(args.tp, args.replicas, max(seqs), work, slo)
+            cands.append(chosen)
+    best = cheapest(cands)
+    load = f"rate {args.rate}/s" if args.rate else f"concurrency {args.concurrency}"
+    print(f"{args.model} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads}/{cfg.num_kv_heads} heads), "
+          f"{args.quantization}, on {hw.name} [{hw.source.split(':')[0]}]; {len(lengths)} requests, {load}")
+    print(table(cands, best, slo))
+    if slo:
+        print("cheapest meeting the SLO: " + (f"tp {best.tp} x {best.replicas} replicas, max_num_seqs "
+                                               f"{best.max_num_seqs} ({best.devices} devices)" if best else "none"))
+    if args.json:
+        meta = {"model": args.model, "hardware": hw.name, "hardware_source": hw.source, "quantization":
+                args.quantization, "slo": slo, "rate": args.rate, "concurrency": args.concurrency,
+                "requests": len(lengths)}
+        text = to_json(cands, best, chosen, meta)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    return 0

@@ -1,0 +1,233 @@
+"""`tpserve profile`: measure this machine for the planner, in well under two minutes.
+
+    tpserve profile --out hw.json [--repeats 3]
+
+What it measures (each figure the median of --repeats, its min-max kept in `spread`):
+- read bandwidth: a sum over a 512 MiB tensor;
+- matmuls: seconds per weight element at 1-512 rows, for none/int8/int4 and for each thread
+  count a rank can have here (cores // tp), through the engine's own kernels (plain_linear,
+  quantized_linear);
+- attention over the paged KV cache (the engine's PagedAttentionBatch): the per-layer call,
+  per KV byte read by decode, FLOP/s of a prefill chunk;
+- collectives between real local ranks joined as a replica joins them (workers.comm_probe):
+  all-reduce and logits gather by size, the plan broadcast, for tp 2..cores;
+- fixed costs: a tiny random Llama (hidden 64, SmolLM2's 49,152-entry vocabulary) run by the
+  engine core at 2 and 8 layers and at 1 and 16 sequences: per step, per layer, per sampled row.
+Nothing here reads a benchmark result: the planner is calibrated from this file alone.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+from types import SimpleNamespace
+
+import torch
+
+from cluster.planner.hardware import HardwareProfile
+from workers.comm_probe import measure_collectives
+
+ROWS = (1, 2, 4, 8, 16, 64, 256)
+QUANTS = ("none", "int8", "int4")
+COLLECTIVE_SIZES = (576, 4608, 36864, 147456, 589824)
+
+
+def _best(fn, passes: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(passes):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def read_bandwidth_gbs() -> float:
+    x = torch.ones(128 << 20)  # 512 MiB of float32
+    return x.numel() * 4 / _best(x.sum) / 1e9
+
+
+def _weights(quant: str, shapes, copies: int):
+    """Layer-like objects holding random weights in each format (the engine's kernels read them)."""
+    from workers.quantization import QuantConfig, int4_pack, quantize_int4, quantize_int8
+
+    out = []
+    for _ in range(copies):
+        for n, k in shapes:
+            w = torch.randn(n, k) * 0.02
+            if quant == "none":
+                out.append(SimpleNamespace(weight=w, quant=None))
+            elif quant == "int8":
+                codes, scale = quantize_int8(w)
+                out.append(SimpleNamespace(weight=codes, weight_scale=scale, bias=None,
+                                           quant=QuantConfig("int8", 32)))
+            else:
+                codes, sz = quantize_int4(w, 32)
+                out.append(SimpleNamespace(weight=codes, weight_sz=sz, weight_packed=int4_pack(codes),
+                                           weight_sz_t=sz.transpose(0, 1).contiguous(), bias=None,
+                                           quant=QuantConfig("int4", 32)))
+    return out
+
+
+def linear_table(quant: str) -> dict[str, float]:
+    """Seconds per weight element at each row count, over ~40 MiB of fp32-equivalent weights."""
+    from workers.layers.linear import plain_linear
+    from workers.quantization import quantized_linear
+
+    shapes = [(1536, 576), (576, 1536), (960, 576), (576, 576)]
+    layers = _weights(quant, shapes, copies=3)
+    elements = sum(n * k for n, k in shapes) * 3
+    table = {}
+    for rows in ROWS:
+        x = torch.randn(rows, 576)
+        xs = {576: x, 1536: torch.randn(rows, 1536)}
+
+        def run():
+            for layer in layers:
+                xi = xs[layer.weight.shape[1]]
+                if layer.quant is None:
+                    plain_linear(xi, layer.weight)
+                else:
+                    quantized_linear(xi, layer)
+
+        table[str(rows)] = _best(run, passes=2 if rows >= 64 else 3) / elements
+    return table
+
+
+def attention_figures() -> tuple[float, float, float]:
+    """(call s, s per KV byte, prefill FLOP/s) for one layer of SmolLM2's shape (3 KV heads, 9 q heads)."""
+    from workers.kv_cache import HeadLayout
+    from workers.paged_cache import PagedKVCache, PagedSeq
+
+    kvh, heads, d, bs = 3, 9, 64, 16
+    cache = PagedKVCache(1, 2048, bs, kvh, d, torch.float32, "cpu")
+    layout = HeadLayout.build([h // 3 for h in range(heads)], kvh)
+
+    def decode(batch: int, ctx: int) -> float:
+        nb = -(-ctx // bs)
+        seqs = [PagedSeq(ctx - 1, 1, list(range(i * nb, (i + 1) * nb))) for i in range(batch)]
+        q, k = torch.randn(batch, heads, d), torch.randn(batch, kvh, d)
+        attn = cache.batch(seqs)
+        return _best(lambda: [attn.attend(0, q, k, k, layout, 0.125) for _ in range(20)]) / 20
+
+    small, large = decode(1, 16), decode(16, 1024)
+    kv_bytes = 16 * 1024 * 2 * kvh * d * 4
+    per_byte = max(0.0, (large - small) / kv_bytes)
+    n = 256
+    attn = cache.batch([PagedSeq(0, n, list(range(n // bs)))])
+    q, k = torch.randn(n, heads, d), torch.randn(n, kvh, d)
+    t = _best(lambda: attn.attend(0, q, k, k, layout, 0.125)) - small
+    flops = 4 * heads * d * n * (n + 1) / 2
+    return small, per_byte, flops / max(t, 1e-6)
+
+
+TINY_VOCAB, TINY_HIDDEN = 49152, 64
+
+
+def fixed_costs(threads: int, lm_head_s) -> tuple[float, float, float]:
+    """(per step, per layer, per sampled row per 1,000 vocab entries) through the engine core.
+    `lm_head_s(rows)`: the tiny model's LM head matmul at that many rows, priced by the linear
+    table and taken out (the planner prices every model's LM head with that table)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workers.engine.core import EngineConfig, EngineCore
+    from workers.engine.sampling_params import SamplingParams
+    from workers.worker import Worker, WorkerSpec
+
+    torch.set_num_threads(threads)
+    vocab = TINY_VOCAB
+    timings = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for layers in (2, 8):
+            folder = os.path.join(tmp, f"l{layers}")
+            cfg = LlamaConfig(vocab_size=vocab, hidden_size=TINY_HIDDEN, intermediate_size=128, num_hidden_layers=layers,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                              tie_word_embeddings=True)
+            torch.manual_seed(0)
+            LlamaForCausalLM(cfg).save_pretrained(folder)
+            worker = Worker(WorkerSpec(folder, num_threads=threads, kv_cache_memory=64 << 20), 0)
+            core = EngineCore(worker, None, EngineConfig(max_num_seqs=16))
+            ids = iter(range(10**9))
+
+            def steps(batch: int, tokens: int) -> float:
+                for _ in range(batch):
+                    core.add_request(f"r{next(ids)}", list(range(5, 21)),
+                                     SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
+                core.step()  # the prefill
+                t, n = time.perf_counter(), 0
+                while core.has_work():
+                    core.step()
+                    n += 1
+                return (time.perf_counter() - t) / n
+
+            steps(1, 4)
+            timings[(layers, 1)] = min(steps(1, 33) for _ in range(2))
+            if layers == 2:
+                timings[(layers, 16)] = min(steps(16, 17) for _ in range(2))
+    layer = max(0.0, (timings[(8, 1)] - timings[(2, 1)]) / 6)
+    step = max(0.0, timings[(2, 1)] - 2 * layer - lm_head_s(1))
+    per_row = max(0.0, (timings[(2, 16)] - lm_head_s(16) - timings[(2, 1)] + lm_head_s(1)) / 15) / (vocab / 1000)
+    return step, layer, per_row
+
+
+def profile(repeats: int = 3, progress=print) -> HardwareProfile:
+    from workers import set_openmp_env
+    from workers.launcher import threads_per_rank
+
+    set_openmp_env()
+    cores = os.cpu_count() or 1
+    thread_counts = sorted({threads_per_rank(tp) for tp in range(1, cores + 1)})
+    samples: dict[str, list] = {}
+
+    def keep(key, value):
+        samples.setdefault(key, []).append(value)
+
+    t0 = time.perf_counter()
+    for rep in range(repeats):
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            if threads == max(thread_counts):
+                keep("read_gbs", read_bandwidth_gbs())
+            tables = {}
+            for q in QUANTS:
+                tables[q] = linear_table(q)
+                for rows, s in tables[q].items():
+                    keep(("linear", q, threads, rows), s)
+            call, per_byte, flops = attention_figures()
+            keep(("attn_call", threads), call)
+            keep(("attn_byte", threads), per_byte)
+            keep(("attn_flops", threads), flops)
+            from cluster.planner.hardware import interp
+
+            step, layer, row = fixed_costs(threads, lambda r: TINY_VOCAB * TINY_HIDDEN * interp(tables["none"], r))
+            keep(("step", threads), step)
+            keep(("layer", threads), layer)
+            keep("row", row)
+        for tp in range(2, cores + 1):
+            for t in measure_collectives(tp, list(COLLECTIVE_SIZES), iters=100):
+                keep(("coll", t.op, tp, t.numel), t.median_us)
+        progress(f"  repeat {rep + 1}/{repeats} done at {time.perf_counter() - t0:.0f} s")
+
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    linear: dict = {}
+    coll: dict = {}
+    for k, v in med.items():
+        if isinstance(k, tuple) and k[0] == "linear":
+            linear.setdefault(k[1], {}).setdefault(str(k[2]), {})[k[3]] = v
+        if isinstance(k, tuple) and k[0] == "coll":
+            coll.setdefault(k[1], {}).setdefault(str(k[2]), {})[str(k[3])] = v
+    spread = {str(k): [min(v), max(v)] for k, v in samples.items() if len(v) > 1}
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return HardwareProfile(
+        name=f"{platform.node() or 'this machine'} ({cores} cores)",
+        source=f"measured: tpserve profile, {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
+               f"{repeats} repeats in {time.perf_counter() - t0:.0f} s",
+        device="cpu", devices_per_node=cores, memory_bytes=mem, read_gbs=med["read_gbs"],
+        linear_s=linear,
+        attn_call_s={str(t): med[("attn_call", t)] for t in thread_counts},
+        attn_kv_s_per_byte={str(t): med[("attn_byte", t)] for t in thread_counts},
+        attn_prefill_flops={str(t): med[("attn_flops", t)] for t in thread_counts},
+        collectives=coll, step_s={str(t): med[("step", t)] for t in thread_counts},
+        layer_s={str(t): med[("layer", t)] for t in thread_counts}, seq_s_per_kvocab=med["row"], spread=spread)

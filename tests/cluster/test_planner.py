@@ -1,0 +1,122 @@
+"""The planner: memory verdicts, the cheapest rule, the simulator's closed loop under a known step
+cost, the roofline's terms, and `tpserve plan` / `tpserve profile` end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.planner.cost import RooflineCost
+from cluster.planner.hardware import HardwareProfile
+from cluster.planner.model_shape import ModelShape, load_config
+from cluster.planner.plan import Candidate, Planner, Workload, cheapest, parse_slo
+from cluster.simulator import ReplicaModel, SimRequest, StepShape, simulate
+from workers.engine.block_keys import BlockKeyer, new_salt
+from workers.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+LLAMA_70B = ROOT / "benchmarks" / "data" / "llama-3-70b-config.json"
+
+
+def toy_cpu_profile() -> HardwareProfile:
+    """A made-up 2-core machine with round numbers: every term is easy to price by hand."""
+    per_elem = {"1": 1e-10, "64": 1e-10, "256": 4e-10}
+    return HardwareProfile(
+        name="toy", source="made up for a test", device="cpu", devices_per_node=2, memory_bytes=16 << 30,
+        read_gbs=40.0, linear_s={q: {"1": per_elem, "2": per_elem} for q in ("none", "int8", "int4")},
+        attn_call_s={"1": 1e-5, "2": 1e-5}, attn_kv_s_per_byte={"1": 1e-10, "2": 1e-10},
+        attn_prefill_flops={"1": 1e10, "2": 1e10},
+        collectives={op: {"2": {"576": 20.0, "589824": 2000.0}} for op in ("all_reduce", "gather", "broadcast")},
+        step_s={"1": 2e-3, "2": 2e-3}, layer_s={"1": 1e-4, "2": 1e-4}, seq_s_per_kvocab=1e-6)
+
+
+def test_llama_70b_in_bf16_does_not_fit_one_h100_and_fits_at_tp_4():
+    model = ModelShape(load_config(str(LLAMA_70B)), "llama-3-70b")
+    planner = Planner(model, HardwareProfile.load("h100"), "none", "bfloat16")
+    fits, why, _, _ = planner.memory(1, 1, 64, 2048)
+    assert not fits and "weights" in why
+    assert 130 < model.weight_bytes(1, "none", "bfloat16") / 2**30 < 133  # 70.6 B parameters x 2 bytes
+    fits, why, blocks, _ = planner.memory(4, 1, 64, 2048)
+    assert fits, why
+    assert blocks >= 64 * 2048 // 16
+
+
+def test_the_cheapest_is_fewest_devices_then_the_higher_throughput():
+    def cand(tp, replicas, tok_s, ok=True, fits=True):
+        return Candidate(tp, replicas, 64, tp * replicas, fits, output_tok_s=tok_s, slo_ok=ok)
+
+    cands = [cand(4, 1, 900.0), cand(2, 2, 1100.0), cand(1, 2, 5000.0, ok=False), cand(2, 1, 9000.0, fits=False),
+             cand(1, 4, 1000.0)]
+    best = cheapest(cands)
+    assert (best.tp, best.replicas) == (2, 2)
+    assert cheapest([cand(1, 1, 1.0, ok=False)]) is None
+
+
+def test_closed_loop_keeps_the_concurrency_and_a_known_step_cost_gives_its_tpot():
+    class TenMs:
+        def step_time(self, shape: StepShape) -> float:
+            return 0.010
+
+    reqs = [SimRequest(0.0, list(range(100, 140)), 11) for _ in range(12)]
+    res = simulate(reqs, "least-load", 1, ReplicaModel(num_blocks=512, max_num_batched_tokens=4096), TenMs(),
+                   BlockKeyer(new_salt()), concurrency=3)
+    done = sorted(res.requests, key=lambda r: r.arrival)
+    assert all(r.done is not None for r in done)
+    for r in done:  # at most 3 in flight at any arrival
+        assert sum(1 for o in done if o.arrival <= r.arrival < o.done) <= 3
+    # one request: a prefill step, then 10 decode steps of 10 ms each
+    alone = simulate([SimRequest(0.0, list(range(100, 140)), 11)], "least-load", 1, ReplicaModel(num_blocks=64),
+                     TenMs(), BlockKeyer(new_salt()), concurrency=1).requests[0]
+    assert alone.ttft == pytest.approx(0.010)
+    assert alone.tpot == pytest.approx(0.010)
+
+
+def test_roofline_terms_follow_the_shape(smollm2_dir):
+    model = ModelShape(load_config(str(smollm2_dir)), "smollm2")
+    hw = toy_cpu_profile()
+    one = RooflineCost(model, hw, 1)
+    two = RooflineCost(model, hw, 2)
+    a = one.parts(StepShape((), (100,)))
+    b = one.parts(StepShape((), (100,) * 8))
+    assert b["linear"] == pytest.approx(a["linear"])  # memory-bound: 8 rows read the weights once, like 1
+    assert b["attention"] > a["attention"] and a["collectives"] == 0.0
+    t2 = two.parts(StepShape((), (100,)))
+    vocab_rows = model.rank(2).vocab_rows
+    assert t2["collectives"] == pytest.approx((2 * 30 * hw.collective_us("all_reduce", 2, 576)
+                                               + hw.collective_us("gather", 2, vocab_rows)
+                                               + hw.collective_us("broadcast", 2, 128)) * 1e-6)
+    assert hw.collective_us("all_reduce", 2, 576) == pytest.approx(20.0)
+    assert t2["linear"] < a["linear"]  # half the projections per rank
+    prefill = one.parts(StepShape(((256, 0),), ()))
+    assert prefill["linear"] > a["linear"]
+
+
+def test_bad_slo_names_the_field():
+    assert parse_slo("ttft=500,tpot=40") == {"ttft": 500.0, "tpot": 40.0}
+    for bad in ("ttft=abc", "latency=5", "tpot=-1"):
+        with pytest.raises(ConfigError, match="slo"):
+            parse_slo(bad)
+
+
+def test_tpserve_plan_json_reports_the_given_configuration_and_errors_are_one_line(tmp_path, smollm2_dir):
+    hw = tmp_path / "hw.json"
+    toy_cpu_profile().save(hw)
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "cluster.cli", "plan", "--model", str(smollm2_dir), "--hardware", str(hw),
+           "--concurrency", "4", "--num-requests", "16", "--input-len", "64", "--output-len", "16",
+           "--slo", "ttft=2000,tpot=200", "--tp", "2", "--replicas", "1", "--json", str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(out.read_text())
+    assert (data["tp"], data["replicas"]) == (2, 1)
+    for key in ("tpot_ms", "ttft_ms_p50", "ttft_ms_p90", "output_tok_s"):
+        assert isinstance(data[key], float) and data[key] > 0
+    assert data["ttft_ms_p50"] <= data["ttft_ms_p90"]
+    assert data["cheapest"] is not None and data["cheapest"]["devices"] == 1  # 1 device meets so loose an SLO
+    assert "cheapest" in run.stdout
+    bad = subprocess.run(cmd[:-2] + ["--slo", "ttft=soon"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("tpserve: error: slo:")
+    assert "Traceback" not in bad.stderr
