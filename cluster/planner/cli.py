@@ -53,7 +53,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-devices", type=int, default=None, help="devices to spend at most (default: one node)")
     p.add_argument("--max-num-seqs", default="16,64,256", help="values of max_num_seqs to try")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--tp", type=int, default=None, help="report this configuration (with --replicas)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="report this configuration (with --replicas) at its best --max-num-seqs in the JSON's top level")
     p.add_argument("--replicas", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the candidates and the choice as JSON here ('-': stdout)")
@@ -89,12 +90,12 @@ def cmd_plan(args) -> int:
     max_devices = args.max_devices or hw.devices_per_node
     cands = planner.candidates(work, slo, max_devices, seqs=seqs)
     chosen = None
-    if args.tp is not None:
-        chosen = next((c for c in cands if c.tp == args.tp and c.replicas == args.replicas
-                       and c.max_num_seqs == max(seqs)), None)
-        if chosen is None:
-            chosen = planner.evaluate(args.tp, args.replicas, max(seqs), work, slo)
-            cands.append(chosen)
+    if args.tp is not None:  # its best max_num_seqs: fits first, then the higher throughput
+        mine = [c for c in cands if c.tp == args.tp and c.replicas == args.replicas]
+        if not mine:
+            mine = [planner.evaluate(args.tp, args.replicas, n, work, slo) for n in seqs]
+            cands += mine
+        chosen = max(mine, key=lambda c: (c.fits, c.output_tok_s or 0.0))
     best = cheapest(cands)
     load = f"rate {args.rate}/s" if args.rate else f"concurrency {args.concurrency}"
     print(f"{args.model} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads}/{cfg.num_kv_heads} heads), "

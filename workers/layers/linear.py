@@ -23,9 +23,11 @@ from workers.tensor_source import TensorSource, copy_into
 
 # A few rows (batch-1 decode) make a matmul a GEMV. MKL runs F.linear's x @ W.T there at ~10 GB/s
 # on this CPU, while a batched W @ x over 8 row-blocks of W streams the weight at 17-25 GB/s
-# (2.2-2.9x faster at 1 row, measured in docs/benchmarks.md); from ~16 rows F.linear is as fast.
+# (2.2-2.9x faster at 1 row, 1.1-3.3x at 4 rows over SmolLM2's shapes, measured in
+# docs/benchmarks.md, but for down_proj on one thread at 4 rows: 0.7x); at 8 rows it is mixed,
+# and from ~12 rows F.linear is as fast or faster.
 # float32 only: in bfloat16 F.linear is the faster of the two (13 against 8 GB/s).
-GEMV_MAX_ROWS = 2
+GEMV_MAX_ROWS = 4
 GEMV_BLOCKS = 8
 
 
