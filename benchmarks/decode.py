@@ -22,6 +22,7 @@ set_openmp_env()
 
 import torch  # noqa: E402
 
+from cluster.planner.profile import read_bandwidth_gbs  # noqa: E402,F401  (the planner's own measure)
 from workers.engine.sampling_params import SamplingParams  # noqa: E402
 from workers.launcher import start_worker_group, threads_per_rank  # noqa: E402
 from workers.model_source import resolve_model  # noqa: E402
@@ -53,20 +54,6 @@ def bench_transformers(folder, ids: list[int], n: int, repeats: int) -> float:
 
     run(4)  # warm-up
     return per_token_ms(run, n, repeats)
-
-
-def read_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
-    """Bytes read per second by a reduction over a tensor far larger than the caches."""
-    x = torch.ones(mib << 18)  # float32
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(repeats))
-    return x.numel() * 4 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def bench_tpserve(folder, tp: int, ids: list[int], n: int, repeats: int,

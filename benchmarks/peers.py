@@ -31,7 +31,7 @@ set_openmp_env()
 
 import torch  # noqa: E402
 
-from benchmarks.decode import PROMPT, bench_transformers, read_bandwidth_gbs  # noqa: E402
+from benchmarks.decode import PROMPT, bench_transformers, per_token_ms, read_bandwidth_gbs  # noqa: E402
 from benchmarks.quality import TEXT  # noqa: E402
 from benchmarks.throughput import engine_run, hf_serial, make_requests  # noqa: E402
 from workers.engine.core import EngineConfig  # noqa: E402
@@ -59,9 +59,7 @@ def tpserve_decode(group, ids: list[int], n: int) -> float:
         group.engine.generate([ids], SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True))
 
     run(4)
-    t = time.perf_counter(); run(1); t1 = time.perf_counter() - t
-    t = time.perf_counter(); run(n); tn = time.perf_counter() - t
-    return (tn - t1) / (n - 1) * 1e3
+    return per_token_ms(run, n, 1)
 
 
 def spread(xs: list[float], fmt: str = "{:.1f}") -> str:

@@ -7,7 +7,9 @@
 2. For each tp x quantization: `tpserve serve` (one replica), then `tpserve bench` (the random
    workload, closed loop) at each concurrency, --repeats times.
 3. `tpserve plan`'s prediction for each point, calibrated from the profile alone (never from the
-   measurements), on the bench's own request lengths (same generator, same seed).
+   measurements), on the bench's own request lengths (same generator, same seed; each repeat
+   its own seed, so no repeat reuses another's prefix cache; the prediction is the median over
+   the repeats' seeds).
 Prints predicted against measured (median over repeats, min-max) for TPOT (median over requests),
 output tokens/s and TTFT p90, the median absolute error of each, and the worst point; plots
 predicted against measured.
@@ -37,13 +39,13 @@ WARMUP = 2
 FIGURES = (("tpot_ms", "TPOT p50 ms"), ("output_tok_s", "output tok/s"), ("ttft_ms_p90", "TTFT p90 ms"))
 
 
-def measure(target: str, concurrency: int, n: int, out: Path) -> dict:
+def measure(target: str, concurrency: int, n: int, seed: int, out: Path) -> dict:
     bench_main(["--target", target, "--concurrency", str(concurrency), "--num-requests", str(n), "--warmup",
-                str(WARMUP), "--workload", "random", "--input-range", ",".join(map(str, INPUT_RANGE)),
+                str(WARMUP), "--seed", str(seed), "--workload", "random", "--input-range", ",".join(map(str, INPUT_RANGE)),
                 "--output-range", ",".join(map(str, OUTPUT_RANGE)), "--out", str(out), "--no-progress"])
     s = json.loads(out.read_text())["runs"][0]["summary"]
-    return {"tpot_ms": s["tpot"]["median"], "output_tok_s": s["output_token_throughput"],
-            "ttft_ms_p90": s["ttft"]["p90"]}
+    return {"tpot_ms": s["tpot"]["median_ms"], "output_tok_s": s["output_token_throughput"],
+            "ttft_ms_p90": s["ttft"]["p90_ms"]}
 
 
 def main() -> None:
@@ -72,14 +74,18 @@ def main() -> None:
                                     "--quantization", q) as served:
                     for c in conc:
                         n = REQUESTS.get(c, 2 * c)
-                        got = [measure(served.target, c, n, Path(tmp) / f"{q}-{tp}-{c}-{r}.json")
-                               for r in range(args.repeats)]
-                        lengths = workload_lengths("random", n + WARMUP, 128, 64, INPUT_RANGE, OUTPUT_RANGE, None,
-                                                   0)[WARMUP:]
-                        pred = planner.evaluate(tp, 1, 64, Workload(lengths, concurrency=c), {})
+                        # A fresh seed per repeat: the same prompts again would hit the prefix cache.
+                        seeds = [1000 * (i + 1) + c for i in range(args.repeats)]
+                        got = [measure(served.target, c, n, seed, Path(tmp) / f"{q}-{tp}-{c}-{seed}.json")
+                               for seed in seeds]
+                        preds = []
+                        for seed in seeds:
+                            lengths = workload_lengths("random", n + WARMUP, 128, 64, INPUT_RANGE, OUTPUT_RANGE,
+                                                       None, seed)[WARMUP:]
+                            preds.append(planner.evaluate(tp, 1, 64, Workload(lengths, concurrency=c, seed=seed), {}))
                         row = {"tp": tp, "quantization": q, "concurrency": c,
                                "measured": {k: [g[k] for g in got] for k, _ in FIGURES},
-                               "predicted": {k: getattr(pred, k) for k, _ in FIGURES}}
+                               "predicted": {k: statistics.median(getattr(p, k) for p in preds) for k, _ in FIGURES}}
                         rows.append(row)
                         print(f"  tp {tp} {q} c {c}: " + ", ".join(
                             f"{label} {row['predicted'][k]:.1f} pred / {statistics.median(row['measured'][k]):.1f} "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from workers import set_openmp_env
+from workers.errors import WorkerError
 
 from workers.worker import WorkerSpec, init_tp_group
 
@@ -90,7 +92,16 @@ def measure_collectives(tp: int, sizes: list[int], iters: int = 200, transport: 
     for p in procs:
         p.start()
     try:
-        used, rows = out.get(timeout=300)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                used, rows = out.get(timeout=0.5)
+                break
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise WorkerError(f"the collective probe's ranks failed (exit codes "
+                                      f"{[p.exitcode for p in procs]})") from None
     finally:
         for p in procs:
             p.join(timeout=30)

@@ -111,7 +111,9 @@ class Planner:
 
     # ---- memory -------------------------------------------------------------------------------
     def memory(self, tp: int, replicas: int, max_num_seqs: int, max_context: int) -> tuple[bool, str, int, float]:
-        """(fits, why not, KV blocks per replica, GiB per device)."""
+        """(fits, why not, KV blocks per replica, GiB per device). Blocks 0: weights and
+        activations do not fit at all; blocks > 0 with fits False: the KV cache holds fewer than
+        max_num_seqs sequences of the longest context (the engine would queue or preempt)."""
         m, hw = self.model, self.hw
         if max_context > m.cfg.max_position_embeddings:
             return False, f"context {max_context} exceeds the model's {m.cfg.max_position_embeddings}", 0, 0.0
@@ -149,7 +151,10 @@ class Planner:
         cand.memory_gib = gib
         if not fits:
             cand.fits, cand.why = False, why
-            return cand
+            if blocks == 0:
+                return cand  # nothing to simulate: the weights do not fit
+            # The KV cache is short of max_num_seqs x context: still predicted (the engine admits
+            # what fits and preempts), but not a candidate for the cheapest.
         cost = RooflineCost(self.model, self.hw, tp, self.quantization, self.dtype, ranks_on_node=tp * replicas)
         from cluster.simulator import StepShape
 
@@ -207,11 +212,13 @@ def table(cands: list[Candidate], best: Candidate | None, slo: dict) -> str:
     lines = [head, "|" + "---:|" * 9 + ":---|"]
     for c in sorted(cands, key=lambda c: (c.devices, c.tp, c.max_num_seqs)):
         mark = " **cheapest**" if c is best else ""
-        if not c.fits:
+        if not c.fits and c.ttft_ms_p50 is None:
             lines.append(f"| {c.tp} | {c.replicas} | {c.devices} | {c.max_num_seqs} | - | - | - | - | "
                          f"{c.memory_gib:.1f} | does not fit: {c.why} |")
             continue
         verdict = "-" if not slo else ("meets" if c.slo_ok else "misses")
+        if not c.fits:
+            verdict = f"does not fit: {c.why}"
         lines.append(f"| {c.tp} | {c.replicas} | {c.devices} | {c.max_num_seqs} | {c.ttft_ms_p50:.0f} | "
                      f"{c.ttft_ms_p90:.0f} | {c.tpot_ms or 0:.1f} / {c.tpot_ms_p90 or 0:.1f} | {c.output_tok_s:.1f} | "
                      f"{c.memory_gib:.2f} | {verdict}{mark} |")
