@@ -72,12 +72,12 @@ def _weights(quant: str, shapes, copies: int):
 
 
 SHAPES = [(1536, 576), (576, 1536), (960, 576), (576, 576)]  # a SmolLM2-sized layer's projections
-COPIES = 24  # 64 M weights (256 MiB in fp32): far past the caches, as a model's weights are
+COPIES = 12  # 32 M weights (128 MiB in fp32): far past the caches, as a model's weights are
 _LAYERS: dict[str, list] = {}
 
 
 def linear_table(quant: str) -> dict[str, float]:
-    """Seconds per weight element at each row count, streaming 64 M weights (not cache-resident:
+    """Seconds per weight element at each row count, streaming 32 M weights (not cache-resident:
     a smaller set measured a third faster than the engine's real decode step)."""
     from workers.layers.linear import plain_linear
     from workers.quantization import quantized_linear
