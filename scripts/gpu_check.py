@@ -51,7 +51,8 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_against_reference(label: str, spec, prompt: list[int], n: int, dev: str, ref_logits: torch.Tensor,
-                            tol: float, ref_tokens: list[int] | None, also: torch.Tensor | None = None) -> float:
+                            tol: float, ref_tokens: list[int] | None, also: torch.Tensor | None = None,
+                            ref_name: str = "transformers") -> float:
     """Start a group for `spec`; its logits must be within `tol` of the reference, its greedy tokens
     equal (when given). Returns its decode ms/token. `also`: a second reference, only reported."""
     with start_worker_group(spec) as grp:
@@ -59,9 +60,9 @@ def check_against_reference(label: str, spec, prompt: list[int], n: int, dev: st
         rel = rel_err(logits, ref_logits)
         detail = f"(rel err {rel:.2e}" + (f"; vs fp32 {rel_err(logits, also):.2e})" if also is not None else ")")
         suffix = " bf16" if spec.dtype == "bfloat16" else ""
-        check(f"{label} logits vs transformers{suffix}", rel < tol, detail)
+        check(f"{label} logits vs {ref_name}{suffix}", rel < tol, detail)
         if ref_tokens is not None:
-            check(f"{label} greedy {n} tokens == transformers", greedy(grp, prompt, n) == ref_tokens)
+            check(f"{label} greedy {n} tokens == {ref_name}", greedy(grp, prompt, n) == ref_tokens)
         return decode_ms(lambda k: greedy(grp, prompt, k), n, dev)
 
 
@@ -70,7 +71,7 @@ def build_model(folder: Path, small: bool) -> None:
 
     torch.manual_seed(0)
     if small:
-        cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+        cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
                           num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
                           initializer_range=0.1, bos_token_id=1, eos_token_id=2)
     else:  # a ~0.5B Llama shape, GQA 4:1
@@ -274,7 +275,7 @@ def main() -> int:
                 q_tokens = greedy(grp, prompt, n)
             spec = WorkerSpec(str(folder), tp_size=1, device=dev, dtype="float32", quantization=q, kv_cache_memory=KV)
             timings.append((f"tpserve tp1 {q} (fp32 activations)", check_against_reference(
-                f"tp1 {q} on {dev} vs the cpu kernels", spec, prompt, n, dev, q_logits, 1e-3, q_tokens)))
+                f"tp1 {q} on {dev}", spec, prompt, n, dev, q_logits, 1e-3, q_tokens, ref_name="the cpu kernels")))
 
         # ---- the engine: batch invariance ------------------------------------------------------
         check_batch_invariance(folder, dev, "float32", 16)
