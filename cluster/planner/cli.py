@@ -23,16 +23,6 @@ def cmd_profile(args) -> int:
     return 0
 
 
-def _pair(flag: str, text: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(flag, f"{text!r}: use LO,HI") from None
-    if not 1 <= lo <= hi:
-        raise ConfigError(flag, f"{text!r}: need 1 <= LO <= HI")
-    return lo, hi
-
-
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="a model folder, a .gguf, a built-in name, or a config.json alone")
@@ -61,6 +51,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_plan(args) -> int:
+    from cluster.bench.main import _pair  # the bench's own LO,HI parsing: same flags, same errors
     from cluster.planner.hardware import HardwareProfile
     from cluster.planner.model_shape import ModelShape, load_config
     from cluster.planner.plan import Planner, Workload, cheapest, parse_slo, table, to_json, workload_lengths
@@ -83,7 +74,7 @@ def cmd_plan(args) -> int:
     cfg = load_config(args.model)
     model = ModelShape(cfg, args.model)
     lengths = workload_lengths(args.workload, args.num_requests, args.input_len, args.output_len,
-                               _pair("input-range", args.input_range), _pair("output-range", args.output_range),
+                               _pair("--input-range", args.input_range), _pair("--output-range", args.output_range),
                                args.workload_file, args.seed)
     work = Workload(lengths, rate=args.rate, concurrency=args.concurrency, seed=args.seed)
     planner = Planner(model, hw, args.quantization, args.dtype, args.max_num_batched_tokens)
