@@ -29,7 +29,7 @@ def main() -> None:
             for t in measure_collectives(args.tp, sizes, args.iters, transport):
                 runs.setdefault((t.op, t.transport, t.numel), []).append(t)
     print(f"tp {args.tp}, {args.iters} iterations x {args.repeats} repeats; microseconds as rank 0 sees them")
-    print(f"| op | elements | transport | median us (min-max of repeats) | p90 us |")
+    print("| op | elements | transport | median us (min-max of repeats) | p90 us |")
     print("|---|---:|---|---:|---:|")
     for (op, transport, numel), ts in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
         med = [t.median_us for t in ts]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
-import statistics
 import sys
 import time
 from collections import deque
@@ -329,8 +328,6 @@ def multi_tenant(tenants: int, requests: int, rate: float, prefix_len: int, ques
 
 def calibrate() -> CostModel:
     """Fit the cost model on the real engine: SmolLM2-135M, one thread, prefill and decode steps."""
-    import os
-
     from workers import set_openmp_env  # noqa: E402
     set_openmp_env()
     from workers.launcher import start_worker_group

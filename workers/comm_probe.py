@@ -6,7 +6,6 @@ Used by `benchmarks.collectives` and by `tpserve profile`; nothing here runs whi
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue
 import statistics
 import time

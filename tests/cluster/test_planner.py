@@ -12,7 +12,7 @@ import pytest
 from cluster.planner.cost import RooflineCost
 from cluster.planner.hardware import HardwareProfile
 from cluster.planner.model_shape import ModelShape, load_config
-from cluster.planner.plan import Candidate, Planner, Workload, cheapest, parse_slo
+from cluster.planner.plan import Candidate, Planner, cheapest, parse_slo
 from cluster.simulator import ReplicaModel, SimRequest, StepShape, simulate
 from workers.engine.block_keys import BlockKeyer, new_salt
 from workers.errors import ConfigError

@@ -8,7 +8,6 @@ import os
 import resource
 import time
 
-import pytest
 import torch
 import torch.distributed as dist
 
