@@ -27,3 +27,12 @@ class CheckpointError(TpserveError, ValueError):
 
 class WorkerError(TpserveError, RuntimeError):
     """A rank of a worker group failed or went away."""
+
+
+class RequestFailed(TpserveError):
+    """The engine failed on one request (its own data hit a bug or a kernel's limit). The request
+    ends with this error and is not retried elsewhere, where it would fail the same way."""
+
+
+class PortInUse(ConfigError):
+    """A port flag names a port another process holds; the field is the flag."""

@@ -44,7 +44,8 @@ class WorkerSpec:
     dist_init_method: str | None = None  # tcp://host:port of rank 0's rendezvous
     backend: str | None = None  # default: nccl on cuda, gloo on cpu
     num_threads: int | None = None  # torch threads per rank
-    max_model_len: int = 2048
+    # None: the smaller of the model's context and what the KV cache holds for one sequence.
+    max_model_len: int | None = None
     block_size: int = 16
     # KV-cache bytes per rank. None: 256 MiB on CPU; on CUDA, gpu_memory_utilization of what is free.
     kv_cache_memory: int | None = None
@@ -72,7 +73,7 @@ class WorkerSpec:
             raise ConfigError("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not 1 <= self.tp_size <= config.num_heads:
             raise ConfigError("tp", f"tp={self.tp_size} must be between 1 and the model's {config.num_heads} query heads")
-        if self.max_model_len < 1:
+        if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("max_model_len", f"must be >= 1, got {self.max_model_len}")
         if self.block_size < 1:
             raise ConfigError("block_size", f"must be >= 1, got {self.block_size}")
@@ -84,6 +85,39 @@ class WorkerSpec:
         if self.quant.enabled and not config.is_llama_family:
             raise ConfigError("quantization", f"only the Llama family (llama, mistral, qwen2) is quantized; "
                                               f"{config.model_type} is not")
+
+
+DEFAULT_CPU_KV_BYTES = 256 << 20
+
+
+def kv_block_bytes(config: ModelConfig, spec: WorkerSpec, tp_size: int, rank: int) -> int:
+    """One KV block's bytes on `rank` (its share of the KV heads)."""
+    shard = head_shard(config.num_heads, config.num_kv_heads, tp_size, rank)
+    return PagedKVCache.bytes_per_block(config.num_layers, spec.block_size, shard.num_kv_heads, config.head_dim,
+                                        DTYPES[spec.dtype])
+
+
+def planned_num_blocks(config: ModelConfig, spec: WorkerSpec) -> int | None:
+    """The blocks every rank will agree on, when that is known before start (a byte budget, or
+    the CPU default); None on CUDA without one (it depends on the memory free at start)."""
+    if spec.kv_cache_memory is None and spec.device == "cuda":
+        return None
+    budget = spec.kv_cache_memory or DEFAULT_CPU_KV_BYTES
+    return min(budget // kv_block_bytes(config, spec, spec.tp_size, r) for r in range(spec.tp_size))
+
+
+def served_context(spec: WorkerSpec, config: ModelConfig, num_blocks: int) -> int:
+    """The context a replica serves: `--max-model-len` if the KV cache holds one sequence of it,
+    else (unset) the smaller of the model's and the cache's. Too large: refused, naming both."""
+    cache = num_blocks * spec.block_size
+    if spec.max_model_len is None:
+        return min(config.max_position_embeddings, cache)
+    wanted = min(spec.max_model_len, config.max_position_embeddings)
+    if wanted > cache:
+        raise ConfigError("max-model-len", f"{wanted} tokens, but the KV cache holds {cache} tokens for one "
+                                           f"sequence ({num_blocks} blocks of {spec.block_size}); lower "
+                                           f"--max-model-len or raise --kv-cache-memory")
+    return wanted
 
 
 def weights_folder(spec: WorkerSpec) -> str:
@@ -149,9 +183,12 @@ class Worker:
             if hasattr(m, "finish_loading"):
                 m.finish_loading()
         self.eos_token_ids = sorted(set(self.config.eos_token_ids + read_generation_eos(spec.model_path)))
-        self.max_model_len = min(spec.max_model_len, self.config.max_position_embeddings)
         self.block_size = spec.block_size
         self.num_blocks = self._agree_num_blocks()
+        self.max_model_len = served_context(spec, self.config, self.num_blocks)
+        if rank == 0:
+            log.info("serving a context of %d tokens (model %d, KV cache %d blocks x %d)", self.max_model_len,
+                     self.config.max_position_embeddings, self.num_blocks, self.block_size)
         shard = head_shard(self.config.num_heads, self.config.num_kv_heads, self.group.size, rank)
         self.cache = PagedKVCache(self.config.num_layers, self.num_blocks, self.block_size, shard.num_kv_heads,
                                   self.config.head_dim, self.dtype, self.device)
@@ -161,16 +198,14 @@ class Worker:
     def _agree_num_blocks(self) -> int:
         """Blocks that fit this rank's budget, then the minimum over ranks: every rank must hold
         the same block ids, although uneven head cuts give ranks different KV heads per block."""
-        shard = head_shard(self.config.num_heads, self.config.num_kv_heads, self.group.size, self.rank)
-        per_block = PagedKVCache.bytes_per_block(self.config.num_layers, self.block_size, shard.num_kv_heads,
-                                                 self.config.head_dim, self.dtype)
+        per_block = kv_block_bytes(self.config, self.spec, self.group.size, self.rank)
         budget = self.spec.kv_cache_memory
         if budget is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
                 budget = int(free * self.spec.gpu_memory_utilization)
             else:
-                budget = 256 << 20
+                budget = DEFAULT_CPU_KV_BYTES
         n = torch.tensor([budget // per_block], dtype=torch.int64)
         if self.group.size > 1:
             dist.all_reduce(n, op=dist.ReduceOp.MIN, group=self.group.load_group)
@@ -210,7 +245,8 @@ class Worker:
                 param_bytes += p.numel() * p.element_size()
         return {"rank": self.rank, "pid": os.getpid(), "param_bytes": param_bytes,
                 "bytes_read": self.read_counter.bytes_read, "load_seconds": self.load_seconds,
-                "num_threads": torch.get_num_threads(), "quantization": self.spec.quant.tag}
+                "num_threads": torch.get_num_threads(), "quantization": self.spec.quant.tag,
+                "max_model_len": self.max_model_len, "num_blocks": self.num_blocks, "block_size": self.block_size}
 
     def close(self) -> None:
         if self.group.shm is not None:

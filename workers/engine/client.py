@@ -22,20 +22,27 @@ from workers.engine.messages import (AbortRequest, AddRequest, Call, CallResult,
                                      KVEvents, StepOutputs)
 from workers.engine.outputs import EngineStats, RequestOutput
 from workers.engine.sampling_params import SamplingParams
-from workers.errors import ConfigError, WorkerError
+from workers.errors import ConfigError, RequestFailed, WorkerError
 
 log = logging.getLogger(__name__)
 
 
 class ReplicaLost(WorkerError):
-    """The replica serving a request died or was replaced; the request itself was fine."""
+    """The replica serving a request died or was replaced. `failed`: its engine raised (the
+    request may be the cause) rather than the process vanishing (SIGKILL, a lost node)."""
+
+    def __init__(self, message: str, failed: bool = False):
+        super().__init__(message)
+        self.failed = failed
 
 
 def raise_for(out: RequestOutput) -> None:
     if out.finish_reason != "error":
         return
     if out.replica_lost:
-        raise ReplicaLost(out.error or "the replica was lost")
+        raise ReplicaLost(out.error or "the replica was lost", failed=out.replica_failed)
+    if out.request_failed:
+        raise RequestFailed(out.error or "the engine failed on this request")
     if out.error_field:
         raise ConfigError(out.error_field, out.error or "is not valid")
     raise WorkerError(out.error or "request failed")
@@ -77,6 +84,7 @@ class RequestStream:
         self.request_id = request_id
         self._loop = loop
         self._q: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+        self.finished = False  # the last delta (or an error that ended it) was taken: nothing to abort
 
     def push(self, out: RequestOutput) -> None:  # reader thread
         if self._loop is not None:
@@ -87,6 +95,7 @@ class RequestStream:
     def __iter__(self):
         while True:
             out = self._q.get()
+            self.finished = out.finished
             raise_for(out)
             yield out
             if out.finished:
@@ -95,6 +104,7 @@ class RequestStream:
     async def __aiter__(self):
         while True:
             out = await self._q.get()
+            self.finished = out.finished
             raise_for(out)
             yield out
             if out.finished:
@@ -117,7 +127,7 @@ class EngineClient:
         self._lock = threading.Lock()
         self.stats = EngineStats()
         self.load = EngineLoad()  # the engine's own load, from its latest KVEvents
-        self.sent = 0  # AddRequests this client has sent (EngineLoad.added_by says how many it took)
+        self.sent = 0  # AddRequests this client has sent, = the last one's seq (EngineLoad.added_by: taken)
         # Called on the reader thread with each KVEvents (a router's cache index listens here).
         self.on_kv_events: Callable[[KVEvents], None] | None = None
         self.dead: str | None = None
@@ -142,8 +152,9 @@ class EngineClient:
                 raise ConfigError("request_id", f"{request_id!r} is already in flight")
             self._streams[engine_id] = stream
             self.sent += 1
+            seq = self.sent
         self._inbox.put(AddRequest(engine_id, list(prompt_token_ids), params, list(output_prefix or []),
-                                   self.client_id))
+                                   self.client_id, seq))
         return stream
 
     def _engine_id(self, request_id: str) -> str:
@@ -207,7 +218,7 @@ class EngineClient:
                 if fut is not None:
                     fut.set_result(msg.value) if msg.ok else fut.set_exception(msg.value)
             elif isinstance(msg, Fatal):
-                self._fail_all(f"replica failed: {msg.message}")
+                self._fail_all(f"replica failed: {msg.message}", failed=not msg.group_lost)
                 return
 
     def fail(self, reason: str) -> None:
@@ -215,16 +226,23 @@ class EngineClient:
         WorkerError now, so its requests can be resumed elsewhere."""
         self._fail_all(reason)
 
-    def _fail_all(self, reason: str) -> None:
+    def _fail_all(self, reason: str, failed: bool = False) -> None:
+        """`failed`: the replica's engine raised (a Fatal), not just a lost channel."""
         with self._lock:
             self.dead = self.dead or reason
             streams, self._streams = self._streams, {}
             calls, self._calls = self._calls, {}
         for s in streams.values():
             s.push(RequestOutput(s.request_id, finished=True, finish_reason="error", error=f"WorkerError: {reason}",
-                                 replica_lost=True))
+                                 replica_lost=True, replica_failed=failed))
         for fut in calls.values():
             fut.set_exception(WorkerError(reason))
+
+    def detach(self) -> None:
+        """Tell a shared engine to abort what this client still has running (even when this
+        client's channel failed: the engine may still be up)."""
+        if self.client_id:
+            self._inbox.put(Detach(self.client_id))
 
     def close(self, timeout_s: float = 5.0, detach: bool = False) -> None:
         """Stop the reader; it returns within one poll, so nothing calls the transport after this.

@@ -6,6 +6,7 @@ one list of deltas (the caller ships it as one message per step).
 from __future__ import annotations
 
 import logging
+import os
 import random
 
 import torch
@@ -16,7 +17,7 @@ from workers.engine.block_manager import BlockManager
 from workers.engine.detokenizer import DetokState, Detokenizer
 from workers.engine.messages import EngineLoad
 from workers.engine.outputs import EngineStats, RequestOutput
-from workers.engine.sampler import sample
+from workers.engine.sampler import SampleError, sample_each
 from workers.engine.sampling_params import SamplingError, SamplingParams
 from workers.engine.scheduler import Scheduler, SchedulerConfig
 from workers.engine.sequence import FinishReason, Sequence
@@ -81,6 +82,10 @@ class EngineCore:
         self.live: dict[str, _Live] = {}
         self.stats = EngineStats(num_blocks=worker.num_blocks)
         self._rng = random.Random(0x7E5E)
+        # Fault injection for the reliability tests (docs/reliability.md): a request with this
+        # cache_salt raises outside the per-request guards, as an unknown bug its data triggers
+        # would, so the replica fails and the frontend's dead-letter rule can be seen at work.
+        self._failpoint_salt = os.environ.get("TPSERVE_FAILPOINT_SALT") or None
 
     # ---- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -144,6 +149,9 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if not sched.chunks:
             return []
+        if self._failpoint_salt is not None and any(c.seq.params.cache_salt == self._failpoint_salt
+                                                    for c in sched.chunks):
+            raise RuntimeError("injected fault (TPSERVE_FAILPOINT_SALT)")
         seqs, ids, logits_rows, sampling = [], [], [], []
         n_prefill = n_decode = 0
         for c in sched.chunks:
@@ -167,16 +175,46 @@ class EngineCore:
             s.num_computed_prefill_tokens += prompt_part
             self.stats.prompt_tokens_computed += prompt_part
             s.num_computed_tokens += c.num_tokens
-            self.block_manager.register_computed(s)
-        outputs = []
+        outputs: list[RequestOutput] = []
+        failed: set[str] = set()
+        for c in sched.chunks:  # block keys hash the request's own tokens and salt
+            try:
+                self.block_manager.register_computed(c.seq)
+            except Exception as e:
+                outputs.append(self._fail(c.seq.request_id, e))
+                failed.add(c.seq.request_id)
         if sampling:
             with torch.profiler.record_function("tpserve.sample"):
-                results = sample(logits, sampling)
+                results = sample_each(logits, sampling)
             for s, r in zip(sampling, results):
-                out = self._append(self.live[s.request_id], r)
-                if out is not None:
-                    outputs.append(out)
+                if s.request_id in failed:
+                    continue
+                if isinstance(r, SampleError):
+                    outputs.append(self._fail(s.request_id, r.cause))
+                    continue
+                try:
+                    out = self._append(self.live[s.request_id], r)
+                except Exception as e:  # stop checks, detokenizing: this request's own work
+                    out = self._fail(s.request_id, e)
+                outputs.append(out)
         return outputs
+
+    def _fail(self, request_id: str, exc: BaseException) -> RequestOutput:
+        """End one request with an error naming it; the engine goes on with the others."""
+        log.error("request %s failed in the engine; finishing it alone", request_id, exc_info=exc)
+        live = self.live.pop(request_id, None)
+        seq = live.seq if live is not None else None
+        if seq is not None:
+            try:
+                self.scheduler.finish(seq)
+            except Exception:  # its blocks may leak; the replica stays up for the others
+                log.exception("freeing the blocks of failed request %s", request_id)
+            seq.finish_reason = FinishReason.ERROR
+        self.stats.failed += 1
+        return RequestOutput(request_id, finished=True, finish_reason="error", request_failed=True,
+                             error=f"request {request_id} failed in the engine: {type(exc).__name__}: {exc}",
+                             prompt_tokens=len(seq.prompt_token_ids) if seq else 0,
+                             output_tokens=len(seq.output_token_ids) if seq else 0)
 
     def _count_step(self, n_seqs: int, n_prefill: int, n_decode: int) -> None:
         st = self.stats

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -15,12 +16,23 @@ from workers.engine.core import EngineCore
 from workers.engine.messages import (AbortRequest, AddRequest, Call, CallResult, Detach, Fatal, KVDigest,
                                      KVEvents, Shutdown, StepOutputs)
 from workers.engine.outputs import RequestOutput
-from workers.errors import TpserveError
+from workers.errors import TpserveError, WorkerError
 
 log = logging.getLogger(__name__)
 
+# How long an abort that found no live request waits for its add (an add that it overtook).
+EARLY_ABORT_TTL_S = 10.0
+
 # Calls the client may make on rank 0, and who answers them.
 WORKER_CALLS = {"prefill_logits", "load_report", "set_comm_timing", "info"}
+
+
+def group_lost(e: BaseException) -> bool:
+    """Whether an error is the worker group's (a rank gone, a collective timed out) rather than
+    something a request's data could have caused."""
+    import torch.distributed
+
+    return isinstance(e, (WorkerError, torch.distributed.DistError))
 
 
 def drain(q, timeout: float | None) -> list:
@@ -49,9 +61,10 @@ class EngineLoop:
         self.heartbeat_s = min(5.0, engine.worker.spec.collective_timeout_s / 4)
         # An abort can overtake its add when the transport does not keep order (a threaded actor):
         # remember such aborts so the add that follows is refused at once.
-        self._early_aborts: dict[str, None] = {}
+        self._early_aborts: dict[str, float] = {}  # request id -> when (time.monotonic)
+        self._finished: dict[str, float] = {}  # ids that ended lately -> when: their aborts are late
         self._owners: dict[str, str] = {}  # live request id -> the client that added it
-        self._added: dict[str, int] = {}  # AddRequests taken, per client (clients match them to placements)
+        self._added: dict[str, int] = {}  # highest AddRequest.seq taken, per client (clients match placements)
         self._kv_seq = 0  # KVEvents sent so far
         self._last_load = engine.load()  # an idle engine sends nothing until something changes
         self._busy = False  # read by health checks on other threads; written only by run()
@@ -79,7 +92,7 @@ class EngineLoop:
                 self._publish()
         except Exception as e:  # a broken collective or a bug: the replica cannot go on
             log.error("engine loop failed:\n%s", traceback.format_exc())
-            self.outbox.put(Fatal(f"{type(e).__name__}: {e}"))
+            self.outbox.put(Fatal(f"{type(e).__name__}: {e}", group_lost=group_lost(e)))
             raise
         finally:
             self.stopped.set()
@@ -91,6 +104,8 @@ class EngineLoop:
             return
         by_client: dict[str, list[RequestOutput]] = {}
         for out in outputs:
+            if out.finished:
+                self._remember_finished(out.request_id)
             owner = self._owners.pop(out.request_id, "") if out.finished else self._owners.get(out.request_id, "")
             by_client.setdefault(owner, []).append(out)
         stats = self.engine.snapshot()
@@ -129,12 +144,16 @@ class EngineLoop:
 
     def _add(self, msg: AddRequest, outputs: list[RequestOutput]) -> None:
         rid = msg.request_id
-        self._added[msg.client_id] = self._added.get(msg.client_id, 0) + 1
+        # The client's own number, not a count here: a Detach that forgets the client cannot make
+        # the two disagree (adds may arrive out of order, hence max).
+        self._added[msg.client_id] = max(self._added.get(msg.client_id, 0), msg.seq)
         if rid in self.engine.live:  # clients keep their ids unique, so this is a client's bug
             log.error("ignoring a second add of live request %r from client %r", rid, msg.client_id)
             return
         self._owners[rid] = msg.client_id
-        if self._early_aborts.pop(rid, 1) is None:
+        self._finished.pop(rid, None)
+        aborted_at = self._early_aborts.pop(rid, None)
+        if aborted_at is not None and time.monotonic() - aborted_at <= EARLY_ABORT_TTL_S:
             outputs.append(RequestOutput(rid, finished=True, finish_reason="abort",
                                          prompt_tokens=len(msg.prompt_token_ids)))
             return
@@ -145,14 +164,36 @@ class EngineLoop:
             outputs.append(RequestOutput(rid, finished=True, finish_reason="error",
                                          error=e.message if field else str(e), error_field=field,
                                          prompt_tokens=len(msg.prompt_token_ids)))
+        except Exception as e:  # the request's own data broke a check: it fails alone
+            outputs.append(self.engine._fail(rid, e))
+
+    def _remember_finished(self, rid: str) -> None:
+        """An abort that arrives after its request ended (refused, failed, done) is a late one,
+        not an early one: it must not refuse a retry that reuses the id."""
+        now = time.monotonic()
+        self._finished.pop(rid, None)
+        self._finished[rid] = now
+        while self._finished and (len(self._finished) > 10_000
+                                  or now - next(iter(self._finished.values())) > EARLY_ABORT_TTL_S):
+            self._finished.pop(next(iter(self._finished)))
 
     def _abort(self, rid: str, outputs: list[RequestOutput]) -> None:
-        out = self.engine.abort(rid)
+        if rid in self._finished:
+            return
+        try:
+            out = self.engine.abort(rid)
+        except Exception as e:  # detokenizing its last delta failed: it still ends, with an error
+            out = self.engine._fail(rid, e)
         if out is not None:
             outputs.append(out)
         elif rid not in self.engine.live:
-            self._early_aborts[rid] = None
-            while len(self._early_aborts) > 10_000:  # aborts of long-finished requests: forget them
+            now = time.monotonic()
+            self._early_aborts[rid] = now
+            # An abort that overtook its add is followed by that add within moments; older records
+            # are aborts of requests that had already finished, and must not refuse a retry that
+            # reuses the id.
+            while self._early_aborts and (len(self._early_aborts) > 10_000
+                                          or now - next(iter(self._early_aborts.values())) > EARLY_ABORT_TTL_S):
                 self._early_aborts.pop(next(iter(self._early_aborts)))
 
     def _call(self, msg: Call) -> None:

@@ -23,6 +23,9 @@ class AddRequest:
     params: SamplingParams
     output_prefix: list[int] = field(default_factory=list)
     client_id: str = ""
+    # The client's number for this add (1, 2, ...): the engine reports the highest it has taken,
+    # so the client's count and the engine's never drift apart (not even after a Detach).
+    seq: int = 0
 
 
 @dataclass(slots=True)
@@ -66,9 +69,9 @@ class StepOutputs:
 @dataclass(frozen=True, slots=True)
 class EngineLoad:
     """The work an engine holds, from its own books (so every frontend reads the same figure):
-    prompt tokens still to prefill and tokens its requests may still generate. `added`: how many
-    AddRequests each client has sent that the engine has taken, so a client can tell which of its
-    placements this figure already includes."""
+    prompt tokens still to prefill and tokens its requests may still generate. `added`: the highest
+    AddRequest number (`AddRequest.seq`) the engine has taken from each client, so a client can
+    tell which of its placements this figure already includes."""
 
     prefill_tokens: int = 0
     decode_tokens: int = 0
@@ -122,9 +125,12 @@ class CallResult:
 
 @dataclass(slots=True)
 class Fatal:
-    """The loop stopped on an error; every client's requests are lost with this replica."""
+    """The loop stopped on an error; every client's requests are lost with this replica.
+    `group_lost`: the error was the group's (a peer rank died or timed out in a collective), so
+    no request on the replica is suspected of causing it."""
 
     message: str
+    group_lost: bool = False
 
 
 InboxMessage = AddRequest | AbortRequest | Call | Detach | Shutdown

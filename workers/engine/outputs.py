@@ -23,6 +23,10 @@ class RequestOutput:
     error: str | None = None  # typed error message when finish_reason == "error"
     error_field: str | None = None
     replica_lost: bool = False  # the error is the replica's, not the request's: it may be resumed elsewhere
+    # ... and the replica failed (its engine raised) rather than vanished (a killed process, a lost
+    # node): the frontend's dead-letter rule counts these, since the request may be the cause.
+    replica_failed: bool = False
+    request_failed: bool = False  # the engine failed on this request alone: not to be retried
 
 
 @dataclass(slots=True)
@@ -43,3 +47,4 @@ class EngineStats:
     generated_tokens: int = 0
     finished: int = 0
     aborted: int = 0
+    failed: int = 0  # requests the engine failed on alone (RequestFailed)

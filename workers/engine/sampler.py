@@ -6,13 +6,25 @@ depend on what else is in the batch, on preemption, or on which replica resumes 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from workers.engine.sequence import Sequence
 
+log = logging.getLogger(__name__)
+
 _MASK = float("-inf")
+_MAX_TEMPERATURE = 1e30
+
+
+class SampleError(Exception):
+    """Sampling one sequence's row failed; `request_id` names the request it belongs to."""
+
+    def __init__(self, request_id: str, cause: BaseException):
+        self.request_id, self.cause = request_id, cause
+        super().__init__(f"sampling request {request_id} failed: {type(cause).__name__}: {cause}")
 
 
 @dataclass(slots=True)
@@ -51,7 +63,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p for the sampled (non-greedy) rows; returns probabilities."""
     dev = logits.device
-    temp = torch.tensor([s.params.temperature for s in seqs], device=dev).unsqueeze(1)
+    # validate() makes every temperature below GREEDY_TEMPERATURE greedy; the clamp keeps a huge
+    # one finite in float32 (a float64 1e308 would become inf, and -inf / inf is NaN).
+    temp = torch.tensor([min(s.params.temperature, _MAX_TEMPERATURE) for s in seqs], device=dev).unsqueeze(1)
     logits = logits / temp
     top_k = [s.params.top_k for s in seqs]
     top_p = [s.params.top_p for s in seqs]
@@ -59,7 +73,7 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     vocab = logits.shape[-1]
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        k = torch.tensor([k if k > 0 else vocab for k in top_k], device=dev).unsqueeze(1)
+        k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=dev).unsqueeze(1)
         ranks = torch.arange(vocab, device=dev).unsqueeze(0)
         drop = ranks >= k
         probs = sorted_logits.masked_fill(drop, _MASK).softmax(-1)
@@ -76,6 +90,22 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return probs
 
 
+def sample_each(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult | SampleError]:
+    """`sample`, but a row whose sampling raises gives a SampleError naming its request instead of
+    failing the batch: one request's parameters never cost the others their step."""
+    try:
+        return sample(logits, seqs)
+    except Exception:  # find the row: each one alone (rare, so the cost of B small calls is fine)
+        log.exception("batched sampling failed; sampling its %d rows one by one", len(seqs))
+    results: list[SampleResult | SampleError] = []
+    for i, seq in enumerate(seqs):
+        try:
+            results.append(sample(logits[i:i + 1], [seq])[0])
+        except Exception as e:
+            results.append(SampleError(seq.request_id, e))
+    return results
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
     """logits [B, V] float32 (rank 0's gathered logits) -> one SampleResult per sequence."""
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
@@ -88,12 +118,15 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
         probs = _filter(logits.index_select(0, rows), [seqs[i] for i in sampled_rows])
+        # A row that overflowed (a checkpoint's inf logits) has no distribution to draw from: it
+        # keeps the most likely token, as greedy does (a mask, so no device sync per row).
+        drawable = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
         for j, i in enumerate(sampled_rows):
             seq = seqs[i]
             g = torch.Generator(device=probs.device).manual_seed(token_seed(seq.seed, len(seq.output_token_ids)))
             # Exponential race: argmax(p / E), E ~ Exp(1), draws exactly from p with one generator call.
             noise = torch.empty_like(probs[j]).exponential_(generator=g)
-            chosen[i] = (probs[j] / noise).argmax()
+            chosen[i] = torch.where(drawable[j], (probs[j] / noise).argmax(), chosen[i])
     ids = chosen.tolist()
     results = []
     for i, seq in enumerate(seqs):

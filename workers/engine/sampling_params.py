@@ -11,10 +11,30 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_CACHE_SALT_CHARS = 256
+# Bounds that hold before the model is known (a request's own checks add the vocabulary and the
+# context): every integer must fit the kernels' int64 index tensors and the int32 counters.
+MAX_TOKENS_LIMIT = 2**31 - 1
+MAX_TOP_K = 2**31 - 1
+# Below this a temperature is greedy (vLLM's rule): dividing logits by it would overflow float32
+# and make the softmax NaN.
+GREEDY_TEMPERATURE = 1e-5
+# Beyond these a penalty overflows float32 logits (x / 1e-300 is inf) and the softmax goes NaN.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
 
 
 class SamplingError(ConfigError):
     """A sampling parameter is out of range."""
+
+
+def check_text(name: str, text: str, error: type = ConfigError) -> str:
+    """`text` as valid Unicode: JSON's "\\ud800" and protobuf's Python strings can carry lone
+    surrogates, which no tokenizer, hash or UTF-8 encoder takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise error(name, f"is not valid UTF-8 text (a lone surrogate {text[e.start]!r} at character {e.start})") \
+            from None
+    return text
 
 
 @dataclass(slots=True)
@@ -42,7 +62,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:
@@ -59,18 +79,22 @@ class SamplingParams:
                 raise SamplingError(name, f"must be an integer, got {v!r}")
             return v
 
-        if integer("max_tokens", self.max_tokens) < 1:
-            raise SamplingError("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if not 1 <= integer("max_tokens", self.max_tokens) <= MAX_TOKENS_LIMIT:
+            raise SamplingError("max_tokens", f"must be in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens}")
         if finite("temperature", self.temperature) < 0:
             raise SamplingError("temperature", f"must be >= 0, got {self.temperature}")
         if not 0 < finite("top_p", self.top_p) <= 1:
             raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if integer("top_k", self.top_k) < -1:
-            raise SamplingError("top_k", f"must be -1, 0 (disabled) or positive, got {self.top_k}")
+        top_k_max = MAX_TOP_K if vocab_size is None else vocab_size
+        if not -1 <= integer("top_k", self.top_k) <= top_k_max:
+            raise SamplingError("top_k", f"must be -1 or 0 (disabled), or at most the vocabulary size "
+                                         f"{top_k_max}, got {self.top_k}")
         if not 0 <= finite("min_p", self.min_p) <= 1:
             raise SamplingError("min_p", f"must be in [0, 1], got {self.min_p}")
-        if finite("repetition_penalty", self.repetition_penalty) <= 0:
-            raise SamplingError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= finite("repetition_penalty", self.repetition_penalty) \
+                <= MAX_REPETITION_PENALTY:
+            raise SamplingError("repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY:g}, "
+                                                      f"{MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= finite(name, getattr(self, name)) <= 2:
                 raise SamplingError(name, f"must be in [-2, 2], got {getattr(self, name)}")
@@ -85,6 +109,8 @@ class SamplingParams:
         if any(len(s) > MAX_STOP_CHARS for s in self.stop):
             # the detokenizer holds back up to the longest stop string's length of text
             raise SamplingError("stop", f"a stop string may have at most {MAX_STOP_CHARS} characters")
+        for i, s in enumerate(self.stop):
+            check_text(f"stop[{i}]", s, SamplingError)
         if not isinstance(self.stop_token_ids, (list, frozenset)):
             raise SamplingError("stop_token_ids", "must be a list of token ids")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
@@ -96,6 +122,8 @@ class SamplingParams:
         if self.cache_salt is not None and (not isinstance(self.cache_salt, str)
                                             or len(self.cache_salt) > MAX_CACHE_SALT_CHARS):
             raise SamplingError("cache_salt", f"must be text of at most {MAX_CACHE_SALT_CHARS} characters")
+        if self.cache_salt is not None:
+            check_text("cache_salt", self.cache_salt, SamplingError)
         if self.logprobs is not None and not 0 <= integer("logprobs", self.logprobs) <= MAX_LOGPROBS:
             raise SamplingError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         return self

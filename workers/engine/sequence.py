@@ -18,6 +18,7 @@ class FinishReason(str, Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context limit
     ABORT = "abort"
+    ERROR = "error"  # the engine failed on this request alone (its own data); the others go on
 
 
 @dataclass(slots=True, eq=False)
