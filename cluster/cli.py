@@ -67,8 +67,8 @@ def cmd_serve(args) -> int:
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         kv_cache_memory=args.kv_cache_memory, max_queue_len=args.max_queue_len,
                         drain_timeout_s=args.drain_timeout, ray_num_cpus=args.ray_num_cpus,
-                        resume_timeout_s=args.resume_timeout, collective_timeout_s=args.collective_timeout,
-                        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                        resume_timeout_s=args.resume_timeout, max_resumes=args.max_resumes,
+                        collective_timeout_s=args.collective_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                         auth_token_file=args.auth_token_file, health_port=args.health_port,
                         metrics_host=args.metrics_host, stall_timeout_s=args.stall_timeout,
                         expose_topology=args.expose_topology, http_port=args.http_port, routing=args.routing,
@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV-cache bytes per rank")
-    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context in tokens (default: the model's, or what the KV cache holds for one sequence)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="run the cluster: Ray replicas behind a gRPC frontend")
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address the metrics endpoint binds (loopback by default; 0.0.0.0 in a pod)")
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context in tokens (default: the model's, or what the KV cache holds for one sequence)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV-cache bytes per rank")
@@ -166,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-num-cpus", type=int, default=None, help="logical CPUs of an embedded Ray")
     p.add_argument("--resume-timeout", type=float, default=60.0,
                    help="seconds a request whose replica failed may wait for another to resume on")
+    p.add_argument("--max-resumes", type=int, default=3,
+                   help="times one request may be resumed after losing its replica (it may run on this many + 1); "
+                        "a request in flight on 2 replicas whose engines failed is never resumed again")
     p.add_argument("--collective-timeout", type=float, default=30.0,
                    help="seconds a tensor-parallel collective may wait on a peer before the replica fails over")
     p.add_argument("--stall-timeout", type=float, default=30.0,

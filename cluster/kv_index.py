@@ -46,6 +46,8 @@ class KVIndex:
 
     # ---- replicas -------------------------------------------------------------------------------
     def slot(self, replica_id: str) -> int:
+        """The replica's bit, given it on first use (only the router adds replicas; reports of a
+        replica without a slot are dropped)."""
         with self._lock:
             return self._slot_locked(replica_id)
 
@@ -84,7 +86,9 @@ class KVIndex:
         """Apply one replica's KVEvents; True when the caller should fetch a digest for it (a gap,
         a first message, or a digest older than the period). Called on that replica's reader."""
         with self._lock:
-            s = self._slot_locked(replica_id)
+            s = self._slot.get(replica_id)
+            if s is None:  # a late message from a replica already forgotten: no ghost slot
+                return False
             if ev.load.num_blocks:
                 self._capacity[replica_id] = ev.load.num_blocks
             last = self._seq.get(replica_id)
@@ -103,7 +107,9 @@ class KVIndex:
     def apply_digest(self, replica_id: str, d: KVDigest) -> None:
         """Replace the replica's keys with a digest (messages numbered <= d.seq are in it)."""
         with self._lock:
-            s = self._slot_locked(replica_id)
+            s = self._slot.get(replica_id)
+            if s is None:  # forgotten while the digest was on its way
+                return
             self._clear_locked(replica_id, s)
             self._capacity[replica_id] = d.num_blocks
             self._store_locked(replica_id, s, d.keys)

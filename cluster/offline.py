@@ -25,7 +25,7 @@ class OfflineGenerator:
     """One replica in this process (tp 1) or as local processes (tp > 1)."""
 
     def __init__(self, model: str, tp: int = 1, device: str = "cpu", dtype: str | None = None,
-                 kv_cache_memory: int | None = None, max_model_len: int = 2048, quantization: str = "none",
+                 kv_cache_memory: int | None = None, max_model_len: int | None = None, quantization: str = "none",
                  quant_group_size: int = 32, cpu_collectives: str = "shm"):
         dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
         if dtype not in DTYPES:

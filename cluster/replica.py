@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 # A client (frontend) that has not polled for this long is gone: its requests are aborted and its
 # outbox dropped. A live client polls at least every poll timeout (0.5 s).
 CLIENT_TTL_S = 30.0
+# A failed rank 0 waits this long at most for its clients to take the Fatal before it exits.
+FATAL_DELIVERY_S = 3.0
+FATAL_REPLY_S = 0.3
+# How long a client retries rank 0's transient errors before it calls the replica lost.
+TRANSIENT_RETRY_S = 10.0
 
 
 class ClientOutboxes:
@@ -44,6 +49,8 @@ class ClientOutboxes:
     def __init__(self):
         self._queues: dict[str, queue.Queue] = {}
         self._last_poll: dict[str, float] = {}
+        self._batches: dict[str, tuple[int, list]] = {}  # the last batch sent to each client
+        self._poll_locks: dict[str, threading.Lock] = {}
         self._fatal: Fatal | None = None
         self._lock = threading.Lock()
 
@@ -68,10 +75,36 @@ class ClientOutboxes:
         else:
             self._queue(msg.client_id).put(msg)
 
-    def poll(self, client_id: str, timeout: float) -> list[OutboxMessage]:
+    def poll(self, client_id: str, timeout: float, taken: int = -1) -> tuple[int, list[OutboxMessage]]:
+        """(batch number, messages). `taken`: the last batch number the client received. A poll
+        whose reply was lost (a transient actor error, a get that timed out) is answered again with
+        the same batch, so a retry loses no message."""
         q = self._queue(client_id)
-        self._last_poll[client_id] = time.monotonic()
-        return drain(q, timeout)
+        with self._lock:
+            lock = self._poll_locks.setdefault(client_id, threading.Lock())
+        with lock:  # a retry may arrive while the poll it replaces still waits
+            self._last_poll[client_id] = time.monotonic()
+            number, batch = self._batches.get(client_id, (0, []))
+            if batch and taken < number:
+                return number, batch
+            batch = drain(q, timeout)
+            if batch:
+                number += 1
+            self._batches[client_id] = (number, batch)
+            return number, batch
+
+    def wait_taken(self, timeout_s: float) -> bool:
+        """Until every client has taken what is queued for it (rank 0 calls this before exiting,
+        so clients learn it failed, not just that its channel closed); False on timeout."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            with self._lock:
+                queues = list(self._queues.values())
+            if all(q.empty() for q in queues):
+                time.sleep(FATAL_REPLY_S)  # the poll that took the Fatal still has to send its reply
+                return True
+            time.sleep(0.02)
+        return False
 
     def silent(self, ttl_s: float) -> list[str]:
         """Forget the clients that have not polled within ttl_s; returns their ids."""
@@ -81,6 +114,8 @@ class ClientOutboxes:
             for c in gone:
                 self._queues.pop(c, None)
                 self._last_poll.pop(c, None)
+                self._batches.pop(c, None)
+                self._poll_locks.pop(c, None)
         return gone
 
 
@@ -135,14 +170,17 @@ class RankActor:
             run_rank(spec, engine_config, self.rank, self.inbox, self.outboxes, on_ready)
         except Exception:
             log.exception("rank %d of %s stopped", self.rank, self.replica_id)
+            if self.rank == 0:
+                self.outboxes.wait_taken(FATAL_DELIVERY_S)
             os._exit(1)  # a broken rank takes its actor down, so the controller sees it and heals
 
     def put(self, msg: InboxMessage) -> None:
         self.inbox.put(msg)
 
-    def poll(self, client_id: str, timeout: float = 0.5) -> list[OutboxMessage]:
-        """Every output message for this client ready now, waiting up to timeout for the first."""
-        return self.outboxes.poll(client_id, timeout)
+    def poll(self, client_id: str, timeout: float = 0.5, taken: int = -1) -> tuple[int, list[OutboxMessage]]:
+        """Every output message for this client ready now, waiting up to timeout for the first
+        (`ClientOutboxes.poll`: a batch whose reply was lost comes again)."""
+        return self.outboxes.poll(client_id, timeout, taken)
 
     def health(self) -> RankHealth:
         """The controller's ping (each second). Rank 0 also detaches clients gone silent, so a
@@ -174,21 +212,45 @@ class ActorInbox:
 
 
 class ActorOutbox:
-    """Queue-like `get` of one client's messages from rank 0's actor, buffering a poll's batch."""
+    """Queue-like `get` of one client's messages from rank 0's actor, buffering a poll's batch.
 
-    def __init__(self, actor, client_id: str):
+    Ray documents `ActorUnavailableError` as temporary (the actor may be reachable again), and a
+    get that times out says nothing about the actor: both are retried, with backoff, for up to
+    `retry_s`, and the retried poll returns the batch whose reply was lost. Only an actor that
+    died (or stays unreachable past the bound) ends the channel."""
+
+    def __init__(self, actor, client_id: str, retry_s: float = TRANSIENT_RETRY_S, get_timeout_s: float = 30.0):
         self.actor, self.client_id = actor, client_id
+        self.retry_s, self.get_timeout_s = retry_s, get_timeout_s
         self.buffer: list[OutboxMessage] = []
+        self.taken = 0  # the last batch number received
+        self.retries = 0  # transient errors retried, since start
 
     def get(self, timeout: float = 0.5):
         if not self.buffer:
-            try:
-                self.buffer = ray.get(self.actor.poll.remote(self.client_id, timeout), timeout=timeout + 30)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                raise EOFError(str(e)) from e
+            self._fetch(timeout)
             if not self.buffer:
                 raise queue.Empty
         return self.buffer.pop(0)
+
+    def _fetch(self, timeout: float) -> None:
+        give_up, backoff = time.monotonic() + self.retry_s, 0.05
+        while True:
+            try:
+                number, batch = ray.get(self.actor.poll.remote(self.client_id, timeout, self.taken),
+                                        timeout=timeout + self.get_timeout_s)
+                break
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as e:
+                if time.monotonic() >= give_up:
+                    raise EOFError(f"{e} (still failing after {self.retry_s:.0f} s of retries)") from e
+                self.retries += 1
+                log.warning("rank 0 poll of client %s failed (%s); retrying", self.client_id, type(e).__name__)
+                time.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+            except ray.exceptions.RayActorError as e:  # died: the controller replaces it
+                raise EOFError(str(e)) from e
+        if number != self.taken:
+            self.taken, self.buffer = number, list(batch)
 
 
 def engine_client(rank0) -> EngineClient:

@@ -8,8 +8,10 @@ the choice itself is `cluster.routing` (kv-aware, least-load or round-robin).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
@@ -87,9 +89,13 @@ class Placement:
         self._budget -= done
         self.handle.outstanding -= done
 
-    def abort(self) -> None:
-        """Stop it in the engine now (cancelled, past its deadline, or its consumer left)."""
+    def abort(self) -> bool:
+        """Stop it in the engine now (cancelled, past its deadline, or its consumer left). Only a
+        request still live there: an abort of a finished one would refuse a retry of its id."""
+        if self.stream.finished:
+            return False
         self.handle.client.abort(self.request_id)
+        return True
 
     def close(self) -> None:
         if not self._closed:
@@ -100,7 +106,8 @@ class Placement:
 
 class Router:
     def __init__(self, controller, max_num_seqs: int, max_queue_len: int, routing: RoutingConfig | None = None,
-                 keyer: BlockKeyer | None = None, block_size: int = 16):
+                 keyer: BlockKeyer | None = None, block_size: int = 16,
+                 client_factory: Callable[[object], EngineClient] | None = None):
         self.controller = controller
         self.max_num_seqs, self.max_queue_len = max_num_seqs, max_queue_len
         self.routing = (routing or RoutingConfig()).validate()
@@ -112,11 +119,17 @@ class Router:
         self.refused = 0
         self.decisions: Counter = Counter()  # by reason
         self.draining = False
+        self.reconnects = 0  # dead channels to still-listed replicas rebuilt, since start
+        self.restarts = 0  # the controller's count of replicas it replaced, as last read
+        self.client_factory: Callable[[object], EngineClient] = client_factory or engine_client
+
+    def list_replicas(self) -> list[dict]:
+        return ray.get(self.controller.list_replicas.remote(), timeout=30)
 
     # ---- replica set --------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Sync with the controller's replica list (blocking; run it off the event loop)."""
-        listed = ray.get(self.controller.list_replicas.remote(), timeout=30)
+        listed = self.list_replicas()
         ready = {r["replica_id"]: r for r in listed if r["state"] == "ready"}
         for rid in list(self.replicas):
             if rid not in ready:  # replaced or stopped: its open streams end now and resume elsewhere
@@ -125,8 +138,21 @@ class Router:
                 h.client.close(timeout_s=0.1)  # (no detach: the replica is gone)  # a reader stuck on a hung actor ends at its own timeout
                 self.index.forget(rid)
         for rid, r in ready.items():
-            if rid not in self.replicas:
-                self.add_replica(ReplicaHandle(rid, r["rank0"], engine_client(r["rank0"]), r["workers"],
+            old = self.replicas.get(rid)
+            if old is not None and old.client.dead is not None:
+                # Our channel failed but the controller still calls the replica ready (a transient
+                # error outlasted the client's retries): a new channel with a new client id. The
+                # old client's streams already ended and resume elsewhere; detach it so the
+                # engine aborts what they left running.
+                log.warning("replica %s: channel failed (%s) but the controller lists it ready; reconnecting",
+                            rid, old.client.dead)
+                with contextlib.suppress(Exception):
+                    old.client.detach()
+                old.client.close(timeout_s=0.1)
+                self.reconnects += 1
+                old = None
+            if old is None:
+                self.add_replica(ReplicaHandle(rid, r["rank0"], self.client_factory(r["rank0"]), r["workers"],
                                                r["tp_size"]))
 
     def add_replica(self, h: ReplicaHandle) -> None:
@@ -150,6 +176,11 @@ class Router:
     @property
     def ready(self) -> list[ReplicaHandle]:
         return [h for h in list(self.replicas.values()) if h.client.dead is None]
+
+    def served_max_model_len(self) -> int | None:
+        """The context every ready replica serves (each rank reports it at start); None if none does."""
+        lens = [w["max_model_len"] for h in self.ready for w in h.workers[:1] if "max_model_len" in w]
+        return min(lens) if lens else None
 
     def capacity(self) -> int:
         return len(self.ready) * self.max_num_seqs + self.max_queue_len
@@ -226,9 +257,11 @@ class Router:
     def controller_info(self) -> dict:
         """The controller's counters (restarts, target); empty if it does not answer in time."""
         try:
-            return ray.get(self.controller.info.remote(), timeout=5)
+            info = ray.get(self.controller.info.remote(), timeout=5)
         except Exception:
             return {}
+        self.restarts = info.get("restarts", self.restarts)
+        return info
 
     def close(self) -> None:
         """Leave every replica: what this frontend still has running there is aborted."""

@@ -10,15 +10,16 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
 from cluster.tls import ServerTLS, read_token
 from workers.config import ModelConfig
 from workers.engine.core import EngineConfig
-from workers.errors import ConfigError
+from workers.errors import ConfigError, PortInUse
 from workers.model_source import BUILTIN_MODELS, resolve_model
-from workers.worker import DTYPES, WorkerSpec, weights_folder
+from workers.worker import DTYPES, WorkerSpec, planned_num_blocks, served_context, weights_folder
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class ServeOptions:
     metrics_port: int = 9090
     metrics_host: str = "127.0.0.1"  # Prometheus scrapes from outside only when this is opened up
     served_model_name: str | None = None
-    max_model_len: int = 2048
+    max_model_len: int | None = None  # None: the model's, or what the KV cache holds if smaller
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     kv_cache_memory: int | None = None
@@ -45,6 +46,7 @@ class ServeOptions:
     drain_timeout_s: float = 30.0
     ray_num_cpus: int | None = None
     resume_timeout_s: float = 60.0
+    max_resumes: int = 3
     collective_timeout_s: float = 30.0
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -62,9 +64,9 @@ class ServeOptions:
     balance_abs_tokens: int = 1024
 
     def validate(self) -> None:
-        for name, lo in (("tp", 1), ("replicas", 0), ("max_num_seqs", 1), ("max_queue_len", 0),
+        for name, lo in (("tp", 1), ("replicas", 0), ("max_num_seqs", 1), ("max_queue_len", 0), ("max_resumes", 0),
                          ("max_model_len", 1), ("max_num_batched_tokens", 1)):
-            if getattr(self, name) < lo:
+            if getattr(self, name) is not None and getattr(self, name) < lo:
                 raise ConfigError(name.replace("_", "-"), f"must be >= {lo}, got {getattr(self, name)}")
         for name in ("resume_timeout_s", "collective_timeout_s", "drain_timeout_s", "stall_timeout_s"):
             if not getattr(self, name) > 0:
@@ -137,6 +139,9 @@ def build_spec(opts: ServeOptions) -> tuple[WorkerSpec, ModelConfig]:
                       collective_timeout_s=opts.collective_timeout_s, quantization=opts.quantization,
                       quant_group_size=opts.quant_group_size, cpu_collectives=opts.cpu_collectives)
     spec.validate(cfg)
+    blocks = planned_num_blocks(cfg, spec)
+    if blocks is not None:  # refuse a context the KV cache cannot hold before any rank starts
+        served_context(spec, cfg, blocks)
     weights_folder(spec)  # a quantized copy is made here once, before any rank starts
     return spec, cfg
 
@@ -152,7 +157,9 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
 
     name = served_name(opts)
     encoder = PromptEncoder(spec.model_path)
-    max_len = min(spec.max_model_len, cfg.max_position_embeddings)
+    blocks = planned_num_blocks(cfg, spec)
+    max_len = served_context(spec, cfg, blocks) if blocks is not None else \
+        min(spec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     limits = ModelLimits(name, cfg.vocab_size, max_len)
     info = {"name": name, "architecture": cfg.model_type, "max_model_len": max_len, "tp_size": spec.tp_size,
             "vocab_size": cfg.vocab_size, "dtype": spec.dtype, "device": spec.device,
@@ -167,9 +174,11 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
     router = Router(controller, opts.max_num_seqs, opts.max_queue_len, opts.routing_config,
                     BlockKeyer(engine_config.block_key_salt), spec.block_size)
     metrics = Metrics()
+    metrics.watch(router)
     if opts.metrics_port:
         metrics.serve(opts.metrics_port, opts.metrics_host)
-    frontend = Frontend(router, encoder, limits, info, metrics, resume_timeout_s=opts.resume_timeout_s)
+    frontend = Frontend(router, encoder, limits, info, metrics, resume_timeout_s=opts.resume_timeout_s,
+                        max_resumes=opts.max_resumes)
     server = Server(frontend, opts.host, opts.port, tls=opts.tls, token=read_token(opts.auth_token_file),
                     health_port=opts.health_port, expose_topology=opts.expose_topology)
     await server.start()
@@ -190,12 +199,22 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
     openai = f"; OpenAI-compatible HTTP on {opts.host}:{http.port}" if http else ""
     print(f"tpserve: serving {name!r} on {opts.host}:{server.port} ({security}; tpserve.v1, KServe v2, health, "
           f"reflection){openai}; metrics on {opts.metrics_host}:{opts.metrics_port}{health}", flush=True)
-    announced, controller_error = False, None
+    announced, controller_error, counters_read = False, None, 0.0
     try:
         while not stop.is_set():
             try:
                 await loop.run_in_executor(None, router.refresh)
+                if time.monotonic() - counters_read > 5.0:  # the restart counter of the metrics
+                    counters_read = time.monotonic()
+                    await loop.run_in_executor(None, router.controller_info)
                 controller_error = None
+                served = router.served_max_model_len()
+                if served is not None and min(served, max_len) != limits.max_model_len:
+                    # The engines' own figure (their KV caches, or a cluster started with other
+                    # flags): the frontend never admits a request an engine would refuse.
+                    limits.max_model_len = info["max_model_len"] = min(served, max_len)
+                    log.info("serving a context of %d tokens (the replicas' KV caches and flags)",
+                             limits.max_model_len)
             except Exception as e:  # the replicas serve without the controller: keep the ones we know
                 if controller_error is None:
                     log.warning("cannot reach the controller (%s); serving on the %d known replica(s)",
@@ -231,8 +250,26 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
             ray.shutdown()
 
 
+def check_ports(opts: ServeOptions) -> None:
+    """Every port flag's port is free now: a second frontend on one host learns it in a line, before
+    it starts Ray or loads a model (the servers' own binds name the flag too, if one loses a race)."""
+    for flag, host, port in (("port", opts.host, opts.port), ("http-port", opts.host, opts.http_port),
+                             ("metrics-port", opts.metrics_host, opts.metrics_port),
+                             ("health-port", opts.host, opts.health_port)):
+        if not port:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+            try:
+                sock.bind((host, port))
+            except OSError as e:
+                raise PortInUse(flag, f"cannot listen on {host}:{port} ({e.strerror}); pick another with "
+                                      f"--{flag}") from None
+
+
 def serve(opts: ServeOptions, ready_file: str | None = None) -> int:
     opts.validate()
+    check_ports(opts)
     spec, cfg = build_spec(opts)
     owns = init_ray(opts)
     import ray

@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/cluster/test_faults.py", "tests/cluster/test_fuzz.py", "tests/cluster/test_soak.py",
          "tests/cluster/test_security.py", "tests/cluster/test_event_loop.py", "tests/cluster/test_shared_replicas.py",
+         "tests/cluster/test_poison.py",
          "tests/cluster/test_lifecycle.py::test_a_node_that_goes_away_loses_no_request_and_its_replica_is_replaced"]
 
 
@@ -55,6 +56,24 @@ def rows(records: list[dict]) -> list[tuple[str, str, str, str, str]]:
                         "INVALID_ARGUMENT for the 8", f"worst inter-token gap {r['worst_gap_with_huge_s']} s "
                                                        f"(quiet {r['worst_gap_quiet_s']} s); {r['probes']} liveness "
                                                        f"probes, slowest {r['worst_probe_s']} s"))
+        elif k == "event_loop_http":
+            out.append(("large HTTP bodies vs the event loop", f"{r['bodies']} bodies of {r['body_mib']} MiB (~1 s of "
+                                                               "JSON each) beside 8 gRPC streams", "0", "200 for the 8",
+                        f"worst inter-token gap {r['worst_gap_with_bodies_s']} s (quiet {r['worst_gap_quiet_s']} s); "
+                        f"slowest liveness probe {r['worst_probe_s']} s"))
+        elif k == "poison":
+            tried = ", ".join(f"{api} {n}" for api, n in r["extreme_values"].items())
+            out.append(("extreme values, every field", f"{r['tried']} requests ({tried}): 2^63 and past it, "
+                                                       "out-of-vocabulary and negative ids, lone surrogates, "
+                                                       "subnormal and huge floats", "0",
+                        "400 / INVALID_ARGUMENT naming the field, or served where in range",
+                        f"replicas lost {r['replicas_lost']}; no rank process replaced; serves after"))
+        elif k == "quarantine":
+            out.append(("poison request (dead-letter rule)", f"a request that fails every engine it reaches, "
+                                                             f"{r['replicas']} replicas, beside a 200-token stream",
+                        "0", f"{r['status']} for it; OK for the stream",
+                        f"{r['replicas_failed']} replicas failed (not 4); answered in {r['seconds_to_answer']} s; "
+                        f"the other stream got all {r['other_stream_tokens']} tokens"))
         elif k == "frontends":
             out.append(("two frontends, one killed", f"{r['streams']} greedy streams over 2 frontends; one SIGKILLed "
                                                      "mid-stream", "0", f"OK {r['survivor_streams']} (survivor)",

@@ -17,9 +17,12 @@ from cluster.router import AlreadyExists, Overloaded, Router, Unavailable
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.client import ReplicaLost
-from workers.errors import ConfigError, WorkerError
+from workers.errors import ConfigError, RequestFailed, WorkerError
 
 log = logging.getLogger(__name__)
+
+# A request in flight on this many replicas whose engines failed is not resumed again.
+DEAD_LETTER_FAILURES = 2
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
@@ -34,6 +37,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
     if isinstance(exc, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, RequestFailed):
+        return grpc.StatusCode.INTERNAL, str(exc)
     if isinstance(exc, (Unavailable, WorkerError)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     return None
@@ -66,6 +71,7 @@ class Frontend:
         self.model_info, self.metrics = model_info, metrics
         self.resume_timeout_s, self.max_resumes = resume_timeout_s, max_resumes
         self.resumed = 0  # requests continued on another replica, since start
+        self.quarantined = 0  # requests refused a further resume by the dead-letter rule
 
     async def stream(self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None,
                      deadline: float | None = None, fill_max_tokens: bool = False) -> AsyncIterator[RequestOutput]:
@@ -83,7 +89,7 @@ class Frontend:
         self.metrics.running.set(self.router.in_flight)
         start = last = time.monotonic()
         received: list[int] = []  # every token the client has been given, across replicas
-        finished, placement, resumes = False, None, 0
+        finished, placement, resumes, failed = False, None, 0, 0
         try:
             prompt_ids = await self.encoder.encode(prompt)
             if fill_max_tokens:
@@ -111,9 +117,20 @@ class Frontend:
                 except ReplicaLost as lost:
                     placement.close()
                     placement = None
+                    failed += lost.failed
+                    if failed >= DEAD_LETTER_FAILURES:
+                        # Dead-letter rule: a request in flight on two replicas whose engines
+                        # raised is the likely cause; resuming it would take down a third.
+                        self.quarantined += 1
+                        self.metrics.quarantined.inc()
+                        log.error("request %s quarantined: in flight on %d replicas that failed (%s)",
+                                  request_id, failed, lost)
+                        raise RequestFailed(f"request {request_id} was in flight on {failed} replicas that "
+                                            f"failed; not retried") from None
                     resumes += 1
                     if resumes > self.max_resumes:
-                        raise Unavailable(f"request {request_id} lost {resumes} replicas; giving up") from None
+                        raise Unavailable(f"request {request_id} lost {resumes} replicas (--max-resumes "
+                                          f"{self.max_resumes}); giving up") from None
                     await self._wait_for_replica(request_id, deadline, str(lost))
                     self.resumed += 1
                     self.metrics.resumed.inc()
@@ -121,8 +138,9 @@ class Frontend:
             self.metrics.e2e.observe(time.monotonic() - start)
         finally:
             if placement is not None:
-                if not finished:  # cancelled, deadline, or the consumer went away: free its blocks now
-                    placement.abort()
+                # Cancelled, past its deadline, or the consumer went away: free its blocks now. A
+                # stream the engine ended (refused, failed) has nothing left to abort.
+                if not finished and placement.abort():
                     self.metrics.aborted.inc()
                 placement.close()
             self.router.done(request_id)

@@ -27,20 +27,20 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.frontend.core import Frontend
+from cluster.frontend.http_body import MAX_BODY_BYTES, ApiError, BodyParser
 from cluster.frontend.tokenize import PromptInput
 from cluster.frontend.validate import InvalidArgument, NotFound, checked_params
 from cluster.router import AlreadyExists, Overloaded, Unavailable
 from cluster.tls import ServerTLS
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
-from workers.errors import ConfigError, WorkerError
+from workers.errors import ConfigError, PortInUse, RequestFailed, WorkerError
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 16 << 20  # as gRPC's message limit: a prompt of 1M characters fits with room
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -102,17 +102,6 @@ class ChatBody(_Body):
     response_format: Any = None
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
-
-
 def api_error(exc: BaseException) -> ApiError | None:
     """The HTTP error for an error we expect (the same classes the gRPC servicers map); None for a bug."""
     if isinstance(exc, ApiError):
@@ -125,26 +114,16 @@ def api_error(exc: BaseException) -> ApiError | None:
         return ApiError(409, str(exc))
     if isinstance(exc, Overloaded):
         return ApiError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded")
+    if isinstance(exc, RequestFailed):
+        return ApiError(500, str(exc), "server_error", code="request_failed")
     if isinstance(exc, (Unavailable, WorkerError)):
         return ApiError(503, str(exc), "service_unavailable")
     return None
 
 
-def _field(loc: tuple) -> str:
-    """Pydantic's location ('messages', 0, 'content') as the field path 'messages[0].content'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part not in ("str", "list[int]", "list[ContentPart]", "list[str]") and not str(part).startswith(
-                ("function-", "union")):
-            out += f".{part}" if out else str(part)
-    return out or "body"
-
-
-async def parse(request: Request, model: type[BaseModel]):
-    """The body as `model`: past the size limit 413, not JSON (or a JSON bomb) 400, a field of the
-    wrong type or range 400 naming it."""
+async def parse(request: Request, model: type[BaseModel], parser: BodyParser, max_items: int | None = None):
+    """The body as `model`: past the size limit 413, then `http_body.decode`'s checks (a large
+    body parsed off the event loop)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body of {declared} bytes; at most {MAX_BODY_BYTES}")
@@ -153,20 +132,7 @@ async def parse(request: Request, model: type[BaseModel]):
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
-    try:
-        data = json.loads(body)
-    except RecursionError:
-        raise ApiError(400, "body: JSON nested too deeply", param="body") from None
-    except ValueError as e:  # also integers past Python's digit limit
-        raise ApiError(400, f"body: not valid JSON ({e})", param="body") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "body: must be a JSON object", param="body")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        name = _field(err["loc"])
-        raise ApiError(400, f"{name}: {err['msg']}", param=name) from None
+    return await parser.parse(bytes(body), model, max_items)
 
 
 def answered(handler):
@@ -190,6 +156,7 @@ class OpenAIApi:
         self.fe, self.is_ready = frontend, is_ready
         self._expected = f"Bearer {token}".encode() if token is not None else None
         self.created = int(time.time())
+        self.parser = BodyParser()
         self.app = self._build()
 
     @property
@@ -232,14 +199,14 @@ class OpenAIApi:
         @answered
         async def completions(request: Request):
             self._authorize(request)
-            body = await parse(request, CompletionBody)
+            body = await parse(request, CompletionBody, self.parser, self.fe.limits.max_model_len)
             return await self._serve(request, body, self._completion_prompt(body), chat=False)
 
         @app.post("/v1/chat/completions")
         @answered
         async def chat_completions(request: Request):
             self._authorize(request)
-            body = await parse(request, ChatBody)
+            body = await parse(request, ChatBody, self.parser, self.fe.limits.max_model_len)
             return await self._serve(request, body, self._chat_prompt(body), chat=True)
 
         return app
@@ -316,6 +283,8 @@ class OpenAIApi:
         except InvalidArgument as e:
             if e.field == "max_tokens":
                 raise InvalidArgument(field, e.message) from None
+            if e.field == "logprobs" and chat:  # chat's count of top logprobs is its own field
+                raise InvalidArgument("top_logprobs", e.message) from None
             raise
         return p, max_tokens is None
 
@@ -388,8 +357,8 @@ class Reply:
         self.token_ids += out.new_token_ids
         self.logprobs += out.logprobs or []
         self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.output_tokens
-        if out.finished:
-            self.finish_reason = "length" if out.finish_reason == "length" else "stop"
+        if out.finished:  # "abort" as vLLM reports it: a truncated answer must not look complete
+            self.finish_reason = out.finish_reason if out.finish_reason in ("length", "abort") else "stop"
 
     @property
     def usage(self) -> dict:
@@ -495,7 +464,8 @@ class HttpServer:
             self.sock.bind((host, port))
         except OSError as e:
             self.sock.close()
-            raise OSError(f"cannot bind the HTTP port {host}:{port} ({e.strerror})") from None
+            raise PortInUse("http-port", f"cannot listen on {host}:{port} ({e.strerror}); pick another with "
+                                         f"--http-port (0 turns the HTTP API off)") from None
         self.port = self.sock.getsockname()[1]
         ssl = {}
         if tls is not None and tls.enabled:
@@ -523,4 +493,5 @@ class HttpServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.task, timeout=5)
         self.sock.close()
+        self.api.parser.close()
 

@@ -17,6 +17,7 @@ from cluster.api.tpserve.v1 import tpserve_pb2, tpserve_pb2_grpc
 from cluster.frontend.core import Frontend
 from cluster.frontend.health import HealthServicer
 from cluster.frontend.interceptors import DecodeInterceptor, TokenAuthInterceptor
+from workers.errors import PortInUse
 from cluster.tls import ServerTLS
 from cluster.frontend.kserve_api import KServeServicer
 from cluster.frontend.tpserve_api import TpserveServicer
@@ -27,6 +28,18 @@ OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_se
 # The health-only port takes health requests alone: a service name of at most 256 characters.
 HEALTH_OPTIONS = [("grpc.max_receive_message_length", 4 << 10), ("grpc.so_reuseport", 0)]
 LIVENESS = "liveness"
+
+
+def _bind(add_port, flag: str, host: str, port: int) -> int:
+    """gRPC's add_*_port: 0 or a RuntimeError when the port is taken; a PortInUse naming the flag."""
+    try:
+        bound = add_port()
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise PortInUse(flag, f"cannot listen on {host}:{port} (in use, or not an address of this host); "
+                              f"pick another with --{flag}")
+    return bound
 
 
 class Server:
@@ -45,19 +58,15 @@ class Server:
                  kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        if tls is not None and tls.enabled:
-            self.port = self.server.add_secure_port(f"{host}:{port}", tls.credentials())
-        else:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise OSError(f"cannot bind {host}:{port}")
+        self.port = _bind(lambda: self.server.add_secure_port(f"{host}:{port}", tls.credentials())
+                          if tls is not None and tls.enabled else self.server.add_insecure_port(f"{host}:{port}"),
+                          "port", host, port)
         self.health_server, self.health_port = None, None
         if health_port is not None:
             self.health_server = grpc.aio.server(options=HEALTH_OPTIONS)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            self.health_port = self.health_server.add_insecure_port(f"{host}:{health_port}")
-            if self.health_port == 0:
-                raise OSError(f"cannot bind the health port {host}:{health_port}")
+            self.health_port = _bind(lambda: self.health_server.add_insecure_port(f"{host}:{health_port}"),
+                                     "health-port", host, health_port)
         self._serving: bool | None = None
 
     def is_ready(self) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from cluster.frontend.validate import MAX_PROMPT_CHARS, InvalidArgument
 from cluster.router import Overloaded
+from workers.engine.sampling_params import check_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -49,6 +50,7 @@ class PromptEncoder:
             chars = len(prompt.text)
             if chars > MAX_PROMPT_CHARS:
                 raise InvalidArgument(prompt.field, f"{chars} characters; at most {MAX_PROMPT_CHARS}")
+            check_text(prompt.field, prompt.text, InvalidArgument)
         elif prompt.messages is not None:
             chars = self._check_messages(prompt.field, prompt.messages)
         else:
@@ -69,6 +71,7 @@ class PromptEncoder:
             if total > MAX_PROMPT_CHARS:  # the whole conversation is bounded like one prompt
                 raise InvalidArgument(f"{field}[{i}].content", f"the messages hold more than {MAX_PROMPT_CHARS} "
                                                                f"characters in all ({total} so far)")
+            check_text(f"{field}[{i}].content", content, InvalidArgument)
         if not self.has_chat_template:
             raise InvalidArgument(field, "this model has no chat template; send a raw prompt")
         return total
@@ -95,8 +98,13 @@ class PromptEncoder:
         """On the calling thread (the pool, or a test); `check` has run."""
         if prompt.text is not None:
             return list(self.tokenizer(prompt.text, add_special_tokens=True).input_ids)
-        ids = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in prompt.messages],
-                                                 add_generation_prompt=True, tokenize=True, return_dict=False)
+        from jinja2 import TemplateError
+
+        try:
+            ids = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in prompt.messages],
+                                                     add_generation_prompt=True, tokenize=True, return_dict=False)
+        except TemplateError as e:  # a template's own rule (roles must alternate, no system role...)
+            raise InvalidArgument(prompt.field, f"the model's chat template refused them: {e}") from None
         return list(ids)
 
     def close(self) -> None:

@@ -154,7 +154,6 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
         loop = asyncio.get_running_loop()
         statuses = await loop.run_in_executor(self._status_pool, self.fe.router.status)
         controller = await loop.run_in_executor(self._status_pool, self.fe.router.controller_info)
-        self.fe.metrics.update_replicas(statuses)
         reply = pb.ClusterStatus(model=self.fe.limits.name, replica_restarts=controller.get("restarts", 0),
                                  target_replicas=controller.get("target_replicas", 0))
         for s in statuses:

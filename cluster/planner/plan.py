@@ -112,7 +112,7 @@ class Planner:
     # ---- memory -------------------------------------------------------------------------------
     def memory(self, tp: int, replicas: int, max_num_seqs: int, max_context: int) -> tuple[bool, str, int, float]:
         """(fits, why not, KV blocks per replica, GiB per device). Blocks 0: weights and
-        activations do not fit at all; blocks > 0 with fits False: the KV cache holds fewer than
+        activations do not fit at all, or the KV cache cannot hold one request; blocks > 0 with fits False: the KV cache holds fewer than
         max_num_seqs sequences of the longest context (the engine would queue or preempt)."""
         m, hw = self.model, self.hw
         if max_context > m.cfg.max_position_embeddings:
@@ -139,6 +139,10 @@ class Planner:
                                f"exceed {usable / 2**30:.1f} GiB"), 0, (weights + acts) / 2**30
             blocks = int((self.kv_cache_memory or left) // per_block)
             per_device = weights + acts + blocks * per_block
+        one = -(-max_context // BLOCK_SIZE)
+        if blocks < one:  # not even one request of the workload's longest context: nothing to simulate
+            return False, (f"the KV cache holds {blocks} blocks of {BLOCK_SIZE} tokens; one request of "
+                           f"{max_context} tokens needs {one}"), 0, per_device / 2**30
         if blocks < need_blocks:
             return False, (f"{max_num_seqs} sequences of {max_context} tokens need {need_blocks} KV blocks; "
                            f"{blocks} fit"), blocks, per_device / 2**30

@@ -29,8 +29,9 @@ def free_port() -> int:
 class ServeProcess:
     """`tpserve serve ...` as a child process in its own process group (so no Ray process is lost)."""
 
-    def __init__(self, args: list[str], tmp: Path, timeout_s: float = 240, wait: bool = True):
-        self.args, self.tmp, self.attempts = args, tmp, 0
+    def __init__(self, args: list[str], tmp: Path, timeout_s: float = 240, wait: bool = True,
+                 env: dict[str, str] | None = None):
+        self.args, self.tmp, self.attempts, self.extra_env = args, tmp, 0, dict(env or {})
         self._start()
         if wait:
             self.wait_ready(timeout_s)
@@ -43,7 +44,7 @@ class ServeProcess:
         self.ready_file = self.tmp / f"ready-{self.port}"
         self.log_path = self.tmp / f"serve-{self.port}.log"
         self.log = open(self.log_path, "w")
-        env = {**os.environ, **OPENMP_ENV, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **OPENMP_ENV, "PYTHONUNBUFFERED": "1", **self.extra_env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port),
@@ -55,7 +56,7 @@ class ServeProcess:
     def wait_ready(self, timeout_s: float = 240) -> None:
         deadline = time.monotonic() + timeout_s
         while not self.ready_file.exists():
-            if self.proc.poll() is not None and self.attempts < 3 and "Failed to bind" in self.log_path.read_text():
+            if self.proc.poll() is not None and self.attempts < 3 and any(s in self.log_path.read_text() for s in ("Failed to bind", "cannot listen on")):
                 self.kill()
                 self._start()
                 continue

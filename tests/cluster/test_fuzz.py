@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2_grpc as kgrpc
 
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from tests.cluster.helpers import greedy_request, stub, wait_blocks_free
+from tests.cluster.test_poison import BAD, HTTP_TABLE, KSERVE_JSON, KSERVE_TENSORS, V1_TABLE
 from tests.reliability import record
 
 EXAMPLES = 5000  # per API (a quarter of the KServe ones go through ModelStreamInfer); 1,000 health names
@@ -57,7 +58,7 @@ def v1_case(draw) -> tuple[bytes | pb.GenerateRequest, set, str]:
         "min_p", "repetition_penalty", "penalty", "max_tokens_zero", "max_tokens_absurd", "logprobs", "stop_empty",
         "stop_many", "stop_token_ids", "token_ids_empty", "token_ids_vocab", "role", "no_messages", "no_input",
         "seed", "request_id", "stop_long", "huge_request_id", "huge_chat", "huge_stop_list", "huge_stop_ids",
-        "cache_salt", "huge_token_ids", "garbage"]))
+        "cache_salt", "huge_token_ids", "extreme", "garbage"]))
     ok = "Hello there"
     if kind == "model":
         name = draw(st.text(min_size=1, max_size=20).filter(lambda s: s != "smollm2-135m"))
@@ -145,6 +146,10 @@ def v1_case(draw) -> tuple[bytes | pb.GenerateRequest, set, str]:
     if kind == "cache_salt":
         return pb.GenerateRequest(prompt=ok, cache_salt="c" * draw(st.integers(257, 100_000)),
                                   sampling=sampling()), {INVALID}, "cache_salt"
+    if kind == "extreme":  # the widest values the proto types carry (test_poison's table)
+        _, kw, _, name = draw(st.sampled_from([e for e in V1_TABLE if e[2] == BAD]))
+        return pb.GenerateRequest(prompt=ok, sampling=pb.SamplingParameters(**{"max_tokens": 2, "temperature": 0,
+                                                                               **kw})), {INVALID}, name
     # Bytes that are (almost always) no GenerateRequest; when they do parse, whatever they ask
     # for must still get a clean answer.
     return draw(garbage), {INVALID, NOT_FOUND, grpc.StatusCode.OK}, ""
@@ -215,7 +220,8 @@ def kserve_case(draw):
         "model", "version", "no_text", "text_dtype", "text_shape", "text_utf8", "text_empty", "text_truncated",
         "no_max_tokens", "max_tokens_value", "max_tokens_dtype", "max_tokens_bytes", "temperature", "top_p",
         "top_k", "seed", "json_bad", "json_not_object", "json_unknown", "json_type", "json_value", "unknown_input",
-        "buffer_count", "bomb", "huge_id", "bad_id", "shape", "dtype", "stop_words", "garbage"]))
+        "buffer_count", "bomb", "huge_id", "bad_id", "shape", "dtype", "stop_words", "extreme_json",
+        "extreme_tensor", "garbage"]))
     if kind == "model":
         name = draw(st.text(min_size=0, max_size=20).filter(lambda s: s != "smollm2-135m"))
         return kserve_request([text, max_tokens], model=name), {NOT_FOUND}, "model"
@@ -327,6 +333,16 @@ def kserve_case(draw):
         req = kserve_request([text, max_tokens])
         req.raw_input_contents.append(b"extra")
         return req, {INVALID}, "raw_input_contents"
+    if kind == "extreme_json":  # test_poison's table: 2^63 and past it, lone surrogates
+        params, _, name = draw(st.sampled_from([e for e in KSERVE_JSON if e[1] == BAD]))
+        blob = json.dumps(params).encode()
+        return kserve_request([text, max_tokens, tensor("sampling_parameters", "BYTES", [1], bytes_el(blob))]), \
+            {INVALID}, name
+    if kind == "extreme_tensor":
+        name, dt, raw, _ = draw(st.sampled_from([e for e in KSERVE_TENSORS if e[3] == BAD]))
+        extra = [] if name == "max_tokens" else [max_tokens]
+        return kserve_request([text, tensor(name, dt, [1], raw)] + extra), {INVALID}, \
+            "seed" if name == "random_seed" else name
     return draw(garbage), {INVALID, NOT_FOUND, grpc.StatusCode.OK}, ""
 
 
@@ -379,7 +395,16 @@ def http_case(draw) -> tuple[str, bytes]:
     body = {"model": "smollm2-135m", "max_tokens": 1}
     body.update({"prompt": "Hello"} if path == "/v1/completions" else
                 {"messages": [{"role": "user", "content": "Hello"}]})
-    kind = draw(st.sampled_from(["field", "field", "field", "bomb", "huge", "garbage", "shape"]))
+    kind = draw(st.sampled_from(["field", "field", "field", "bomb", "huge", "garbage", "shape", "extreme"]))
+    if kind == "extreme":  # test_poison's table: 2^63 and past it, bad token ids, lone surrogates
+        path, field, value, _, _ = draw(st.sampled_from([e for e in HTTP_TABLE if e[3] == BAD]))
+        body = {"model": "smollm2-135m", "max_tokens": 1}
+        body.update({"prompt": "Hello"} if path == "/v1/completions" else
+                    {"messages": [{"role": "user", "content": "Hello"}]})
+        if field == "top_logprobs":
+            body["logprobs"] = True
+        body[field] = value
+        return path, json.dumps(body).encode()
     if kind == "field":  # one field set to any JSON value (mostly the wrong type or range)
         body[draw(st.sampled_from(HTTP_FIELDS))] = draw(json_values)
         return path, json.dumps(body).encode()

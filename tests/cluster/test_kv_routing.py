@@ -25,6 +25,7 @@ def ev(seq, stored=(), removed=(), num_blocks=100):
 
 def test_the_index_follows_reports_and_a_gap_or_a_new_replica_asks_for_a_digest():
     idx = KVIndex()
+    idx.slot("r1")  # the router gives a replica its slot when it adds it; reports alone never do
     a = keys(list(range(40)))  # 10 blocks
     assert idx.apply("r1", ev(1, a[:6])) is True  # first report: this frontend joined late, digest it
     idx.apply_digest("r1", KVDigest(1, a[:6], 100, 4))
@@ -47,6 +48,7 @@ def test_the_index_forgets_a_dead_replica_and_keeps_what_others_hold():
     idx = KVIndex()
     shared, own = keys(list(range(16))), keys(list(range(100, 116)))
     for rid, k in (("r1", shared + own), ("r2", shared)):
+        idx.slot(rid)
         idx.apply(rid, ev(1, k))
     s1, s2 = idx.slot("r1"), idx.slot("r2")
     assert idx.match(shared, (1 << s1) | (1 << s2)) == {s1: 4, s2: 4}
@@ -60,6 +62,7 @@ def test_the_index_forgets_a_dead_replica_and_keeps_what_others_hold():
 def test_the_index_holds_at_most_a_replica_s_block_count():
     idx = KVIndex()
     k = keys(list(range(400)))  # 100 blocks
+    idx.slot("r1")
     idx.apply("r1", ev(1, k[:60], num_blocks=50))  # evictions were lost: the oldest go
     assert idx.sizes() == {"r1": 50} and idx.keys_of("r1") == set(k[10:60])
     idx.expect("r1", k[60:100])
@@ -69,6 +72,7 @@ def test_the_index_holds_at_most_a_replica_s_block_count():
 def test_policies_choose_as_documented():
     idx = KVIndex()
     hot = keys(list(range(64)))  # 16 blocks
+    idx.slot("a"), idx.slot("b")
     idx.apply("a", ev(1, hot))
     idx.apply("b", ev(1))
     sa, sb = idx.slot("a"), idx.slot("b")
