@@ -169,10 +169,15 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
 
     from workers.engine.block_keys import BlockKeyer
 
-    # The cluster's block-key salt is the controller's (a joined frontend did not make it).
-    engine_config = ray.get(controller.info.remote(), timeout=60)["engine"]
-    router = Router(controller, opts.max_num_seqs, opts.max_queue_len, opts.routing_config,
-                    BlockKeyer(engine_config.block_key_salt), spec.block_size)
+    # The engines' configuration is the controller's: the block-key salt, and the admission bound's
+    # batch size and block size (a joined frontend started with other flags must not disagree).
+    controller_info = ray.get(controller.info.remote(), timeout=60)
+    engine_config, engine_spec = controller_info["engine"], controller_info["spec"]
+    if engine_config.max_num_seqs != opts.max_num_seqs:
+        log.warning("the replicas run max_num_seqs %d (this frontend was given %d); admitting by theirs",
+                    engine_config.max_num_seqs, opts.max_num_seqs)
+    router = Router(controller, engine_config.max_num_seqs, opts.max_queue_len, opts.routing_config,
+                    BlockKeyer(engine_config.block_key_salt), engine_spec.block_size)
     metrics = Metrics()
     metrics.watch(router)
     if opts.metrics_port:

@@ -89,12 +89,15 @@ def cmd_plan(args) -> int:
         chosen = max(mine, key=lambda c: (c.fits, c.output_tok_s or 0.0))
     best = cheapest(cands)
     load = f"rate {args.rate}/s" if args.rate else f"concurrency {args.concurrency}"
+    # With `--json -` stdout carries the JSON alone (a script parses it); the table goes to stderr.
+    out = sys.stderr if args.json == "-" else sys.stdout
     print(f"{args.model} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads}/{cfg.num_kv_heads} heads), "
-          f"{args.quantization}, on {hw.name} [{hw.source.split(':')[0]}]; {len(lengths)} requests, {load}")
-    print(table(cands, best, slo))
+          f"{args.quantization}, on {hw.name} [{hw.source.split(':')[0]}]; {len(lengths)} requests, {load}", file=out)
+    print(table(cands, best, slo), file=out)
     if slo:
         print("cheapest meeting the SLO: " + (f"tp {best.tp} x {best.replicas} replicas, max_num_seqs "
-                                               f"{best.max_num_seqs} ({best.devices} devices)" if best else "none"))
+                                               f"{best.max_num_seqs} ({best.devices} devices)" if best else "none"),
+              file=out)
     if args.json:
         meta = {"model": args.model, "hardware": hw.name, "hardware_source": hw.source, "quantization":
                 args.quantization, "slo": slo, "rate": args.rate, "concurrency": args.concurrency,

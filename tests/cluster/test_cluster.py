@@ -158,7 +158,7 @@ def test_prometheus_metrics_count_requests_and_kv_use(cluster):
     import urllib.request
 
     stub(cluster).Complete(greedy_request(n=3), timeout=120)
-    stub(cluster).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)  # refreshes per-replica gauges
+    # No GetClusterStatus first: a Prometheus-only deployment sees the per-replica series too.
     text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).read().decode()
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
               if line.startswith("tpserve_") and " " in line}
@@ -166,7 +166,10 @@ def test_prometheus_metrics_count_requests_and_kv_use(cluster):
     assert values["tpserve_inter_token_latency_seconds_count"] >= 2
     assert values["tpserve_e2e_request_latency_seconds_count"] >= 1
     assert values["tpserve_generation_tokens_total"] >= 3
-    assert any(k.startswith("tpserve_kv_cache_usage_ratio{") for k in values)
+    assert sum(k.startswith("tpserve_kv_cache_usage_ratio{") for k in values) == 2
+    assert sum(k.startswith("tpserve_replica_requests_in_flight{") for k in values) == 2
+    assert values["tpserve_replicas_ready"] == 2
+    assert "tpserve_replica_restarts_total" in values and "tpserve_requests_quarantined_total" in values
 
 
 def test_client_cli_streams_the_completion(cluster):

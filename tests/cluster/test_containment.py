@@ -342,3 +342,20 @@ def test_a_max_model_len_the_kv_cache_cannot_hold_is_refused_at_start(tiny_text_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tpserve: error: max-model-len: 512 tokens, but the KV cache "
                                                 "holds 384 tokens"), err
+
+
+def test_per_replica_series_are_read_at_each_scrape_and_go_with_their_replica():
+    from prometheus_client import generate_latest
+
+    client = EngineClient(_QueueInbox(), _EmptyOutbox(), is_alive=lambda: True, client_id="c")
+    client.load = EngineLoad(free_blocks=30, num_blocks=40, waiting=2)
+    router = Router(None, max_num_seqs=4, max_queue_len=0)
+    router.add_replica(ReplicaHandle("rep-a", None, client, [], 1))
+    metrics = Metrics()
+    metrics.watch(router)
+    text = generate_latest(metrics.registry).decode()
+    assert 'tpserve_kv_cache_usage_ratio{replica="rep-a"} 0.25' in text
+    assert "tpserve_requests_waiting 2.0" in text and "tpserve_replicas_ready 1.0" in text
+    router.replicas.pop("rep-a")  # replaced: its series are gone from the next scrape
+    assert 'replica="rep-a"' not in generate_latest(metrics.registry).decode()
+    client.close()

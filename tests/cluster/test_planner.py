@@ -117,6 +117,10 @@ def test_tpserve_plan_json_reports_the_given_configuration_and_errors_are_one_li
     assert data["ttft_ms_p50"] <= data["ttft_ms_p90"]
     assert data["cheapest"] is not None and data["cheapest"]["devices"] == 1  # 1 device meets so loose an SLO
     assert "cheapest" in run.stdout
+    # `--json -`: stdout is the JSON alone (a script parses it), the table goes to stderr.
+    piped = subprocess.run(cmd[:-1] + ["-"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["tp"] == 2 and "cheapest meeting the SLO" in piped.stderr
     bad = subprocess.run(cmd[:-2] + ["--slo", "ttft=soon"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("tpserve: error: slo:")
     assert "Traceback" not in bad.stderr
