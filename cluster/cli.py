@@ -9,6 +9,7 @@ import sys
 from workers import set_openmp_env  # noqa: E402
 set_openmp_env()  # before torch loads: ranks share cores
 
+from workers.defaults import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS  # noqa: E402
 from workers.errors import TpserveError  # noqa: E402
 
 log = logging.getLogger("tpserve")
@@ -160,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context in tokens (default: the model's, or what the KV cache holds for one sequence)")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=MAX_NUM_SEQS)
+    p.add_argument("--max-num-batched-tokens", type=int, default=MAX_NUM_BATCHED_TOKENS)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV-cache bytes per rank")
     p.add_argument("--max-queue-len", type=int, default=256, help="requests admitted beyond the replicas' batches")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")

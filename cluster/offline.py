@@ -12,6 +12,7 @@ from workers.config import ModelConfig
 from workers.engine.sampling_params import SamplingParams
 from workers.launcher import start_worker_group
 from workers.model_source import resolve_model
+from workers.defaults import default_dtype
 from workers.worker import DTYPES, WorkerSpec
 
 
@@ -27,7 +28,7 @@ class OfflineGenerator:
     def __init__(self, model: str, tp: int = 1, device: str = "cpu", dtype: str | None = None,
                  kv_cache_memory: int | None = None, max_model_len: int | None = None, quantization: str = "none",
                  quant_group_size: int = 32, cpu_collectives: str = "shm"):
-        dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+        dtype = dtype or default_dtype(device)
         if dtype not in DTYPES:
             raise ConfigError("dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
         if tp < 1:

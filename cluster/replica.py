@@ -163,7 +163,18 @@ class RankActor:
         if isinstance(result, BaseException):
             raise result
         self.built = result
+        if self.rank == 0 and result.loop is not None:
+            threading.Thread(target=self._detach_silent_clients, name="tpserve-client-ttl", daemon=True).start()
         return {**result.worker.load_report(), **self.node()}
+
+    def _detach_silent_clients(self) -> None:
+        """Rank 0, each second: a client (frontend) that has not polled for CLIENT_TTL_S is gone, so
+        its requests are aborted and its outbox dropped (it must not leave them running or growing)."""
+        while self.thread is not None and self.thread.is_alive():
+            for client_id in self.outboxes.silent(CLIENT_TTL_S):
+                log.info("client %s of %s went silent; aborting its requests", client_id, self.replica_id)
+                self.inbox.put(Detach(client_id))
+            time.sleep(1.0)
 
     def _run(self, spec, engine_config, on_ready) -> None:
         try:
@@ -183,15 +194,11 @@ class RankActor:
         return self.outboxes.poll(client_id, timeout, taken)
 
     def health(self) -> RankHealth:
-        """The controller's ping (each second). Rank 0 also detaches clients gone silent, so a
-        frontend that died does not leave its requests running or its outbox growing."""
+        """The controller's ping (each second): alive, and on rank 0 the engine's progress."""
         alive = self.thread is not None and self.thread.is_alive()
         loop = self.built.loop if self.built is not None else None
         if loop is None:
             return RankHealth(alive)
-        for client_id in self.outboxes.silent(CLIENT_TTL_S):
-            log.info("client %s of %s went silent; aborting its requests", client_id, self.replica_id)
-            self.inbox.put(Detach(client_id))
         p = loop.progress()
         return RankHealth(alive, p.steps, p.busy)
 

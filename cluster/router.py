@@ -19,6 +19,7 @@ import ray
 from cluster.kv_index import KVIndex
 from cluster.replica import engine_client
 from cluster.routing import RoutingConfig, RoutingPolicy
+from workers.defaults import BLOCK_SIZE
 from workers.engine.block_keys import BlockKeyer
 from workers.engine.client import EngineClient, RequestStream
 from workers.engine.messages import KVEvents
@@ -106,7 +107,7 @@ class Placement:
 
 class Router:
     def __init__(self, controller, max_num_seqs: int, max_queue_len: int, routing: RoutingConfig | None = None,
-                 keyer: BlockKeyer | None = None, block_size: int = 16,
+                 keyer: BlockKeyer | None = None, block_size: int = BLOCK_SIZE,
                  client_factory: Callable[[object], EngineClient] | None = None):
         self.controller = controller
         self.max_num_seqs, self.max_queue_len = max_num_seqs, max_queue_len

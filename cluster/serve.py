@@ -19,6 +19,7 @@ from workers.config import ModelConfig
 from workers.engine.core import EngineConfig
 from workers.errors import ConfigError, PortInUse
 from workers.model_source import BUILTIN_MODELS, resolve_model
+from workers.defaults import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, default_dtype
 from workers.worker import DTYPES, WorkerSpec, planned_num_blocks, served_context, weights_folder
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ class ServeOptions:
     metrics_host: str = "127.0.0.1"  # Prometheus scrapes from outside only when this is opened up
     served_model_name: str | None = None
     max_model_len: int | None = None  # None: the model's, or what the KV cache holds if smaller
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    max_num_seqs: int = MAX_NUM_SEQS
+    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
     kv_cache_memory: int | None = None
     max_queue_len: int = 256
     drain_timeout_s: float = 30.0
@@ -134,7 +135,7 @@ def build_spec(opts: ServeOptions) -> tuple[WorkerSpec, ModelConfig]:
     folder = resolve_model(opts.model)
     cfg = ModelConfig.from_pretrained(folder)
     spec = WorkerSpec(str(folder), tp_size=opts.tp, device=opts.device,
-                      dtype=opts.dtype or ("bfloat16" if opts.device == "cuda" else "float32"),
+                      dtype=opts.dtype or default_dtype(opts.device),
                       max_model_len=opts.max_model_len, kv_cache_memory=opts.kv_cache_memory,
                       collective_timeout_s=opts.collective_timeout_s, quantization=opts.quantization,
                       quant_group_size=opts.quant_group_size, cpu_collectives=opts.cpu_collectives)

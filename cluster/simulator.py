@@ -36,6 +36,7 @@ import numpy as np
 
 from cluster.kv_index import KVIndex
 from cluster.routing import POLICIES, RoutingConfig, RoutingPolicy
+from workers.defaults import BLOCK_SIZE, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
 from workers.engine.block_keys import BlockKeyer, new_salt
 from workers.engine.block_manager import BlockManager
 from workers.engine.core import queued_tokens
@@ -97,9 +98,9 @@ class SimRequest:
 @dataclass(slots=True)
 class ReplicaModel:
     num_blocks: int = 4096
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    block_size: int = BLOCK_SIZE
+    max_num_seqs: int = MAX_NUM_SEQS
+    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
     max_model_len: int = 8192
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from workers.config import ModelConfig
+from workers.defaults import BLOCK_SIZE, CPU_KV_CACHE_BYTES, DTYPE_NAMES, GPU_MEMORY_UTILIZATION
 from workers.errors import ConfigError
 from workers.loader import load_weights, read_generation_eos
 from workers.models import build_model
@@ -28,7 +29,7 @@ from workers.step_plan import PlanChannel, PlanOp, StepPlan
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 DEVICES = ("cpu", "cuda")
 CPU_COLLECTIVES = ("shm", "gloo")
 
@@ -46,10 +47,10 @@ class WorkerSpec:
     num_threads: int | None = None  # torch threads per rank
     # None: the smaller of the model's context and what the KV cache holds for one sequence.
     max_model_len: int | None = None
-    block_size: int = 16
+    block_size: int = BLOCK_SIZE
     # KV-cache bytes per rank. None: 256 MiB on CPU; on CUDA, gpu_memory_utilization of what is free.
     kv_cache_memory: int | None = None
-    gpu_memory_utilization: float = 0.85
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
     # A collective waiting longer than this raises (a hung or stopped peer) and the replica fails
     # over instead of hanging. Idle followers get a heartbeat plan well within it.
     collective_timeout_s: float = 30.0
@@ -87,9 +88,6 @@ class WorkerSpec:
                                               f"{config.model_type} is not")
 
 
-DEFAULT_CPU_KV_BYTES = 256 << 20
-
-
 def kv_block_bytes(config: ModelConfig, spec: WorkerSpec, tp_size: int, rank: int) -> int:
     """One KV block's bytes on `rank` (its share of the KV heads)."""
     shard = head_shard(config.num_heads, config.num_kv_heads, tp_size, rank)
@@ -102,7 +100,7 @@ def planned_num_blocks(config: ModelConfig, spec: WorkerSpec) -> int | None:
     the CPU default); None on CUDA without one (it depends on the memory free at start)."""
     if spec.kv_cache_memory is None and spec.device == "cuda":
         return None
-    budget = spec.kv_cache_memory or DEFAULT_CPU_KV_BYTES
+    budget = spec.kv_cache_memory or CPU_KV_CACHE_BYTES
     return min(budget // kv_block_bytes(config, spec, spec.tp_size, r) for r in range(spec.tp_size))
 
 
@@ -205,7 +203,7 @@ class Worker:
                 free, _ = torch.cuda.mem_get_info(self.device)
                 budget = int(free * self.spec.gpu_memory_utilization)
             else:
-                budget = DEFAULT_CPU_KV_BYTES
+                budget = CPU_KV_CACHE_BYTES
         n = torch.tensor([budget // per_block], dtype=torch.int64)
         if self.group.size > 1:
             dist.all_reduce(n, op=dist.ReduceOp.MIN, group=self.group.load_group)

@@ -10,14 +10,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from cluster.frontend.errors import classify
 from cluster.frontend.tokenize import PromptEncoder, PromptInput
-from cluster.frontend.validate import InvalidArgument, ModelLimits, NotFound, check_prompt_ids
+from cluster.frontend.validate import ModelLimits, check_prompt_ids
 from cluster.metrics import Metrics
-from cluster.router import AlreadyExists, Overloaded, Router, Unavailable
+from cluster.router import Overloaded, Router, Unavailable
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.client import ReplicaLost
-from workers.errors import ConfigError, RequestFailed, WorkerError
+from workers.errors import RequestFailed
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +27,9 @@ DEAD_LETTER_FAILURES = 2
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """The gRPC status for an error we expect; None for a bug."""
-    if isinstance(exc, InvalidArgument):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, ConfigError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, NotFound):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, AlreadyExists):
-        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
-    if isinstance(exc, Overloaded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, RequestFailed):
-        return grpc.StatusCode.INTERNAL, str(exc)
-    if isinstance(exc, (Unavailable, WorkerError)):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    return None
+    """The gRPC status for an error we expect (`errors.TABLE`); None for a bug."""
+    status = classify(exc)
+    return None if status is None else (status.grpc_code, str(exc))
 
 
 def abort_on_error(handler):

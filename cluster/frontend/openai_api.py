@@ -30,18 +30,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.frontend.core import Frontend
+from cluster.frontend.errors import classify
 from cluster.frontend.http_body import MAX_BODY_BYTES, ApiError, BodyParser
 from cluster.frontend.tokenize import PromptInput
 from cluster.frontend.validate import InvalidArgument, NotFound, checked_params
-from cluster.router import AlreadyExists, Overloaded, Unavailable
 from cluster.tls import ServerTLS
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
-from workers.errors import ConfigError, PortInUse, RequestFailed, WorkerError
+from workers.errors import PortInUse
 
 log = logging.getLogger(__name__)
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# OpenAI's names for the roles the chat templates know (PromptEncoder checks those, once).
+ROLE_ALIASES = {"developer": "system"}
 
 
 # ---- request bodies -------------------------------------------------------------------------------
@@ -103,22 +104,14 @@ class ChatBody(_Body):
 
 
 def api_error(exc: BaseException) -> ApiError | None:
-    """The HTTP error for an error we expect (the same classes the gRPC servicers map); None for a bug."""
+    """The HTTP error for an error we expect (`errors.TABLE`, the gRPC servicers' too); None for a bug."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, (InvalidArgument, ConfigError)):
-        return ApiError(400, str(exc), param=exc.field)
-    if isinstance(exc, NotFound):
-        return ApiError(404, str(exc), param="model", code="model_not_found")
-    if isinstance(exc, AlreadyExists):
-        return ApiError(409, str(exc))
-    if isinstance(exc, Overloaded):
-        return ApiError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded")
-    if isinstance(exc, RequestFailed):
-        return ApiError(500, str(exc), "server_error", code="request_failed")
-    if isinstance(exc, (Unavailable, WorkerError)):
-        return ApiError(503, str(exc), "service_unavailable")
-    return None
+    status = classify(exc)
+    if status is None:
+        return None
+    param = getattr(exc, "field", None) or ("model" if isinstance(exc, NotFound) else None)
+    return ApiError(status.http_status, str(exc), status.http_type, param=param, code=status.http_code)
 
 
 async def parse(request: Request, model: type[BaseModel], parser: BodyParser, max_items: int | None = None):
@@ -245,8 +238,6 @@ class OpenAIApi:
                 raise ApiError(400, f"{name}: not implemented", param=name)
         messages = []
         for i, m in enumerate(body.messages):
-            if m.role not in ROLES:
-                raise InvalidArgument(f"messages[{i}].role", f"{m.role!r} is not one of {', '.join(ROLES)}")
             if isinstance(m.content, list):
                 parts = []
                 for j, p in enumerate(m.content):
@@ -257,7 +248,7 @@ class OpenAIApi:
                 content = "".join(parts)
             else:
                 content = m.content or ""
-            messages.append((ROLES[m.role], content))
+            messages.append((ROLE_ALIASES.get(m.role, m.role), content))
         prompt = PromptInput("messages", messages=messages)
         self.fe.encoder.check(prompt, self.fe.limits.max_model_len)
         return prompt

@@ -15,10 +15,8 @@ MAX_PROMPT_CHARS = 1_000_000
 MAX_REQUEST_ID_CHARS = 256
 
 
-class InvalidArgument(Exception):
-    def __init__(self, field: str, message: str):
-        self.field, self.message = field, message
-        super().__init__(f"{field}: {message}")
+class InvalidArgument(ConfigError):
+    """A request's field is out of range (the frontend's checks; the engine's are ConfigErrors too)."""
 
 
 class NotFound(Exception):

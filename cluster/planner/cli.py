@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from workers.defaults import MAX_NUM_BATCHED_TOKENS
 from workers.errors import ConfigError
 
 
@@ -42,7 +43,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     load.add_argument("--concurrency", type=int, help="closed loop: requests in flight")
     p.add_argument("--max-devices", type=int, default=None, help="devices to spend at most (default: one node)")
     p.add_argument("--max-num-seqs", default="16,64,256", help="values of max_num_seqs to try")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-num-batched-tokens", type=int, default=MAX_NUM_BATCHED_TOKENS)
     p.add_argument("--tp", type=int, default=None,
                    help="report this configuration (with --replicas) at its best --max-num-seqs in the JSON's top level")
     p.add_argument("--replicas", type=int, default=None)

@@ -22,13 +22,12 @@ from cluster.planner.cost import RooflineCost
 from cluster.planner.hardware import HardwareProfile
 from cluster.planner.model_shape import ModelShape
 from cluster.simulator import ReplicaModel, SimRequest, simulate
+from workers.defaults import (BLOCK_SIZE, CPU_KV_CACHE_BYTES, GPU_MEMORY_UTILIZATION, MAX_NUM_BATCHED_TOKENS,
+                              default_dtype)
 from workers.engine.block_keys import BlockKeyer, new_salt
 from workers.errors import ConfigError
 from workers.paged_cache import PagedKVCache
 
-BLOCK_SIZE = 16
-CPU_KV_DEFAULT = 256 << 20  # WorkerSpec's default KV budget per CPU rank
-GPU_MEMORY_UTILIZATION = 0.85  # WorkerSpec's default on CUDA
 CPU_MEMORY_SHARE = 0.8  # of the node's RAM, for all its ranks together
 
 
@@ -103,9 +102,9 @@ def workload_lengths(kind: str, n: int, input_len: int, output_len: int, input_r
 
 class Planner:
     def __init__(self, model: ModelShape, hw: HardwareProfile, quantization: str = "none", dtype: str | None = None,
-                 max_num_batched_tokens: int = 512, kv_cache_memory: int | None = None):
+                 max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS, kv_cache_memory: int | None = None):
         self.model, self.hw, self.quantization = model, hw, quantization
-        self.dtype = dtype or ("float32" if hw.device == "cpu" else "bfloat16")
+        self.dtype = dtype or default_dtype(hw.device)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.kv_cache_memory = kv_cache_memory
 
@@ -123,7 +122,7 @@ class Planner:
                                                  _torch_dtype(self.dtype))
         need_blocks = max_num_seqs * -(-max_context // BLOCK_SIZE)
         if hw.device == "cpu":
-            kv_budget = self.kv_cache_memory or CPU_KV_DEFAULT
+            kv_budget = self.kv_cache_memory or CPU_KV_CACHE_BYTES
             blocks = kv_budget // per_block
             ranks = tp * replicas
             total = ranks * (weights + acts + blocks * per_block)
@@ -208,7 +207,7 @@ def cheapest(cands: list[Candidate]) -> Candidate | None:
 def _torch_dtype(name: str):
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return getattr(torch, name)
 
 
 def table(cands: list[Candidate], best: Candidate | None, slo: dict) -> str:

@@ -359,3 +359,24 @@ def test_per_replica_series_are_read_at_each_scrape_and_go_with_their_replica():
     router.replicas.pop("rep-a")  # replaced: its series are gone from the next scrape
     assert 'replica="rep-a"' not in generate_latest(metrics.registry).decode()
     client.close()
+
+
+@pytest.mark.parametrize(("exc", "grpc_name", "http"), [
+    (ConfigError("top_k", "too big"), "INVALID_ARGUMENT", 400), (RequestFailed("r"), "INTERNAL", 500),
+    (ReplicaLost("gone", failed=True), "UNAVAILABLE", 503), (ValueError("a bug"), None, None),
+], ids=["config", "request_failed", "replica_lost", "bug"])
+def test_one_table_gives_the_grpc_and_the_http_status(exc, grpc_name, http):
+    from cluster.frontend.openai_api import api_error
+    from cluster.frontend.validate import InvalidArgument, NotFound
+    from cluster.router import AlreadyExists, Overloaded, Unavailable
+
+    got = status_of(exc)
+    assert (got[0].name if got else None) == grpc_name
+    err = api_error(exc)
+    assert (err.status if err else None) == http
+    if isinstance(exc, ConfigError):
+        assert err.param == "top_k"
+    for other, name, status in ((InvalidArgument("prompt", "empty"), "INVALID_ARGUMENT", 400),
+                                (NotFound("m"), "NOT_FOUND", 404), (AlreadyExists("id"), "ALREADY_EXISTS", 409),
+                                (Overloaded("full"), "RESOURCE_EXHAUSTED", 429), (Unavailable("none"), "UNAVAILABLE", 503)):
+        assert status_of(other)[0].name == name and api_error(other).status == status

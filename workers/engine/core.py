@@ -12,6 +12,7 @@ import random
 import torch
 from dataclasses import dataclass, field
 
+from workers.defaults import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
 from workers.engine.block_keys import BlockKeyer, new_salt
 from workers.engine.block_manager import BlockManager
 from workers.engine.detokenizer import DetokState, Detokenizer
@@ -32,8 +33,8 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     """Scheduling knobs of one replica's engine."""
 
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    max_num_seqs: int = MAX_NUM_SEQS
+    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
     enable_prefix_caching: bool = True
     # Secret of the prefix cache's keyed block hash; one per cluster (the controller's config
     # carries it to every replica), random per engine when unset.
@@ -181,7 +182,7 @@ class EngineCore:
             try:
                 self.block_manager.register_computed(c.seq)
             except Exception as e:
-                outputs.append(self._fail(c.seq.request_id, e))
+                outputs.append(self.fail_request(c.seq.request_id, e))
                 failed.add(c.seq.request_id)
         if sampling:
             with torch.profiler.record_function("tpserve.sample"):
@@ -190,16 +191,16 @@ class EngineCore:
                 if s.request_id in failed:
                     continue
                 if isinstance(r, SampleError):
-                    outputs.append(self._fail(s.request_id, r.cause))
+                    outputs.append(self.fail_request(s.request_id, r.cause))
                     continue
                 try:
                     out = self._append(self.live[s.request_id], r)
                 except Exception as e:  # stop checks, detokenizing: this request's own work
-                    out = self._fail(s.request_id, e)
+                    out = self.fail_request(s.request_id, e)
                 outputs.append(out)
         return outputs
 
-    def _fail(self, request_id: str, exc: BaseException) -> RequestOutput:
+    def fail_request(self, request_id: str, exc: BaseException) -> RequestOutput:
         """End one request with an error naming it; the engine goes on with the others."""
         log.error("request %s failed in the engine; finishing it alone", request_id, exc_info=exc)
         live = self.live.pop(request_id, None)

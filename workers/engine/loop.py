@@ -165,7 +165,7 @@ class EngineLoop:
                                          error=e.message if field else str(e), error_field=field,
                                          prompt_tokens=len(msg.prompt_token_ids)))
         except Exception as e:  # the request's own data broke a check: it fails alone
-            outputs.append(self.engine._fail(rid, e))
+            outputs.append(self.engine.fail_request(rid, e))
 
     def _remember_finished(self, rid: str) -> None:
         """An abort that arrives after its request ended (refused, failed, done) is a late one,
@@ -183,7 +183,7 @@ class EngineLoop:
         try:
             out = self.engine.abort(rid)
         except Exception as e:  # detokenizing its last delta failed: it still ends, with an error
-            out = self.engine._fail(rid, e)
+            out = self.engine.fail_request(rid, e)
         if out is not None:
             outputs.append(out)
         elif rid not in self.engine.live:

@@ -11,14 +11,15 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from workers.defaults import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
 from workers.engine.block_manager import BlockManager
 from workers.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    max_num_seqs: int = MAX_NUM_SEQS
+    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
     max_model_len: int = 2048
 
 
