@@ -20,7 +20,7 @@ import time
 from workers import set_openmp_env  # noqa: E402
 set_openmp_env()
 
-from benchmarks.server import running_server  # noqa: E402
+from cluster.bench.local_server import running_server  # noqa: E402
 from benchmarks.throughput import engine_run, make_requests  # noqa: E402
 from workers.engine.core import EngineConfig  # noqa: E402
 from workers.engine.sampling_params import SamplingParams  # noqa: E402

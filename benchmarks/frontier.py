@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.server import running_server
+from cluster.bench.local_server import running_server
 
 
 def sweep(tp: int, points: str, out: Path) -> None:

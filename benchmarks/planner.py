@@ -17,6 +17,8 @@ predicted against measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import statistics
 import tempfile
@@ -27,7 +29,7 @@ from workers import set_openmp_env
 
 set_openmp_env()
 
-from benchmarks.server import running_server  # noqa: E402
+from cluster.bench.local_server import running_server  # noqa: E402
 from cluster.bench.main import main as bench_main  # noqa: E402
 from cluster.planner.model_shape import ModelShape, load_config  # noqa: E402
 from cluster.planner.plan import Planner, Workload, workload_lengths  # noqa: E402
@@ -40,9 +42,11 @@ FIGURES = (("tpot_ms", "TPOT p50 ms"), ("output_tok_s", "output tok/s"), ("ttft_
 
 
 def measure(target: str, concurrency: int, n: int, seed: int, out: Path) -> dict:
-    bench_main(["--target", target, "--concurrency", str(concurrency), "--num-requests", str(n), "--warmup",
-                str(WARMUP), "--seed", str(seed), "--workload", "random", "--input-range", ",".join(map(str, INPUT_RANGE)),
-                "--output-range", ",".join(map(str, OUTPUT_RANGE)), "--out", str(out), "--no-progress"])
+    with contextlib.redirect_stdout(io.StringIO()):  # the bench's own report tables: not this table
+        bench_main(["--target", target, "--concurrency", str(concurrency), "--num-requests", str(n), "--warmup",
+                    str(WARMUP), "--seed", str(seed), "--workload", "random", "--input-range",
+                    ",".join(map(str, INPUT_RANGE)), "--output-range", ",".join(map(str, OUTPUT_RANGE)), "--out", str(out),
+                    "--no-progress"])
     s = json.loads(out.read_text())["runs"][0]["summary"]
     return {"tpot_ms": s["tpot"]["median_ms"], "output_tok_s": s["output_token_throughput"],
             "ttft_ms_p90": s["ttft"]["p90_ms"]}
@@ -60,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     conc = [int(c) for c in args.concurrency.split(",")]
     t0 = time.perf_counter()
-    hw = profile(args.repeats)
+    hw = profile(args.repeats, model=args.model)
     if args.hardware_out:
         hw.save(args.hardware_out)
     print(f"profile: {hw.source}; read {hw.read_gbs:.1f} GB/s (spread {hw.spread.get('read_gbs')})", flush=True)

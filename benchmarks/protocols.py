@@ -18,7 +18,7 @@ import statistics
 from workers import set_openmp_env  # noqa: E402
 set_openmp_env()
 
-from benchmarks.server import running_server  # noqa: E402
+from cluster.bench.local_server import running_server  # noqa: E402
 from cluster.bench.metrics import summarize  # noqa: E402
 from cluster.bench.runner import LoadSpec, run_load  # noqa: E402
 from cluster.bench.workload import WorkloadSpec, make_workload  # noqa: E402

@@ -125,10 +125,11 @@ def profile_engine(folder, reqs: list[Req], batched_tokens: int) -> dict[str, fl
     from torch.profiler import ProfilerActivity, profile
 
     from workers.engine.core import EngineCore
+    from workers.engine.executor import WorkerExecutor
     from workers.worker import Worker
 
     worker = Worker(WorkerSpec(str(folder), kv_cache_memory=3 << 30), 0)
-    engine = EngineCore(worker, None, EngineConfig(max_num_seqs=len(reqs), max_num_batched_tokens=batched_tokens))
+    engine = EngineCore(WorkerExecutor(worker), None, EngineConfig(max_num_seqs=len(reqs), max_num_batched_tokens=batched_tokens))
     for i, r in enumerate(reqs):
         engine.add_request(str(i), r.prompt, SamplingParams(max_tokens=r.out_len, temperature=0.0, ignore_eos=True))
     with profile(activities=[ProfilerActivity.CPU]) as prof:

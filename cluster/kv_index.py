@@ -21,6 +21,7 @@ its own index a step before the engines report them.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -198,3 +199,15 @@ class KVIndex:
     def sizes(self) -> dict[str, int]:
         with self._lock:
             return {rid: len(h) for rid, h in self._held.items()}
+
+    def memory_bytes(self) -> int:
+        """What the index holds in memory: its dicts, their keys and masks (a key object shared
+        by several replicas counted once)."""
+        with self._lock:
+            seen, total = set(), sys.getsizeof(self._where)
+            for k, m in self._where.items():
+                total += sys.getsizeof(m)
+                if id(k) not in seen:
+                    seen.add(id(k))
+                    total += sys.getsizeof(k)
+            return total + sum(sys.getsizeof(h) for h in self._held.values())

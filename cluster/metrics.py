@@ -69,8 +69,9 @@ class ReplicaCollector(Collector):
         index = family("tpserve_routing_index_blocks", "Block keys the frontend's KV index holds for a replica")
         in_flight = family("tpserve_replica_requests_in_flight",
                            "Requests this frontend has placed on a replica and not finished")
-        outstanding = family("tpserve_replica_outstanding_tokens",
-                             "Tokens this frontend still expects a replica to prefill or generate")
+        load_tokens = family("tpserve_replica_load_tokens",
+                             "Tokens a replica still has to prefill or may generate: its engine's load "
+                             "plus this frontend's placements the engine has not yet counted")
         waiting = 0
         for h in handles:
             rid, load, st = h.replica_id, h.client.load, h.client.stats
@@ -81,9 +82,9 @@ class ReplicaCollector(Collector):
             if st.prefix_queried_tokens:
                 ratio.add_metric([rid], st.prefix_hit_tokens / st.prefix_queried_tokens)
             index.add_metric([rid], sizes.get(rid, 0))
-            in_flight.add_metric([rid], h.in_flight)
-            outstanding.add_metric([rid], h.outstanding)
-        yield from (kv, hits, ratio, index, in_flight, outstanding)
+            in_flight.add_metric([rid], h.book.in_flight)
+            load_tokens.add_metric([rid], h.load())
+        yield from (kv, hits, ratio, index, in_flight, load_tokens)
         yield GaugeMetricFamily("tpserve_requests_waiting", "Requests queued in replica engines", value=waiting)
         yield GaugeMetricFamily("tpserve_replicas_ready", "Replicas this frontend can route to", value=len(r.ready))
         yield CounterMetricFamily("tpserve_replica_restarts", "Replicas the controller replaced (failed, hung "

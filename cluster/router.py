@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,7 +18,7 @@ import ray
 
 from cluster.kv_index import KVIndex
 from cluster.replica import engine_client
-from cluster.routing import RoutingConfig, RoutingPolicy
+from cluster.routing import ReplicaBook, RoutingConfig, RoutingPolicy
 from workers.defaults import BLOCK_SIZE
 from workers.engine.block_keys import BlockKeyer
 from workers.engine.client import EngineClient, RequestStream
@@ -48,47 +48,28 @@ class ReplicaHandle:
     workers: list[dict]
     tp_size: int
     slot: int = 0  # its bit in the KVIndex
-    outstanding: int = 0  # tokens this frontend still expects it to prefill or generate (a gauge)
-    in_flight: int = 0
-    routed: int = 0
-    # Placements the engine has not taken yet: (the client's AddRequest number, tokens of work).
-    unacked: deque = field(default_factory=deque)
-    unacked_tokens: int = 0
+    book: ReplicaBook = field(default_factory=ReplicaBook)
 
     def load(self) -> int:
         """The engine's own load plus this frontend's placements it has not yet counted."""
-        engine = self.client.load
-        if self.unacked:
-            taken = engine.added_by(self.client.client_id)
-            while self.unacked and self.unacked[0][0] <= taken:
-                self.unacked_tokens -= self.unacked.popleft()[1]
-        return engine.tokens + self.unacked_tokens
+        return self.book.load(self.client.load, self.client.client_id)
 
 
 class Placement:
-    """One request on one replica: its stream, and the books kept while it runs. The request path
-    calls `progress` per delta, `abort` if it stops early, and `close` once at the end."""
+    """One request on one replica: its stream, and its place in the replica's book. The request
+    path calls `abort` if it stops early, and `close` once at the end."""
 
-    __slots__ = ("handle", "stream", "request_id", "reason", "cached_tokens", "_prompt", "_budget",
-                 "_prefilled", "_closed")
+    __slots__ = ("handle", "stream", "request_id", "reason", "cached_tokens", "_closed")
 
-    def __init__(self, handle: ReplicaHandle, stream: RequestStream, request_id: str,
-                 prompt_len: int, max_tokens: int, reason: str, cached_tokens: int):
+    def __init__(self, handle: ReplicaHandle, stream: RequestStream, request_id: str, reason: str,
+                 cached_tokens: int):
         self.handle, self.stream, self.request_id = handle, stream, request_id
         self.reason, self.cached_tokens = reason, cached_tokens
-        self._prompt, self._budget = prompt_len, prompt_len + max_tokens
-        self._prefilled = self._closed = False
+        self._closed = False
 
     @property
     def replica_id(self) -> str:
         return self.handle.replica_id
-
-    def progress(self, new_tokens: int) -> None:
-        """`new_tokens` arrived: the first ones also mean the prefill is done."""
-        done = new_tokens + (0 if self._prefilled else self._prompt)
-        self._prefilled = True
-        self._budget -= done
-        self.handle.outstanding -= done
 
     def abort(self) -> bool:
         """Stop it in the engine now (cancelled, past its deadline, or its consumer left). Only a
@@ -101,8 +82,7 @@ class Placement:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.handle.outstanding -= max(0, self._budget)
-            self.handle.in_flight -= 1
+            self.handle.book.closed()
 
 
 class Router:
@@ -228,16 +208,9 @@ class Router:
         if keys:
             self.index.expect(h.replica_id, keys[:(len(prompt_ids) - 1) // self.block_size])
         remaining = params.max_tokens - len(output_prefix or ())
-        work = len(prompt_ids) - decision.cached_tokens + remaining
-        h.unacked.append((h.client.sent, work))
-        h.unacked_tokens += work
-        p = Placement(h, stream, request_id, len(prompt_ids), remaining, decision.reason,
-                      decision.cached_tokens)
-        h.outstanding += len(prompt_ids) + remaining
-        h.in_flight += 1
-        h.routed += 1
+        h.book.placed(h.client.sent, len(prompt_ids) - decision.cached_tokens + remaining)
         self.decisions[decision.reason] += 1
-        return p
+        return Placement(h, stream, request_id, decision.reason, decision.cached_tokens)
 
     def done(self, request_id: str) -> None:
         self.active.discard(request_id)
@@ -250,8 +223,8 @@ class Router:
             except Exception:
                 st = h.client.stats
             out.append({"replica_id": h.replica_id, "state": "ready" if h.client.dead is None else "unhealthy",
-                        "tp_size": h.tp_size, "workers": h.workers, "stats": st, "routed": h.routed,
-                        "in_flight": h.in_flight, "outstanding": h.outstanding,
+                        "tp_size": h.tp_size, "workers": h.workers, "stats": st, "routed": h.book.routed,
+                        "in_flight": h.book.in_flight, "load_tokens": h.load(),
                         "index_blocks": sizes.get(h.replica_id, 0)})
         return out
 

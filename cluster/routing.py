@@ -32,10 +32,12 @@ least-load: the least load(r). round-robin: in turn. Both ignore the cache.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cluster.kv_index import KVIndex
+from workers.engine.messages import EngineLoad
 from workers.errors import ConfigError
 
 POLICIES = ("kv-aware", "least-load", "round-robin")
@@ -118,3 +120,44 @@ class RoutingPolicy:
                     guard, most = i, hits.get(slots[i], 0)
             return Decision(guard, "balance", most * block_size)
         return Decision(best_i, "cache" if cached else "load", cached)
+
+
+class ReplicaBook:
+    """One frontend's books on one replica: what it placed there that the engine has not yet
+    counted. The engine's load (EngineLoad, the same figure for every frontend) names the highest
+    AddRequest number it has taken from each client; a placement numbered above that is work the
+    frontend adds on its own, or the next request would see an idle replica that is not. Ray-free:
+    the router and the simulator keep the same books."""
+
+    __slots__ = ("_unacked", "_unacked_tokens", "in_flight", "routed")
+
+    def __init__(self):
+        self._unacked: deque[tuple[int, int]] = deque()  # (AddRequest number, tokens of work)
+        self._unacked_tokens = 0
+        self.in_flight = 0  # placements not yet closed
+        self.routed = 0  # placements since start
+
+    def placed(self, number: int, work: int) -> None:
+        """AddRequest `number` carries `work` tokens (uncached prompt + tokens it may generate)."""
+        self._unacked.append((number, work))
+        self._unacked_tokens += work
+        self.in_flight += 1
+        self.routed += 1
+
+    def closed(self) -> None:
+        self.in_flight -= 1
+
+    def load(self, engine: EngineLoad, client_id: str) -> int:
+        """The engine's own load plus the placements of this frontend (`client_id`, its client of
+        the engine) that it has not yet counted."""
+        if self._unacked:
+            taken = engine.added_by(client_id)
+            u = self._unacked
+            while u and u[0][0] <= taken:
+                self._unacked_tokens -= u.popleft()[1]
+        return engine.tokens + self._unacked_tokens
+
+    @property
+    def unacked(self) -> int:
+        """Placements the engine has not yet taken (as of the last `load`)."""
+        return len(self._unacked)

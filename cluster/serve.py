@@ -190,7 +190,8 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
     await server.start()
     http = None
     if opts.http_port:
-        from cluster.frontend.openai_api import HttpServer, OpenAIApi
+        from cluster.frontend.http_server import HttpServer
+        from cluster.frontend.openai_api import OpenAIApi
 
         http = HttpServer(OpenAIApi(frontend, server.is_ready, read_token(opts.auth_token_file)), opts.host,
                           opts.http_port, tls=opts.tls)

@@ -1,21 +1,23 @@
-"""A discrete-event model of a cluster, driving the real routing code past what one machine holds.
+"""A discrete-event model of a cluster: the real engine and the real routing code, with each
+engine step priced instead of run, past what one machine holds.
 
     python -m cluster.simulator [--replicas 64] [--tenants 10000] [--requests 20000] [--rate R]
                                 [--policies kv-aware,least-load,round-robin] [--calibrate]
 
-What is real: the routing policy and the KV index (`cluster.routing`, `cluster.kv_index`), the
-block keys (`workers.engine.block_keys`), and inside each modelled replica the engine's own
-scheduler and block manager (continuous batching, chunked prefill, prefix cache with LRU
-eviction, preemption). Each replica reports KVEvents after each step, as rank 0 does, and the
-router counts what it placed but the replica has not yet taken, as the frontend does.
+What is real: each replica is an `EngineCore` (workers/engine/core.py: scheduler, block manager,
+prefix cache with LRU eviction, chunked prefill, preemption, finish rules) on a
+`ModelledExecutor` (cluster/modelled_executor.py), which prices each step's plan with a cost model
+and returns placeholder tokens. Requests that arrive during a step join the engine at the next
+one, as rank 0's loop takes its inbox between steps. After each step a replica reports KVEvents
+as rank 0 does; the router is `cluster.routing`'s policy, KV index and `ReplicaBook` (what it
+placed but the engine has not yet counted), the frontend's own objects.
 
-What is modelled: a step's duration, from the step's shape (`StepShape`: each prefill chunk's
-tokens and context, each decoding sequence's context). `CostModel.step_time` = step_s +
-prefill_token_s x prompt tokens in the step + decode_seq_s x sequences decoding; its defaults
-are fitted to SmolLM2-135M on this project's 2-core machine at one thread per replica
-(`--calibrate` measures them again on the real engine). The planner's `RooflineCost`
-(cluster/planner/cost.py) prices the same shapes from a hardware profile instead. Reports reach
-the router at the step's end (no transport delay).
+What is modelled: a step's duration, from the step's shape. `CostModel` (step_s +
+prefill_token_s x prompt tokens + decode_seq_s x decoding sequences) defaults to a fit for
+SmolLM2-135M on this project's 2-core machine at one thread per replica (`--calibrate` measures
+it again on the real engine); the planner's `RooflineCost` (cluster/planner/cost.py) prices the
+same shapes from a hardware profile. Reports reach the router at the step's end (no transport
+delay).
 
 Load: open loop (each request arrives at its `arrival`), or closed loop (`concurrency` requests in
 flight; each completion sends the next request at once, as `tpserve bench --concurrency` does).
@@ -35,44 +37,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cluster.kv_index import KVIndex
-from cluster.routing import POLICIES, RoutingConfig, RoutingPolicy
-from workers.defaults import BLOCK_SIZE, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
+from cluster.modelled_executor import CostModel, ModelledExecutor, ReplicaModel, StepCost, StepShape
+from cluster.routing import POLICIES, ReplicaBook, RoutingConfig, RoutingPolicy
 from workers.engine.block_keys import BlockKeyer, new_salt
-from workers.engine.block_manager import BlockManager
-from workers.engine.core import queued_tokens
+from workers.engine.core import EngineConfig, EngineCore
 from workers.engine.messages import EngineLoad, KVDigest, KVEvents
 from workers.engine.sampling_params import SamplingParams
-from workers.engine.scheduler import Scheduler, SchedulerConfig
-from workers.engine.sequence import Sequence
 
-
-@dataclass(frozen=True, slots=True)
-class StepShape:
-    """What one engine step computes: (new tokens, tokens already cached) per prefill chunk, and
-    the context length (cached tokens + the new one) of each decoding sequence."""
-
-    prefill: tuple[tuple[int, int], ...] = ()
-    decode: tuple[int, ...] = ()
-
-    @property
-    def prefill_tokens(self) -> int:
-        return sum(n for n, _ in self.prefill)
-
-    @property
-    def tokens(self) -> int:
-        return self.prefill_tokens + len(self.decode)
-
-
-@dataclass(frozen=True, slots=True)
-class CostModel:
-    """Seconds per engine step, from what the step holds."""
-
-    step_s: float = 0.060
-    prefill_token_s: float = 0.0030
-    decode_seq_s: float = 0.0030
-
-    def step_time(self, shape: StepShape) -> float:
-        return self.step_s + self.prefill_token_s * shape.prefill_tokens + self.decode_seq_s * len(shape.decode)
+__all__ = ["CostModel", "ReplicaModel", "SimReplica", "SimRequest", "SimResult", "StepShape", "multi_tenant",
+           "simulate"]
 
 
 @dataclass(slots=True)
@@ -95,77 +68,71 @@ class SimRequest:
         return (self.done - self.arrival - self.ttft) / (self.max_tokens - 1)
 
 
-@dataclass(slots=True)
-class ReplicaModel:
-    num_blocks: int = 4096
-    block_size: int = BLOCK_SIZE
-    max_num_seqs: int = MAX_NUM_SEQS
-    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
-    max_model_len: int = 8192
+class SimulationError(RuntimeError):
+    """The engine refused or failed a simulated request: the simulation's set-up is wrong."""
 
 
 class SimReplica:
-    """One replica's engine without the model: the real scheduler and block manager."""
+    """One replica: the real EngineCore on a ModelledExecutor. `start_step` takes the inbox and
+    runs a step (its outputs held until the step's modelled end); `end_step` delivers them."""
 
-    def __init__(self, rid: str, model: ReplicaModel, keyer: BlockKeyer, cost: CostModel):
-        self.rid, self.cost = rid, cost
-        self.bm = BlockManager(model.num_blocks, model.block_size, True, keyer)
-        self.scheduler = Scheduler(SchedulerConfig(model.max_num_seqs, model.max_num_batched_tokens,
-                                                   model.max_model_len), self.bm)
+    CLIENT = "router"  # the one client of every modelled replica
+
+    def __init__(self, rid: str, model: ReplicaModel, salt: bytes, cost: StepCost):
+        self.rid = rid
+        self.executor = ModelledExecutor(cost, model)
+        self.engine = EngineCore(self.executor, None, EngineConfig(model.max_num_seqs, model.max_num_batched_tokens,
+                                                                   True, salt))
+        self.book = ReplicaBook()
         self.inbox: list[SimRequest] = []
-        self.live: dict[str, tuple[Sequence, SimRequest]] = {}
-        self.sent = self.taken = 0
+        self.live: dict[str, SimRequest] = {}
+        self.sent = self.taken = 0  # AddRequest numbers: sent by the router, taken by the engine
         self.kv_seq = 0
         self.load = EngineLoad(num_blocks=model.num_blocks)
         self.stepping = False
         self.finished: list[SimRequest] = []  # requests the last step completed
-        self._chunks = []
+        self._outputs = []
         self._ids = itertools.count()
 
     def start_step(self) -> float | None:
-        """Take the inbox and schedule a step; its duration, or None when there is nothing to do."""
+        """Take the inbox and run a step; its modelled duration, or None when there is nothing to do."""
         for req in self.inbox:
-            seq = Sequence(f"r{next(self._ids)}", req.prompt, SamplingParams(max_tokens=req.max_tokens,
-                                                                               ignore_eos=True))
-            seq.expected_cached_tokens = self.bm.cached_prefix_tokens(seq)
-            self.live[seq.request_id] = (seq, req)
-            self.scheduler.add(seq)
+            rid = f"r{next(self._ids)}"
+            try:
+                self.engine.add_request(rid, req.prompt, SamplingParams(max_tokens=req.max_tokens, ignore_eos=True))
+            except Exception as e:
+                raise SimulationError(f"replica {self.rid} refused a request of {len(req.prompt)} + "
+                                      f"{req.max_tokens} tokens: {e}") from e
+            self.live[rid] = req
         self.taken += len(self.inbox)
         self.inbox = []
-        sched = self.scheduler.schedule()
-        self._chunks = sched.chunks
-        if not sched.chunks:
-            return None
-        return self.cost.step_time(step_shape(sched.chunks))
+        steps = self.executor.steps
+        self._outputs = self.engine.step()
+        return self.executor.last_step_s if self.executor.steps != steps else None
 
     def end_step(self, now: float) -> KVEvents:
+        """The step's outputs reach their requests at `now`; the KVEvents rank 0 would send."""
         self.finished = []
-        for c in self._chunks:
-            s = c.seq
-            samples = c.samples
-            s.num_computed_tokens += c.num_tokens
-            self.bm.register_computed(s)
-            if samples:
-                seq, req = self.live[s.request_id]
-                if req.ttft is None:
-                    req.ttft = now - req.arrival
-                    req.cached_tokens = s.num_prefix_cached_tokens
-                s.append_token(7)
-                if len(s.output_token_ids) >= s.params.max_tokens:
-                    req.done = now
-                    self.finished.append(req)
-                    del self.live[s.request_id]
-                    self.scheduler.finish(s)
-        self._chunks = []
-        stored, removed = self.bm.events.take()
-        prefill, decode = queued_tokens(seq for seq, _ in self.live.values())
-        self.load = EngineLoad(prefill, decode, len(self.scheduler.running), len(self.scheduler.waiting),
-                               self.bm.num_free_blocks, self.bm.num_blocks, (("router", self.taken),))
+        for out in self._outputs:
+            req = self.live[out.request_id]
+            if out.finish_reason == "error":
+                raise SimulationError(f"replica {self.rid}: {out.error}")
+            if req.ttft is None and out.new_token_ids:
+                req.ttft = now - req.arrival
+                req.cached_tokens = out.cached_prompt_tokens
+            if out.finished:
+                req.done = now
+                self.finished.append(req)
+                del self.live[out.request_id]
+                self.book.closed()
+        self._outputs = []
+        stored, removed = self.engine.block_manager.events.take()
+        self.load = self.engine.load(((self.CLIENT, self.taken),))
         self.kv_seq += 1
         return KVEvents(self.kv_seq, stored, removed, self.load)
 
     def digest(self) -> KVDigest:
-        return KVDigest(self.kv_seq, self.bm.cached_keys(), self.bm.num_blocks, self.bm.block_size)
+        return self.engine.kv_digest(self.kv_seq)
 
 
 @dataclass(slots=True)
@@ -197,31 +164,6 @@ class SimResult:
                 "index_mib": self.index_bytes / 2**20, "sim_s": self.sim_s, "wall_s": self.wall_s}
 
 
-def index_bytes(index: KVIndex) -> int:
-    """Memory the index holds: its dicts, their keys and masks (shared key objects counted once)."""
-    seen, total = set(), sys.getsizeof(index._where)
-    for k, m in index._where.items():
-        total += sys.getsizeof(m)
-        if id(k) not in seen:
-            seen.add(id(k))
-            total += sys.getsizeof(k)
-    for held in index._held.values():
-        total += sys.getsizeof(held)
-    return total
-
-
-def step_shape(chunks) -> StepShape:
-    """A scheduled step's shape (the engine's own chunks: `Scheduler.schedule().chunks`)."""
-    prefill, decode = [], []
-    for c in chunks:
-        s = c.seq
-        if c.num_tokens == 1 and s.num_computed_tokens >= len(s.prompt_token_ids):
-            decode.append(s.num_computed_tokens + 1)
-        else:
-            prefill.append((c.num_tokens, s.num_computed_tokens))
-    return StepShape(tuple(prefill), tuple(decode))
-
-
 def simulate(requests: list[SimRequest], policy: str, replicas: int, model: ReplicaModel, cost,
              keyer: BlockKeyer, routing: RoutingConfig | None = None, concurrency: int | None = None) -> SimResult:
     """Route and serve `requests` on `replicas` modelled replicas under `policy`. Open loop: each
@@ -232,10 +174,8 @@ def simulate(requests: list[SimRequest], policy: str, replicas: int, model: Repl
     base = routing or RoutingConfig()
     cfg = RoutingConfig(policy, base.prefill_weight, base.balance_rel, base.balance_abs_tokens)
     router = RoutingPolicy(cfg, index)
-    reps = [SimReplica(f"replica-{i}", model, keyer, cost) for i in range(replicas)]
+    reps = [SimReplica(f"replica-{i}", model, keyer.salt, cost) for i in range(replicas)]
     slots = [index.slot(r.rid) for r in reps]
-    unacked = [deque() for _ in reps]
-    unacked_tokens = [0] * replicas
     events: list = []  # (time, order, kind, payload)
     order = itertools.count()
     pending = deque(requests)
@@ -251,12 +191,6 @@ def simulate(requests: list[SimRequest], policy: str, replicas: int, model: Repl
     decisions, reasons = [], {}
     wall = time.perf_counter()
 
-    def load_of(i: int) -> int:  # as ReplicaHandle.load
-        r, u = reps[i], unacked[i]
-        while u and u[0][0] <= r.taken:
-            unacked_tokens[i] -= u.popleft()[1]
-        return r.load.tokens + unacked_tokens[i]
-
     def kick(i: int) -> None:
         d = reps[i].start_step()
         if d is None:
@@ -270,8 +204,8 @@ def simulate(requests: list[SimRequest], policy: str, replicas: int, model: Repl
         if kind == 0:  # an arrival: the routing decision, timed
             req = payload
             t = time.perf_counter()
-            dec = router.choose(slots, [load_of(i) for i in range(replicas)], req.keys, len(req.prompt),
-                                model.block_size)
+            loads = [r.book.load(r.load, SimReplica.CLIENT) for r in reps]
+            dec = router.choose(slots, loads, req.keys, len(req.prompt), model.block_size)
             decisions.append((time.perf_counter() - t) * 1e6)
             if cfg.policy == "kv-aware":
                 index.expect(reps[dec.index].rid, req.keys[:(len(req.prompt) - 1) // model.block_size])
@@ -281,9 +215,7 @@ def simulate(requests: list[SimRequest], policy: str, replicas: int, model: Repl
             r = reps[i]
             r.inbox.append(req)
             r.sent += 1
-            work = len(req.prompt) - dec.cached_tokens + req.max_tokens
-            unacked[i].append((r.sent, work))
-            unacked_tokens[i] += work
+            r.book.placed(r.sent, len(req.prompt) - dec.cached_tokens + req.max_tokens)
             if not r.stepping:
                 kick(i)
         else:  # a replica's step ended: apply it, report, and start the next
@@ -297,7 +229,7 @@ def simulate(requests: list[SimRequest], policy: str, replicas: int, model: Repl
                     nxt.arrival = now
                     heapq.heappush(events, (now, next(order), 0, nxt))
             kick(i)
-    return SimResult(cfg.policy, requests, decisions, reasons, index.size, index_bytes(index), now,
+    return SimResult(cfg.policy, requests, decisions, reasons, index.size, index.memory_bytes(), now,
                      time.perf_counter() - wall)
 
 
@@ -390,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {policy:<12} TTFT p50 {s['ttft_p50_ms']:8.0f} ms  p90 {s['ttft_p90_ms']:8.0f} ms  "
               f"hit {s['hit_rate']:.3f}  decision p50 {s['decision_us_p50']:.0f} us  p99 {s['decision_us_p99']:.0f} us  "
               f"index {s['index_entries']} entries, {s['index_mib']:.1f} MiB  reasons {s['reasons']}  "
-              f"({s['sim_s']:.0f} s simulated in {s['wall_s']:.0f} s)", flush=True)
+              f"({s['sim_s']:.0f} s simulated in {s['wall_s']:.1f} s: {s['completed'] / s['wall_s']:.0f} requests/s)",
+              flush=True)
     print("\n| policy | TTFT p50 ms | TTFT p90 ms | hit rate | decision p50 us | decision p99 us | index entries | index MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for s in rows:

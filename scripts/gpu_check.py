@@ -17,7 +17,6 @@ checkpoint (logits within 1e-3, greedy tokens equal), with their decode ms/token
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers.engine.core import EngineConfig, EngineCore
-from workers.engine.loop import EngineLoop
+from workers.engine.executor import WorkerExecutor
+from workers.engine.loop import EngineLoop, worker_calls
 from workers.worker import Worker, WorkerSpec
 
 
@@ -40,8 +41,8 @@ def run_rank(spec: WorkerSpec, engine_config: EngineConfig, rank: int, inbox, ou
         worker = Worker(spec, rank)
         loop = None
         if rank == 0:
-            engine = EngineCore(worker, load_detokenizer(spec.model_path), engine_config)
-            loop = EngineLoop(engine, inbox, outbox)
+            engine = EngineCore(WorkerExecutor(worker), load_detokenizer(spec.model_path), engine_config)
+            loop = EngineLoop(engine, inbox, outbox, worker_calls(worker))
     except BaseException as e:  # the host reports it (a WorkerError for the caller)
         on_ready(e)
         return

@@ -120,7 +120,7 @@ def served_context(spec: WorkerSpec, config: ModelConfig, num_blocks: int) -> in
 
 def weights_folder(spec: WorkerSpec) -> str:
     """Where this spec's weights are read: the model folder, or its quantized copy in the cache
-    (made once by whoever gets here first: `prepare_weights` before ranks start)."""
+    (made once by whoever gets here first: `serve` and the launcher call this before ranks start)."""
     q, held = spec.quant.validate(), is_quantized(spec.model_path)
     if held is not None:
         if held != q:

@@ -98,7 +98,6 @@ class Frontend:
                                 self.metrics.itl.observe(now - last)
                             last = now
                             received += out.new_token_ids
-                            placement.progress(n)
                             self.metrics.generated.inc(n)
                         finished = out.finished
                         yield out

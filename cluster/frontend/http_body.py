@@ -92,7 +92,7 @@ def _lowest_priority() -> None:
 
 def _ready() -> None:
     """The parser process's first task: import what decoding needs before the first body."""
-    import cluster.frontend.openai_api  # noqa: F401  (the body models)
+    import cluster.frontend.openai_schema  # noqa: F401  (the body models)
 
 
 class BodyParser:

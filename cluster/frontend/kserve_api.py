@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from cluster.frontend.interceptors import Undecodable
 from cluster.frontend.core import Frontend, abort_on_error, deadline_of, status_of
 from cluster.frontend.tokenize import PromptInput
-from cluster.frontend.validate import InvalidArgument, NotFound, check_request_id, checked_params
+from cluster.frontend.validate import SAMPLING_FIELDS, InvalidArgument, NotFound, build_params, check_model, check_request_id
 from workers.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,8 @@ INPUTS = {"text_input": ("BYTES",), "max_tokens": ("INT32", "UINT32", "INT64", "
           "temperature": ("FP32", "FP64"), "top_p": ("FP32", "FP64"), "top_k": ("INT32", "INT64", "UINT32"),
           "random_seed": ("UINT64", "INT64", "INT32", "UINT32"), "stop_words": ("BYTES",),
           "sampling_parameters": ("BYTES",)}
-JSON_PARAMS = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
-               "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float, "seed": int,
-               "stop": list, "stop_token_ids": list, "ignore_eos": bool, "logprobs": int, "cache_salt": str}
+# Scalar input tensors that set a sampling field (Triton's TensorRT-LLM names), by field.
+TENSOR_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "random_seed": "seed"}
 
 
 def _bytes_elements(field: str, raw: bytes) -> list[bytes]:
@@ -108,10 +107,13 @@ def _text(field: str, b: bytes) -> str:
         raise InvalidArgument(field, "is not valid UTF-8") from None
 
 
-def build_params(values: dict[str, list], limits) -> SamplingParams:
+def sampling_params(values: dict[str, list], limits) -> SamplingParams:
+    """The request's sampling fields: the max_tokens tensor, the `sampling_parameters` JSON object
+    over it, then the other named input tensors over both (the order this API always had),
+    checked by the frontend's one `build_params`."""
     if "max_tokens" not in values:
         raise InvalidArgument("max_tokens", "is required")
-    p = SamplingParams(max_tokens=int(values["max_tokens"][0]))
+    fields: dict[str, object] = {"max_tokens": int(values["max_tokens"][0])}  # the JSON object may override it
     if "sampling_parameters" in values:
         blob = values["sampling_parameters"][0]
         if len(blob) > MAX_SAMPLING_JSON_BYTES:
@@ -128,25 +130,20 @@ def build_params(values: dict[str, list], limits) -> SamplingParams:
         if not isinstance(obj, dict):
             raise InvalidArgument("sampling_parameters", "must be a JSON object")
         for k, v in obj.items():
-            if k not in JSON_PARAMS:
-                raise InvalidArgument(f"sampling_parameters.{k}", f"unknown; accepted: {', '.join(JSON_PARAMS)}")
-            kind = JSON_PARAMS[k]
+            if k not in SAMPLING_FIELDS:
+                raise InvalidArgument(f"sampling_parameters.{k}", f"unknown; accepted: {', '.join(SAMPLING_FIELDS)}")
+            kind = SAMPLING_FIELDS[k]
             if kind is float and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
             if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
                 raise InvalidArgument(f"sampling_parameters.{k}", f"must be {kind.__name__}, got {v!r}")
-            setattr(p, k, v)
-    if "temperature" in values:
-        p.temperature = float(values["temperature"][0])
-    if "top_p" in values:
-        p.top_p = float(values["top_p"][0])
-    if "top_k" in values:
-        p.top_k = int(values["top_k"][0])
-    if "random_seed" in values:
-        p.seed = int(values["random_seed"][0])
+            fields[k] = v
+    for tensor, name in TENSOR_FIELDS.items():
+        if tensor in values:
+            fields[name] = values[tensor][0]
     if "stop_words" in values:
-        p.stop = [_text("stop_words", b) for b in values["stop_words"]]
-    return checked_params(p, "", limits)
+        fields["stop"] = [_text("stop_words", b) for b in values["stop_words"]]
+    return build_params(fields, limits)
 
 
 def _bytes_tensor(name: str, text: str) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
@@ -164,8 +161,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self.fe.limits.name
 
     def _check_model(self, name: str, version: str = "") -> None:
-        if name != self.name:
-            raise NotFound(f"model {name!r} is not served here; this server serves {self.name!r}")
+        check_model(name, self.name, required=True)
         if version not in ("", "1"):
             raise NotFound(f"model {name!r} has no version {version!r}; it has version 1")
 
@@ -229,7 +225,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument("text_input", "is required")
         prompt = PromptInput("text_input", text=_text("text_input", values["text_input"][0]))
         self.fe.encoder.check(prompt, self.fe.limits.max_model_len)
-        params = build_params(values, self.fe.limits)
+        params = sampling_params(values, self.fe.limits)
         stream = bool(values.get("stream", [False])[0])
         if stream and not streaming:
             raise InvalidArgument("stream", "stream=true needs ModelStreamInfer; ModelInfer returns the whole text")

@@ -5,36 +5,28 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
 from cluster.frontend.core import Frontend, abort_on_error, deadline_of, status_of
 from cluster.frontend.tokenize import PromptInput
-from cluster.frontend.validate import InvalidArgument, check_model, check_request_id, checked_params, finite
+from cluster.frontend.validate import InvalidArgument, build_params, check_model, check_request_id
 from workers.engine.outputs import RequestOutput
-from workers.engine.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
+from workers.engine.sampling_params import SamplingParams
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 STATE = {"starting": pb.REPLICA_STATE_STARTING, "ready": pb.REPLICA_STATE_READY,
          "unhealthy": pb.REPLICA_STATE_UNHEALTHY, "stopping": pb.REPLICA_STATE_STOPPING}
 
 
-def sampling_params(sp: pb.SamplingParameters, limits) -> SamplingParams:
-    p = SamplingParams()
-    for name in ("max_tokens", "top_k", "seed", "logprobs"):
-        if sp.HasField(name):
-            setattr(p, name, int(getattr(sp, name)))
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-        if sp.HasField(name):
-            setattr(p, name, finite(f"sampling.{name}", float(getattr(sp, name))))
-    p.stop = list(sp.stop)
-    if len(sp.stop_token_ids) > MAX_STOP_TOKEN_IDS:  # before copying a million ids out of the message
-        raise InvalidArgument("sampling.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, "
-                                                         f"got {len(sp.stop_token_ids)}")
-    p.stop_token_ids = list(sp.stop_token_ids)
-    p.ignore_eos = sp.ignore_eos
-    return checked_params(p, "sampling.", limits)
+OPTIONAL = ("max_tokens", "top_k", "seed", "logprobs", "temperature", "top_p", "min_p", "repetition_penalty",
+            "presence_penalty", "frequency_penalty")  # proto3 `optional`: unset means the default
+
+
+def sampling_params(sp: pb.SamplingParameters, limits, cache_salt: str = "") -> SamplingParams:
+    values = {name: getattr(sp, name) for name in OPTIONAL if sp.HasField(name)}
+    values.update(stop=sp.stop, stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos, cache_salt=cache_salt or None)
+    return build_params(values, limits, "sampling.", {"cache_salt": "cache_salt"})
 
 
 def messages_of(m: pb.ChatMessages) -> list[tuple[str, str]]:
@@ -78,11 +70,8 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
         return prompt
 
     def _prepare(self, request: pb.GenerateRequest) -> tuple[PromptInput, SamplingParams, str | None]:
-        check_model(request.model, self.fe.limits.name)
-        params = sampling_params(request.sampling, self.fe.limits)
-        if request.cache_salt:
-            params.cache_salt = request.cache_salt
-            checked_params(params, "", self.fe.limits)
+        check_model(request.model, self.fe.limits.name, required=False)
+        params = sampling_params(request.sampling, self.fe.limits, request.cache_salt)
         return self._prompt(request, "prompt"), params, check_request_id(request.request_id)
 
     async def Generate(self, request, context):
@@ -125,7 +114,7 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
 
     @abort_on_error
     async def Tokenize(self, request, context):
-        check_model(request.model, self.fe.limits.name)
+        check_model(request.model, self.fe.limits.name, required=False)
         return pb.TokenizeResponse(token_ids=await self.fe.encoder.encode(self._prompt(request, "text")))
 
     async def GetModelInfo(self, request, context):
@@ -147,7 +136,7 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
         for r in reply.replicas:
             h = router.replicas.get(r.replica_id)
             if h is not None:
-                r.requests_routed = h.routed
+                r.requests_routed = h.book.routed
         return reply
 
     async def _cluster_status(self) -> pb.ClusterStatus:

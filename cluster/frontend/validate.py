@@ -1,14 +1,17 @@
 """One place that turns a request into checked prompt ids and SamplingParams.
 
-Every problem raises InvalidArgument naming the field (the servicers turn it into
-INVALID_ARGUMENT), or NotFound for an unknown model.
+Each API (tpserve.v1, KServe, OpenAI) only maps its wire format onto SamplingParams' field names;
+`build_params` checks them all the same way, `check_model` applies the one rule for model names,
+`check_prompt_ids` the one rule for a tokenized prompt. Every problem raises InvalidArgument
+naming the field as that API spells it (INVALID_ARGUMENT / 400), or NotFound for an unknown model.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from workers.engine.sampling_params import SamplingParams
+from workers.engine.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 from workers.errors import ConfigError
 
 MAX_PROMPT_CHARS = 1_000_000
@@ -30,16 +33,48 @@ class ModelLimits:
     max_model_len: int
 
 
-def check_model(requested: str, served: str) -> None:
-    if requested and requested != served:
+# Every sampling field a request may set, and its type: the names all three APIs map onto.
+SAMPLING_FIELDS: dict[str, type] = {
+    "max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
+    "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float, "seed": int,
+    "stop": list, "stop_token_ids": list, "ignore_eos": bool, "logprobs": int, "cache_salt": str}
+
+
+def check_model(requested: str, served: str, required: bool) -> None:
+    """The model a request names must be the one served. An empty name means the served model
+    only where the API makes the field optional (tpserve.v1); KServe's model_name and OpenAI's
+    `model` are required, so there an empty name is an unknown model."""
+    if (requested or required) and requested != served:
         raise NotFound(f"model {requested!r} is not served here; this server serves {served!r}")
 
 
-def checked_params(params: SamplingParams, prefix: str, limits: ModelLimits) -> SamplingParams:
+def build_params(values: Mapping[str, object], limits: ModelLimits, prefix: str = "",
+                 names: Mapping[str, str] | None = None) -> SamplingParams:
+    """SamplingParams from the fields a request set (SamplingParams' names; None: the default),
+    checked the one way for every API: floats finite, id lists bounded before they are copied,
+    then `SamplingParams.validate`. An error names the field as the API spells it: `names[field]`
+    where given, else `prefix` + the field."""
+    def wire(name: str) -> str:
+        return (names or {}).get(name) or prefix + name
+
+    p = SamplingParams()
+    for name, value in values.items():
+        if value is None:
+            continue
+        kind = SAMPLING_FIELDS[name]
+        if kind is float:
+            value = finite(wire(name), float(value))
+        elif name == "stop_token_ids" and len(value) > MAX_STOP_TOKEN_IDS:  # before copying a million ids
+            raise InvalidArgument(wire(name), f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(value)}")
+        elif kind is list:
+            value = list(value)
+        elif kind is int:
+            value = int(value)
+        setattr(p, name, value)
     try:
-        return params.validate(limits.vocab_size)
+        return p.validate(limits.vocab_size)
     except ConfigError as e:
-        raise InvalidArgument(f"{prefix}{e.field}", e.message) from None
+        raise InvalidArgument(wire(e.field), e.message) from None
 
 
 def finite(field: str, value: float) -> float:

@@ -11,6 +11,8 @@ from workers.errors import ConfigError
 def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="where to write the hardware profile (JSON)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="the model the served path is measured with (what `tpserve serve` takes; none: not measured)")
 
 
 def cmd_profile(args) -> int:
@@ -18,7 +20,8 @@ def cmd_profile(args) -> int:
 
     if args.repeats < 1:
         raise ConfigError("repeats", f"must be >= 1, got {args.repeats}")
-    hw = profile(args.repeats, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    hw = profile(args.repeats, progress=lambda line: print(line, file=sys.stderr, flush=True),
+                 model=None if args.model == "none" else args.model)
     hw.save(args.out)
     print(f"{hw.name}: read {hw.read_gbs:.1f} GB/s; {hw.source}; wrote {args.out}")
     return 0

@@ -10,14 +10,20 @@ planner. Per step, on the slowest (largest) rank:
                (Pope et al.'s 2 x batch x d_model per layer for 1-D weight sharding)
     fixed      per step (engine, plan, launch), per layer (op dispatch), per sampled row (sampling
                reads a whole vocabulary row)
+    served     the served path's calibration (CPU profiles that measured it), from the profile's
+               decode steps of a model alone and served (the frontend's streaming, the Ray
+               poll, detokenizing, a client on the same cores): the step alone over this
+               model's unquantized price of it scales every step's price (what the terms above
+               miss of a real model's step), and served minus alone is added (what serving
+               costs); both linear between the measured sequence counts, flat outside them
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.planner.hardware import HardwareProfile
+from cluster.planner.hardware import HardwareProfile, interp
 from cluster.planner.model_shape import DTYPE_BYTES, READ_BYTES, ModelShape
-from cluster.simulator import StepShape
+from cluster.modelled_executor import StepShape
 
 
 @dataclass
@@ -41,8 +47,35 @@ class RooflineCost:
         self.attn_flops = hw.per_thread(hw.attn_prefill_flops, ranks)
         self.fixed = hw.per_thread(hw.step_s, ranks) + self.layers * hw.per_thread(hw.layer_s, ranks)
         self.per_row = hw.seq_s_per_kvocab * c.vocab_size / 1000
+        self._scale, self._added = self._served_calibration()
+
+    def _served_calibration(self) -> tuple[dict[str, float], dict[str, float]]:
+        """({str(sequences): alone / priced}, {str(sequences): served - alone}) at the profile's
+        served points; a quantized model keeps scale 1: its kernels were priced on their own."""
+        points = self.hw.served_points(self.tp)
+        if not points:
+            return {}, {}
+        added = {n: points["served"][n] - points["alone"][n] for n in points["served"]}
+        # Priced as it was measured: unquantized, one replica's ranks on the node.
+        measured_as = self.quantization == "none" and (self.ranks_on_node or self.tp) == self.tp
+        plain = self if measured_as else RooflineCost(self.model, self.hw, self.tp, "none", self.dtype, self.tp)
+        ctx = self.hw.served_context
+        scale = {n: alone / sum(plain.engine_parts(StepShape((), (ctx,) * int(n))).values())
+                 for n, alone in points["alone"].items()}
+        return scale, added
 
     def parts(self, shape: StepShape) -> dict[str, float]:
+        parts = self.engine_parts(shape)
+        if self._added:
+            rows = max(1, len(shape.decode) + len(shape.prefill))
+            scale = interp(self._scale, rows, log_x=False, grow=False) if self._scale else 1.0
+            parts["served"] = (scale - 1.0) * sum(parts.values()) + interp(self._added, rows, log_x=False, grow=False)
+        else:
+            parts["served"] = 0.0
+        return parts
+
+    def engine_parts(self, shape: StepShape) -> dict[str, float]:
+        """The step's price by term, before the served path's calibration."""
         hw, tp, r = self.hw, self.tp, self.rank
         tokens = shape.tokens
         rows = len(shape.decode) + len(shape.prefill)  # rows that reach the LM head (one per sequence)

@@ -17,15 +17,15 @@ from pathlib import Path
 from workers.errors import ConfigError
 
 
-def interp(points: dict, x: float, log_x: bool = True) -> float:
+def interp(points: dict, x: float, log_x: bool = True, grow: bool = True) -> float:
     """Piecewise-linear through sorted (x, y) points (in log x), flat outside... except past the
-    last point, where y grows in proportion to x (work that scales with the rows)."""
+    last point, where y grows in proportion to x (work that scales with the rows) unless not `grow`."""
     xs = sorted(float(k) for k in points)
     ys = [points[_key(points, k)] for k in xs]
     if x <= xs[0]:
         return ys[0]
     if x >= xs[-1]:
-        return ys[-1] * (x / xs[-1] if log_x else 1.0)
+        return ys[-1] * (x / xs[-1] if log_x and grow else 1.0)
     i = bisect.bisect_right(xs, x)
     x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
     f = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0)) if log_x else (x - x0) / (x1 - x0)
@@ -64,6 +64,13 @@ class HardwareProfile:
     step_s: dict = field(default_factory=dict)  # threads -> s
     layer_s: dict = field(default_factory=dict)  # threads -> s
     seq_s_per_kvocab: float = 0.0
+    # The served path (CPU, measured): str(tp) -> {"alone" | "served": {str(sequences): s}}, a
+    # decode step of `served_model` at `served_context` tokens, its worker group stepped alone,
+    # and as `tpserve serve` runs it with a `tpserve bench` client on this host. Empty for GPU
+    # profiles: there the frontend runs on host cores the GPUs do not need.
+    served_s: dict = field(default_factory=dict)
+    served_model: str = ""
+    served_context: int = 0
     spread: dict = field(default_factory=dict)  # figure -> [min, max] over repeats (measured)
 
     # ---- I/O -----------------------------------------------------------------------------------
@@ -111,6 +118,12 @@ class HardwareProfile:
             raise ConfigError("hardware", f"the profile has no {op} figures")
         t = str(min(known, key=lambda k: (abs(k - tp), -k)))
         return interp(table[t], max(elements, 1.0), log_x=True)
+
+    def served_points(self, tp: int) -> dict[str, dict[str, float]]:
+        """The decode steps measured alone and served at the tp nearest `tp` ({} when none was)."""
+        if not self.served_s:
+            return {}
+        return self.served_s[min(self.served_s, key=lambda k: (abs(int(k) - tp), int(k)))]
 
     def per_thread(self, figures: dict, ranks_on_node: int) -> float:
         """A figure measured per thread count, at the threads each of these ranks gets."""

@@ -21,7 +21,8 @@ from cluster.bench.workload import WorkloadSpec, make_workload
 from cluster.planner.cost import RooflineCost
 from cluster.planner.hardware import HardwareProfile
 from cluster.planner.model_shape import ModelShape
-from cluster.simulator import ReplicaModel, SimRequest, simulate
+from cluster.modelled_executor import ReplicaModel, StepShape
+from cluster.simulator import SimRequest, simulate
 from workers.defaults import (BLOCK_SIZE, CPU_KV_CACHE_BYTES, GPU_MEMORY_UTILIZATION, MAX_NUM_BATCHED_TOKENS,
                               default_dtype)
 from workers.engine.block_keys import BlockKeyer, new_salt
@@ -159,18 +160,17 @@ class Planner:
             # The KV cache is short of max_num_seqs x context: still predicted (the engine admits
             # what fits and preempts), but not a candidate for the cheapest.
         cost = RooflineCost(self.model, self.hw, tp, self.quantization, self.dtype, ranks_on_node=tp * replicas)
-        from cluster.simulator import StepShape
-
         ctx = work.max_context // 2
         parts = cost.parts(StepShape((), tuple([ctx] * max_num_seqs)))
         cand.parts_ms = {k: round(v * 1e3, 3) for k, v in parts.items()}
         rm = ReplicaModel(num_blocks=blocks, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=self.max_num_batched_tokens,
-                          max_model_len=max(work.max_context, 1))
+                          max_model_len=max(work.max_context, 1), vocab_size=self.model.cfg.vocab_size)
         rng = np.random.default_rng(work.seed)
         arrivals = np.cumsum(rng.exponential(1 / work.rate, size=len(work.lengths))) if work.rate else \
             np.zeros(len(work.lengths))
-        reqs = [SimRequest(float(a), rng.integers(100, 40000, size=i).tolist(), o)
+        top = min(40000, self.model.cfg.vocab_size)
+        reqs = [SimRequest(float(a), rng.integers(min(100, top - 1), top, size=i).tolist(), o)
                 for a, (i, o) in zip(arrivals, work.lengths)]
         keyer = BlockKeyer(new_salt())
         res = simulate(reqs, "least-load", replicas, rm, cost, keyer, concurrency=work.concurrency)

@@ -12,7 +12,11 @@ What it measures (each figure the median of --repeats, its min-max kept in `spre
 - collectives between real local ranks joined as a replica joins them (workers.comm_probe):
   all-reduce and logits gather by size, the plan broadcast, for tp 2..cores;
 - fixed costs: a tiny random Llama (hidden 64, SmolLM2's 49,152-entry vocabulary) run by the
-  engine core at 2 and 8 layers and at 1 and 16 sequences: per step, per layer, per sampled row.
+  engine core at 2 and 8 layers and at 1 and 16 sequences: per step, per layer, per sampled row;
+- the served path: `--model` (SmolLM2 by default) served by `tpserve serve` (one replica per
+  tp) and streamed by `tpserve bench` from this host: its decode step at 1 and 16 sequences,
+  with the frontend's streaming, the Ray poll, detokenizing and the client on the same cores
+  (the same worker group stepped alone is printed beside it). Prompts are synthetic.
 Nothing here reads a benchmark result: the planner is calibrated from this file alone.
 """
 from __future__ import annotations
@@ -137,9 +141,8 @@ def fixed_costs(threads: int, lm_head_s) -> tuple[float, float, float]:
     """(per step, per layer, per sampled row per 1,000 vocab entries) through the engine core.
     `lm_head_s(rows)`: the tiny model's LM head matmul at that many rows, priced by the linear
     table and taken out (the planner prices every model's LM head with that table)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from workers.engine.core import EngineConfig, EngineCore
+    from workers.engine.executor import WorkerExecutor
     from workers.engine.sampling_params import SamplingParams
     from workers.worker import Worker, WorkerSpec
 
@@ -149,13 +152,9 @@ def fixed_costs(threads: int, lm_head_s) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         for layers in (2, 8):
             folder = os.path.join(tmp, f"l{layers}")
-            cfg = LlamaConfig(vocab_size=vocab, hidden_size=TINY_HIDDEN, intermediate_size=128, num_hidden_layers=layers,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                              tie_word_embeddings=True)
-            torch.manual_seed(0)
-            LlamaForCausalLM(cfg).save_pretrained(folder)
+            _tiny_model(folder, layers)
             worker = Worker(WorkerSpec(folder, num_threads=threads, kv_cache_memory=64 << 20), 0)
-            core = EngineCore(worker, None, EngineConfig(max_num_seqs=16))
+            core = EngineCore(WorkerExecutor(worker), None, EngineConfig(max_num_seqs=16))
             ids = iter(range(10**9))
 
             def steps(batch: int, tokens: int) -> float:
@@ -179,7 +178,78 @@ def fixed_costs(threads: int, lm_head_s) -> tuple[float, float, float]:
     return step, layer, per_row
 
 
-def profile(repeats: int = 3, progress=print) -> HardwareProfile:
+def _tiny_model(folder: str, layers: int) -> None:
+    """The fixed-cost model: a tiny random Llama with SmolLM2's vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+
+
+SERVED_CONCURRENCY = (1, 16)
+SERVED_TOKENS = 16  # decode steps timed per request
+SERVED_PROMPT = 16  # tokens: the timed steps decode at contexts 17-32
+SERVED_CONTEXT = SERVED_PROMPT + SERVED_TOKENS // 2 + 1  # their mean, as the planner prices them
+
+
+def served_path(model: str, tps: list[int], progress=print) -> dict[str, dict[str, dict[str, float]]]:
+    """str(tp) -> {"alone" | "served": {str(sequences): seconds}}: a decode step of `model` at 1
+    and 16 sequences (context SERVED_CONTEXT), its worker group stepped alone, and served by
+    `tpserve serve` (one replica) and streamed by `tpserve bench` from this host. The model's own
+    shapes, because what serving adds is not the frontend's CPU time alone: while a step's
+    OpenMP threads hold every core, each wake-up of the frontend, the Ray poll or the client
+    stalls a thread the others wait for, so the added time grows with the step (a tiny model's
+    3 ms steps measured a tenth of it)."""
+    import contextlib
+    import io
+    import json
+
+    from cluster.bench.local_server import running_server
+    from cluster.bench.main import main as bench_main
+    from workers.engine.sampling_params import SamplingParams
+    from workers.launcher import LocalWorkerGroup
+    from workers.worker import WorkerSpec
+
+    out = {}
+    prompt = list(range(100, 100 + SERVED_PROMPT))
+    with tempfile.TemporaryDirectory() as tmp:
+        for tp in tps:
+            alone = {}
+            # Its own processes even at tp 1, as a served replica's ranks are (this process has
+            # run the matmul tables and holds their weights).
+            with LocalWorkerGroup(WorkerSpec(model, tp_size=tp)) as g:
+                def timed(c: int, n: int) -> float:
+                    t = time.perf_counter()
+                    g.engine.generate([prompt] * c, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+                    return time.perf_counter() - t
+
+                timed(2, 2)
+                for c in SERVED_CONCURRENCY:
+                    alone[c] = (timed(c, SERVED_TOKENS + 1) - timed(c, 1)) / SERVED_TOKENS
+            served = {}
+            with running_server("--model", model, "--tp", str(tp), "--replicas", "1") as srv:
+                for c in SERVED_CONCURRENCY:
+                    report = os.path.join(tmp, f"bench-{tp}-{c}.json")
+                    with contextlib.redirect_stdout(io.StringIO()):  # its report table is not ours to print
+                        bench_main(["--target", srv.target, "--concurrency", str(c), "--num-requests", str(c),
+                                    "--warmup", "1", "--workload", "fixed", "--input-len", str(len(prompt)),
+                                    "--output-len", str(SERVED_TOKENS + 1), "--out", report, "--no-progress"])
+                    with open(report) as f:
+                        served[c] = json.load(f)["runs"][0]["summary"]["tpot"]["median_ms"] / 1e3
+            out[str(tp)] = {"alone": {str(c): alone[c] for c in SERVED_CONCURRENCY},
+                            "served": {str(c): served[c] for c in SERVED_CONCURRENCY}}
+            progress(f"  served path at tp {tp}: " + ", ".join(
+                f"{c} sequences +{(served[c] - alone[c]) * 1e3:.1f} ms per step ({alone[c] * 1e3:.1f} alone, "
+                f"{served[c] * 1e3:.1f} served)" for c in SERVED_CONCURRENCY))
+    return out
+
+
+def profile(repeats: int = 3, progress=print, model: str | None = "smollm2-135m") -> HardwareProfile:
+    """`model`: what the served path is measured with (a folder or a name `tpserve serve` takes;
+    None: not measured, the planner then prices no served path)."""
     from workers import set_openmp_env
     from workers.launcher import threads_per_rank
 
@@ -216,6 +286,13 @@ def profile(repeats: int = 3, progress=print) -> HardwareProfile:
             for t in measure_collectives(tp, list(COLLECTIVE_SIZES), iters=100):
                 keep(("coll", t.op, tp, t.numel), t.median_us)
         progress(f"  repeat {rep + 1}/{repeats} done at {time.perf_counter() - t0:.0f} s")
+    # Once, not per repeat: a server start costs seconds, and the figure is a difference of two
+    # medians over many tokens already.
+    served = {}
+    if model is not None:
+        from workers.model_source import resolve_model
+
+        served = served_path(str(resolve_model(model)), sorted({1, min(2, cores)}), progress)
 
     med = {k: statistics.median(v) for k, v in samples.items()}
     linear: dict = {}
@@ -237,4 +314,5 @@ def profile(repeats: int = 3, progress=print) -> HardwareProfile:
         attn_kv_s_per_byte={str(t): med[("attn_byte", t)] for t in thread_counts},
         attn_prefill_flops={str(t): med[("attn_flops", t)] for t in thread_counts},
         collectives=coll, step_s={str(t): med[("step", t)] for t in thread_counts},
-        layer_s={str(t): med[("layer", t)] for t in thread_counts}, seq_s_per_kvocab=med["row"], spread=spread)
+        layer_s={str(t): med[("layer", t)] for t in thread_counts}, seq_s_per_kvocab=med["row"], served_s=served,
+        served_model=model or "", served_context=SERVED_CONTEXT if served else 0, spread=spread)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -12,7 +11,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
-from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
 from tests.workers.reference import reference_greedy
 from workers.engine.sampling_params import SamplingParams
 from workers.launcher import start_worker_group

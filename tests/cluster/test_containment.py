@@ -213,11 +213,12 @@ def test_load_drains_after_the_engine_forgot_the_client():
     h = ReplicaHandle("a", None, client, [], 1)
     for _ in range(5):
         client.add_request([1, 2], SamplingParams(max_tokens=4))
-        h.unacked.append((client.sent, 6))
-        h.unacked_tokens += 6
+        h.book.placed(client.sent, 6)
     assert [m.seq for m in client._inbox.sent] == [1, 2, 3, 4, 5]
+    client.load = EngineLoad(decode_tokens=10, added=(("c", 3),))
+    assert h.load() == 10 + 2 * 6 and h.book.unacked == 2  # the engine has not counted the last two
     client.load = EngineLoad(decode_tokens=10, added=(("c", 5),))  # after a detach, the 5th add re-creates it
-    assert h.load() == 10 and not h.unacked
+    assert h.load() == 10 and h.book.unacked == 0
     client.close()
 
 
@@ -238,12 +239,12 @@ def test_a_placement_aborts_only_a_request_still_live():
 
     h = ReplicaHandle("a", None, Client(), [], 1)
     stream = RequestStream("x")
-    p = Placement(h, stream, "x", 3, 4, "load", 0)
+    p = Placement(h, stream, "x", "load", 0)
     stream.push(RequestOutput("x", finished=True, finish_reason="error", error="refused", error_field="max_tokens"))
     with pytest.raises(ConfigError):
         next(iter(stream))
     assert p.abort() is False and Client.aborts == []
-    live = Placement(h, RequestStream("y"), "y", 3, 4, "load", 0)
+    live = Placement(h, RequestStream("y"), "y", "load", 0)
     assert live.abort() is True and Client.aborts == ["y"]
 
 
@@ -297,7 +298,7 @@ def test_a_port_in_use_is_one_line_naming_the_flag(flag, capsys):
 
 def test_an_engine_abort_is_reported_as_abort_not_stop():
     """A truncated answer must not look complete: OpenAI's finish_reason is "abort" (as vLLM's)."""
-    from cluster.frontend.openai_api import Reply
+    from cluster.frontend.openai_reply import Reply
 
     reply = Reply.__new__(Reply)
     reply.text, reply.token_ids, reply.logprobs = "", [], []
@@ -366,7 +367,7 @@ def test_per_replica_series_are_read_at_each_scrape_and_go_with_their_replica():
     (ReplicaLost("gone", failed=True), "UNAVAILABLE", 503), (ValueError("a bug"), None, None),
 ], ids=["config", "request_failed", "replica_lost", "bug"])
 def test_one_table_gives_the_grpc_and_the_http_status(exc, grpc_name, http):
-    from cluster.frontend.openai_api import api_error
+    from cluster.frontend.http_server import api_error
     from cluster.frontend.validate import InvalidArgument, NotFound
     from cluster.router import AlreadyExists, Overloaded, Unavailable
 

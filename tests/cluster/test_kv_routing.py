@@ -8,7 +8,8 @@ import numpy as np
 
 from cluster.kv_index import KVIndex
 from cluster.routing import RoutingConfig, RoutingPolicy
-from cluster.simulator import CostModel, ReplicaModel, SimRequest, simulate
+from cluster.modelled_executor import CostModel, ReplicaModel
+from cluster.simulator import SimRequest, simulate
 from workers.engine.block_keys import BlockKeyer, new_salt
 from workers.engine.messages import EngineLoad, KVDigest, KVEvents
 

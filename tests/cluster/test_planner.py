@@ -13,7 +13,8 @@ from cluster.planner.cost import RooflineCost
 from cluster.planner.hardware import HardwareProfile
 from cluster.planner.model_shape import ModelShape, load_config
 from cluster.planner.plan import Candidate, Planner, cheapest, parse_slo
-from cluster.simulator import ReplicaModel, SimRequest, StepShape, simulate
+from cluster.modelled_executor import ReplicaModel, StepShape
+from cluster.simulator import SimRequest, simulate
 from workers.engine.block_keys import BlockKeyer, new_salt
 from workers.errors import ConfigError
 
@@ -92,6 +93,34 @@ def test_roofline_terms_follow_the_shape(smollm2_dir):
     assert t2["linear"] < a["linear"]  # half the projections per rank
     prefill = one.parts(StepShape(((256, 0),), ()))
     assert prefill["linear"] > a["linear"]
+    assert a["served"] == 0.0  # a profile without the served path prices none
+
+
+def test_the_served_steps_the_profile_measured_are_priced_exactly_and_calibrate_the_rest(smollm2_dir):
+    model = ModelShape(load_config(str(smollm2_dir)), "smollm2")
+    hw = toy_cpu_profile()
+    plain = RooflineCost(model, hw, 1)
+    assert plain.parts(StepShape((), (25,)))["served"] == 0.0  # a profile without the served path
+
+    def price(cost, shape):
+        return sum(cost.engine_parts(shape).values())
+
+    one, sixteen = (price(plain, StepShape((), (25,) * n)) for n in (1, 16))
+    hw.served_s = {"1": {"alone": {"1": 1.5 * one, "16": 2.0 * sixteen},
+                         "served": {"1": 1.5 * one + 0.010, "16": 2.0 * sixteen + 0.030}}}
+    hw.served_context = 25
+    cost = RooflineCost(model, hw, 1)
+    # The measured served steps come back exactly.
+    assert cost.step_time(StepShape((), (25,))) == pytest.approx(1.5 * one + 0.010)
+    assert cost.step_time(StepShape((), (25,) * 16)) == pytest.approx(2.0 * sixteen + 0.030)
+    # Between them scale and added time are linear in the step's sequences; past them, flat.
+    eight = StepShape(((32, 0),), (100,) * 7)
+    assert cost.step_time(eight) == pytest.approx((1.5 + 7 / 15 * 0.5) * price(plain, eight) + 0.010 + 7 / 15 * 0.020)
+    wide = StepShape((), (300,) * 64)
+    assert cost.step_time(wide) == pytest.approx(2.0 * price(plain, wide) + 0.030)
+    # int8, and two replicas on the node, take the scale measured unquantized on one replica.
+    int8 = RooflineCost(model, hw, 1, "int8", ranks_on_node=2)
+    assert int8.step_time(StepShape((), (25,))) == pytest.approx(1.5 * price(int8, StepShape((), (25,))) + 0.010)
 
 
 def test_bad_slo_names_the_field():

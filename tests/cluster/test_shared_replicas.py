@@ -243,4 +243,4 @@ def test_a_reused_request_id_is_refused_and_leaks_no_count_so_no_replica_restart
     assert after.requests_in_flight == 0 and after.replica_restarts == before.replica_restarts
     assert {r.replica_id for r in after.replicas} == {r.replica_id for r in before.replicas}
     assert metric(b, "tpserve_replica_requests_in_flight") == [0.0, 0.0]
-    assert metric(b, "tpserve_replica_outstanding_tokens") == [0.0, 0.0]
+    assert metric(b, "tpserve_replica_load_tokens") == [0.0, 0.0]

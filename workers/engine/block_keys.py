@@ -32,6 +32,11 @@ class BlockKeyer:
             raise ValueError("a block-key salt has 16 to 64 bytes")
         self._salt = salt
 
+    @property
+    def salt(self) -> bytes:
+        """For engines that must compute the same keys (in-process only: never sent to clients)."""
+        return self._salt
+
     def root(self, cache_salt: str | None) -> BlockKey | None:
         """The parent of a request's first block: none, or one derived from its cache_salt."""
         if not cache_salt:

@@ -1,7 +1,9 @@
 """EngineCore: rank 0's synchronous engine. add_request / abort / step.
 
-Each step: schedule -> one plan for every rank -> forward -> sample on rank 0 -> detokenise ->
-one list of deltas (the caller ships it as one message per step).
+Each step: schedule -> plan (one for every rank) -> `executor.execute(plan)` (forward and sampling
+on the worker group, or a cost model's price: workers/engine/executor.py) -> commit (computed
+tokens, block keys, finish rules, detokenizing) -> one list of deltas (the caller ships it as one
+message per step).
 """
 from __future__ import annotations
 
@@ -9,18 +11,18 @@ import logging
 import os
 import random
 
-import torch
 from dataclasses import dataclass, field
 
 from workers.defaults import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
 from workers.engine.block_keys import BlockKeyer, new_salt
 from workers.engine.block_manager import BlockManager
 from workers.engine.detokenizer import DetokState, Detokenizer
-from workers.engine.messages import EngineLoad
+from workers.engine.executor import Executor
+from workers.engine.messages import EngineLoad, KVDigest
 from workers.engine.outputs import EngineStats, RequestOutput
-from workers.engine.sampler import SampleError, sample_each
+from workers.engine.sampler import SampleError, SampleResult
 from workers.engine.sampling_params import SamplingError, SamplingParams
-from workers.engine.scheduler import Scheduler, SchedulerConfig
+from workers.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from workers.engine.sequence import FinishReason, Sequence
 from workers.errors import ConfigError
 from workers.paged_cache import PagedSeq
@@ -67,21 +69,21 @@ class _Live:
 
 
 class EngineCore:
-    """Continuous batching over the paged cache of `worker` (a rank-0 Worker)."""
+    """Continuous batching over the paged cache of `executor`'s replica (workers/engine/executor.py)."""
 
-    def __init__(self, worker, tokenizer, config: EngineConfig | None = None):
+    def __init__(self, executor: Executor, tokenizer, config: EngineConfig | None = None):
         config = (config or EngineConfig()).validate()
-        self.worker = worker
-        self.vocab_size = worker.config.vocab_size
-        self.max_model_len = worker.max_model_len
-        self.eos_token_ids = set(worker.eos_token_ids)
-        self.block_manager = BlockManager(worker.num_blocks, worker.block_size, config.enable_prefix_caching,
+        self.executor = executor
+        self.vocab_size = executor.vocab_size
+        self.max_model_len = executor.max_model_len
+        self.eos_token_ids = set(executor.eos_token_ids)
+        self.block_manager = BlockManager(executor.num_blocks, executor.block_size, config.enable_prefix_caching,
                                           BlockKeyer(config.block_key_salt))
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.block_manager)
         self.detok = Detokenizer(tokenizer) if tokenizer is not None else None
         self.live: dict[str, _Live] = {}
-        self.stats = EngineStats(num_blocks=worker.num_blocks)
+        self.stats = EngineStats(num_blocks=executor.num_blocks)
         self._rng = random.Random(0x7E5E)
         # Fault injection for the reliability tests (docs/reliability.md): a request with this
         # cache_salt raises outside the per-request guards, as an unknown bug its data triggers
@@ -153,13 +155,20 @@ class EngineCore:
         if self._failpoint_salt is not None and any(c.seq.params.cache_salt == self._failpoint_salt
                                                     for c in sched.chunks):
             raise RuntimeError("injected fault (TPSERVE_FAILPOINT_SALT)")
+        plan, sampling = self._plan(sched)
+        results = self.executor.execute(plan, sampling)
+        return self._commit(sched, sampling, results)
+
+    def _plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list[Sequence]]:
+        """The step for every rank (each chunk's position, tokens and block table, the rows that
+        sample) and the sequences those rows belong to, in order."""
         seqs, ids, logits_rows, sampling = [], [], [], []
         n_prefill = n_decode = 0
         for c in sched.chunks:
             s = c.seq
             start = s.num_computed_tokens
             seqs.append(PagedSeq(start, c.num_tokens, list(s.block_table)))
-            ids += [s.token_at(i) for i in range(start, start + c.num_tokens)]
+            ids += s.all_token_ids[start:start + c.num_tokens]
             if c.samples:
                 logits_rows.append(len(ids) - 1)
                 sampling.append(s)
@@ -167,8 +176,14 @@ class EngineCore:
                 n_decode += 1
             else:
                 n_prefill += 1
-        logits = self.worker.step(StepPlan(PlanOp.STEP, seqs, ids, logits_rows)) if ids else None
         self._count_step(len(sched.chunks), n_prefill, n_decode)
+        return StepPlan(PlanOp.STEP, seqs, ids, logits_rows), sampling
+
+    def _commit(self, sched: SchedulerOutput, sampling: list[Sequence],
+                results: list[SampleResult | SampleError]) -> list[RequestOutput]:
+        """What the step computed becomes the engine's state: computed tokens, block keys, one
+        new token per sampling sequence with the finish rules; a request whose own part fails
+        ends alone with an error."""
         for c in sched.chunks:
             s = c.seq
             prompt_part = max(0, min(len(s.prompt_token_ids), s.num_computed_tokens + c.num_tokens)
@@ -184,20 +199,17 @@ class EngineCore:
             except Exception as e:
                 outputs.append(self.fail_request(c.seq.request_id, e))
                 failed.add(c.seq.request_id)
-        if sampling:
-            with torch.profiler.record_function("tpserve.sample"):
-                results = sample_each(logits, sampling)
-            for s, r in zip(sampling, results):
-                if s.request_id in failed:
-                    continue
-                if isinstance(r, SampleError):
-                    outputs.append(self.fail_request(s.request_id, r.cause))
-                    continue
-                try:
-                    out = self._append(self.live[s.request_id], r)
-                except Exception as e:  # stop checks, detokenizing: this request's own work
-                    out = self.fail_request(s.request_id, e)
-                outputs.append(out)
+        for s, r in zip(sampling, results):
+            if s.request_id in failed:
+                continue
+            if isinstance(r, SampleError):
+                outputs.append(self.fail_request(s.request_id, r.cause))
+                continue
+            try:
+                out = self._append(self.live[s.request_id], r)
+            except Exception as e:  # stop checks, detokenizing: this request's own work
+                out = self.fail_request(s.request_id, e)
+            outputs.append(out)
         return outputs
 
     def fail_request(self, request_id: str, exc: BaseException) -> RequestOutput:
@@ -266,6 +278,11 @@ class EngineCore:
         prefill, decode = queued_tokens(live.seq for live in self.live.values())
         return EngineLoad(prefill, decode, len(self.scheduler.running), len(self.scheduler.waiting),
                           self.block_manager.num_free_blocks, self.block_manager.num_blocks, added)
+
+    def kv_digest(self, kv_seq: int) -> KVDigest:
+        """Every key the prefix cache can find now, numbered as the KVEvents sent so far."""
+        bm = self.block_manager
+        return KVDigest(kv_seq, bm.cached_keys(), bm.num_blocks, bm.block_size)
 
     def snapshot(self) -> EngineStats:
         st = self.stats

@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from workers.engine.core import EngineCore
@@ -23,8 +24,11 @@ log = logging.getLogger(__name__)
 # How long an abort that found no live request waits for its add (an add that it overtook).
 EARLY_ABORT_TTL_S = 10.0
 
-# Calls the client may make on rank 0, and who answers them.
-WORKER_CALLS = {"prefill_logits", "load_report", "set_comm_timing", "info"}
+
+def worker_calls(worker) -> dict[str, Callable]:
+    """The calls a client may make on rank 0's Worker through the loop, bound here by name once."""
+    return {"prefill_logits": worker.prefill_logits, "load_report": worker.load_report,
+            "set_comm_timing": worker.set_comm_timing, "info": worker.info}
 
 
 def group_lost(e: BaseException) -> bool:
@@ -56,9 +60,10 @@ class Progress:
 
 
 class EngineLoop:
-    def __init__(self, engine: EngineCore, inbox, outbox):
+    def __init__(self, engine: EngineCore, inbox, outbox, calls: dict[str, Callable] | None = None):
         self.engine, self.inbox, self.outbox = engine, inbox, outbox
-        self.heartbeat_s = min(5.0, engine.worker.spec.collective_timeout_s / 4)
+        # The loop's own calls (stats, kv_digest) and the worker's (`worker_calls`).
+        self.calls: dict[str, Callable] = {"stats": engine.snapshot, "kv_digest": self.kv_digest, **(calls or {})}
         # An abort can overtake its add when the transport does not keep order (a threaded actor):
         # remember such aborts so the add that follows is refused at once.
         self._early_aborts: dict[str, float] = {}  # request id -> when (time.monotonic)
@@ -87,7 +92,7 @@ class EngineLoop:
                 if self._busy:
                     outputs += self.engine.step()
                 else:
-                    self.engine.worker.heartbeat(self.heartbeat_s)
+                    self.engine.executor.idle()
                 self._flush(outputs)
                 self._publish()
         except Exception as e:  # a broken collective or a bug: the replica cannot go on
@@ -96,7 +101,7 @@ class EngineLoop:
             raise
         finally:
             self.stopped.set()
-            self.engine.worker.stop_followers()
+            self.engine.executor.shutdown()
 
     def _flush(self, outputs: list[RequestOutput]) -> None:
         """One message per client that has outputs this step; finished requests lose their owner."""
@@ -125,8 +130,7 @@ class EngineLoop:
     def kv_digest(self) -> KVDigest:
         """Every findable key, consistent with the KVEvents sent so far (runs on the loop thread)."""
         self._publish()  # events not yet sent would fall between the digest and the next message
-        bm = self.engine.block_manager
-        return KVDigest(self._kv_seq, bm.cached_keys(), bm.num_blocks, bm.block_size)
+        return self.engine.kv_digest(self._kv_seq)
 
     def _handle(self, msg, outputs: list[RequestOutput]) -> None:
         if isinstance(msg, AddRequest):
@@ -198,14 +202,10 @@ class EngineLoop:
 
     def _call(self, msg: Call) -> None:
         try:
-            if msg.method == "stats":
-                value = self.engine.snapshot()
-            elif msg.method == "kv_digest":
-                value = self.kv_digest()
-            elif msg.method in WORKER_CALLS:
-                value = getattr(self.engine.worker, msg.method)(*msg.args, **msg.kwargs)
-            else:
+            call = self.calls.get(msg.method)
+            if call is None:
                 raise TpserveError(f"unknown engine call {msg.method!r}")
+            value = call(*msg.args, **msg.kwargs)
             self.outbox.put(CallResult(msg.call_id, True, value, msg.client_id))
         except Exception as e:
             self.outbox.put(CallResult(msg.call_id, False, e, msg.client_id))

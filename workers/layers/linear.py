@@ -207,7 +207,7 @@ class QKVParallelLinear(_Weighted):
 class RowParallelLinear(_Weighted):
     """Linear whose input features are cut across ranks; partial sums meet in one all-reduce.
 
-    `input_sizes` lets the input cut follow a non-uniform producer (o_proj's input is the
+    `input_range` lets the input cut follow a non-uniform producer (o_proj's input is the
     attention heads, cut by head ranges times head_dim).
     """
 

@@ -1,5 +1,5 @@
-"""`tpserve serve` as a child process for the benchmarks: free loopback ports, wait for ready,
-SIGTERM (drain) at the end. One helper, so every benchmark starts its server the same way."""
+"""`tpserve serve` as a child process (the benchmarks, `tpserve profile`): free loopback ports, wait for ready,
+SIGTERM (drain) at the end. One helper, so every caller starts its server the same way."""
 from __future__ import annotations
 
 import contextlib
