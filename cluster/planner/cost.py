@@ -51,7 +51,7 @@ class RooflineCost:
 
     def _served_calibration(self) -> tuple[dict[str, float], dict[str, float]]:
         """({str(sequences): alone / priced}, {str(sequences): served - alone}) at the profile's
-        served points; a quantized model keeps scale 1: its kernels were priced on their own."""
+        served points. Both are measured unquantized and apply to every quantization."""
         points = self.hw.served_points(self.tp)
         if not points:
             return {}, {}
