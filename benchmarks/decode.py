@@ -1,7 +1,8 @@
 """Decode latency at batch 1: tpserve at tp 1, 2, 3 against transformers' generate, in one run.
 
     python -m benchmarks.decode [--model smollm2-135m] [--tps 1,2,3] [--new-tokens 64]
-                                [--quantizations none,int8,int4] [--collectives shm,gloo]
+                                [--quantizations none,int8,int4] [--dtypes float32,bfloat16]
+                                [--collectives shm,gloo]
 
 Prints ms per generated token (prefill excluded: timed as (t(N) - t(1)) / (N - 1)), the share
 of rank 0's decode time spent inside collectives (all-reduce and the logits gather, which
@@ -9,7 +10,9 @@ includes waiting for slower ranks), and each figure's ratio to transformers. Wit
 --quantizations, each tp runs once per quantization, and each row also shows the weights' bytes
 per rank and the read-bandwidth floor: those bytes / the read bandwidth measured here (a sum over
 a 512 MiB tensor, the way a GEMV reads its weight). With --collectives shm,gloo, each tp > 1 runs
-once per CPU transport (shared memory, or gloo's TCP loopback).
+once per CPU transport (shared memory, or gloo's TCP loopback). With --dtypes, once per model dtype
+(a quantized bfloat16 model runs its residual stream in bf16; a float32 one casts around the int
+kernels).
 """
 from __future__ import annotations
 
@@ -57,8 +60,8 @@ def bench_transformers(folder, ids: list[int], n: int, repeats: int) -> float:
 
 
 def bench_tpserve(folder, tp: int, ids: list[int], n: int, repeats: int,
-                  quantization: str = "none", collectives: str = "shm") -> tuple[float, float, int]:
-    spec = WorkerSpec(str(folder), tp_size=tp, quantization=quantization, cpu_collectives=collectives)
+                  quantization: str = "none", collectives: str = "shm", dtype: str = "float32") -> tuple[float, float, int]:
+    spec = WorkerSpec(str(folder), tp_size=tp, quantization=quantization, cpu_collectives=collectives, dtype=dtype)
     with start_worker_group(spec) as group:
         def run(k):
             group.engine.generate([ids], SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True))
@@ -79,6 +82,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quantizations", default="none")
+    ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--collectives", default="shm", help="CPU transports for tp > 1: shm, gloo or both")
     args = ap.parse_args()
     folder = resolve_model(args.model)
@@ -91,19 +95,21 @@ def main() -> None:
     gbs = read_bandwidth_gbs()
     print(f"read bandwidth (sum over 512 MiB): {gbs:.1f} GB/s")
     rows = [("transformers generate", hf, None, None)]
-    for q in args.quantizations.split(","):
-        for tp in [int(t) for t in args.tps.split(",")]:
-            for c in args.collectives.split(",") if tp > 1 else ["-"]:
-                ms, comm, weights = bench_tpserve(folder, tp, ids, args.new_tokens, args.repeats, q,
-                                                  "shm" if c == "-" else c)
-                rows.append((f"tpserve tp={tp} {q}" + ("" if c == "-" else f" {c}"), ms, comm, weights))
-    print(f"{'system':<32}{'ms/token':>10}{'collectives':>13}{'vs transformers':>17}{'weights/rank':>14}"
+    for dtype in args.dtypes.split(","):
+        for q in args.quantizations.split(","):
+            for tp in [int(t) for t in args.tps.split(",")]:
+                for c in args.collectives.split(",") if tp > 1 else ["-"]:
+                    ms, comm, weights = bench_tpserve(folder, tp, ids, args.new_tokens, args.repeats, q,
+                                                      "shm" if c == "-" else c, dtype)
+                    name = f"tpserve tp={tp} {dtype[:4]} {q}" + ("" if c == "-" else f" {c}")
+                    rows.append((name, ms, comm, weights))
+    print(f"{'system':<36}{'ms/token':>10}{'collectives':>13}{'vs transformers':>17}{'weights/rank':>14}"
           f"{'floor ms':>10}{'x floor':>9}")
     for name, ms, comm, weights in rows:
         share = "-" if comm is None else f"{comm:.0%}"
         floor = "" if weights is None else f"{weights / 2**20:>10.0f} MiB{weights / gbs / 1e6:>10.1f}" \
                                             f"{ms / (weights / gbs / 1e6):>8.2f}x"
-        print(f"{name:<32}{ms:>10.1f}{share:>13}{hf / ms:>16.2f}x{floor}")
+        print(f"{name:<36}{ms:>10.1f}{share:>13}{hf / ms:>16.2f}x{floor}")
 
 
 if __name__ == "__main__":

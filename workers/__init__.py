@@ -15,6 +15,12 @@ OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}
 
 
 def set_openmp_env() -> None:
-    """Before torch loads (libgomp reads these once); values already set are kept."""
+    """Before torch loads (libgomp reads these once); values already set are kept. Importing
+    anything from `workers` does it, and every rank is a process started after it (the local
+    launcher's spawned processes, Ray actors with these in their runtime env), so the ranks run
+    with these settings even when the caller imported torch first."""
     for key, value in OPENMP_ENV.items():
         os.environ.setdefault(key, value)
+
+
+set_openmp_env()

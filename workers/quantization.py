@@ -7,49 +7,35 @@ weights; gpt-fast's int8 and int4), on PyTorch's own CPU kernels.
   0..15; the matmul is `aten._weight_int4pack_mm_for_cpu` on codes packed at load by
   `aten._convert_weight_to_int4pack_for_cpu` (packing is a layout, not quantization).
 
-Why these kernels: they ship with the pinned torch (torchao 0.18 is on PyPI but was not tried
-against torch 2.13). Measured here they are 6-10x slower than MKL's float GEMV for one row
-(docs/benchmarks.md), so on this CPU quantization saves memory, not time, until a faster kernel
-comes; a prefill chunk (more than 16 rows) dequantizes and multiplies in float instead.
+Why these kernels: they ship with the pinned torch, and fed bfloat16 activations (what they are
+written for) they are the fastest matmuls here at decode's few rows. How a layer holds and calls
+them, and when a prefill chunk dequantizes instead, is workers/layers/linear_method.py's part; this
+file is the format and its arithmetic, and the quantized checkpoint in the cache.
 
 Whole tensors are quantized once, from the checkpoint's (or the dequantized GGUF's) values, into a
-safetensors folder in the cache (`quantized_checkpoint`): a second start reads the codes and does
-no quantization work. Ranks slice the codes and scales at load like any weight, so a rank's
+safetensors folder in the cache (workers/quantized_checkpoint.py): a second start reads the codes
+and does no quantization work. Ranks slice the codes and scales at load like any weight, so a rank's
 numbers are the same slice of the same quantized tensor whatever the tp, and tokens do not depend
 on tp beyond float summation order. Cuts: int8 splits anywhere (a scale is per output row). int4's
 row-parallel cuts (along the input) must fall on group boundaries, and every rank's output rows
 must be a multiple of 16 (the kernel's packing unit); a cut that cannot is refused at load with a
 ConfigError naming the layer, the cut and the group size (no silent padding or fallback).
 
-On CUDA every quantized matmul dequantizes the weight to the activations' dtype and multiplies:
-the same numbers as the CPU kernels, the memory saved, but not yet the speed (`_weight_int4pack_mm`
-and a fused int8 GEMV are not wired: no GPU was at hand to check their packing).
-
 Only the Llama family's projections are quantized (q/k/v/o, gate/up/down); the embedding and the
 LM head stay in the model's dtype.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from workers.errors import ConfigError
 
-log = logging.getLogger(__name__)
-
 QUANTIZATIONS = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the CPU kernel takes
 INT4_PACK_ROWS = 16  # output rows per packing unit of the CPU kernel
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MARKER = "tpserve_quantization.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,34 +94,9 @@ def dequantize_int4(codes: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tens
     return ((q - 8) * scale_zero[..., :1] + scale_zero[..., 1:]).view(out_f, in_f)
 
 
-# ---- the layer side --------------------------------------------------------------------------------
+# ---- the CPU kernel's layout --------------------------------------------------------------------
 def int4_pack(codes: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 8)
-
-
-# Rows of x above which the weight is dequantized once and multiplied in float: the CPU kernels
-# take ~1 ms per decode GEMV here but tens of ms for a 512-token prefill chunk, while dequantizing a
-# projection costs about a millisecond.
-DEQUANTIZE_ABOVE_ROWS = 16
-
-
-def quantized_linear(x: torch.Tensor, layer) -> torch.Tensor:
-    """x @ W^T (+ bias) for a layer holding int8 codes + scales, or int4 codes (also packed) + scale_zero."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).contiguous()
-    if x2.shape[0] > DEQUANTIZE_ABOVE_ROWS or x2.is_cuda:
-        # CUDA takes this path too: correct in any dtype, but not the fused kernels (see the docstring).
-        w = dequantize_int8(layer.weight, layer.weight_scale) if layer.quant.method == "int8" \
-            else dequantize_int4(layer.weight, layer.weight_sz)
-        y = torch.nn.functional.linear(x2, w.to(x2.dtype))
-    elif layer.quant.method == "int8":
-        y = torch.ops.aten._weight_int8pack_mm(x2, layer.weight, layer.weight_scale)
-    else:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, layer.weight_packed, layer.quant.group_size,
-                                                       layer.weight_sz_t)
-    if layer.bias is not None:
-        y = y + layer.bias
-    return y.view(*shape[:-1], y.shape[-1])
 
 
 def check_int4_cut(what: str, out_rows: int, in_start: int, in_end: int, group_size: int) -> None:
@@ -147,68 +108,3 @@ def check_int4_cut(what: str, out_rows: int, in_start: int, in_end: int, group_s
     if out_rows % INT4_PACK_ROWS:
         raise ConfigError("quantization", f"int4: {what} holds {out_rows} output rows on this rank; the kernel packs "
                                           f"rows in units of {INT4_PACK_ROWS}; pick another tp, or int8")
-
-
-# ---- the quantized checkpoint in the cache -------------------------------------------------------
-def _folder_key(folder: Path) -> str:
-    h = hashlib.sha256(str(folder.resolve()).encode())
-    for f in sorted(folder.glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return f"{folder.name}-{h.hexdigest()[:16]}"
-
-
-def is_quantized(folder: str | Path) -> QuantConfig | None:
-    marker = Path(folder) / MARKER
-    if not marker.is_file():
-        return None
-    d = json.loads(marker.read_text())
-    return QuantConfig(d["method"], d.get("group_size", 32))
-
-
-def quantized_checkpoint(folder: str | Path, quant: QuantConfig) -> Path:
-    """<cache>/quantized/<folder>-<key>-<method>/: the folder's checkpoint with every Llama
-    projection quantized (once; later calls return the folder)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from workers.model_source import cache_dir
-
-    folder = Path(folder)
-    out = cache_dir() / "quantized" / f"{_folder_key(folder)}-{quant.tag}"
-    if (out / MARKER).is_file():
-        return out
-    log.info("quantizing %s to %s into %s (once)", folder, quant.tag, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".quantize-"))
-    try:
-        state: dict[str, torch.Tensor] = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as h:
-                for name in h.keys():
-                    t = h.get_tensor(name)
-                    parts = name.split(".")
-                    if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in QUANTIZED:
-                        if quant.method == "int8":
-                            state[name], state[name + "_scale"] = quantize_int8(t)
-                        else:
-                            state[name], state[name + "_sz"] = quantize_int4(t, quant.group_size)
-                    else:
-                        state[name] = t.contiguous()
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "quantization": quant.tag})
-        for f in folder.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
-                shutil.copy2(f, tmp / f.name)
-        (tmp / MARKER).write_text(json.dumps({"method": quant.method, "group_size": quant.group_size,
-                                              "source": str(folder)}))
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        try:
-            os.rename(tmp, out)  # atomic: a concurrent rank or process may have won the race
-        except OSError:
-            if not (out / MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

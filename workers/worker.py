@@ -18,11 +18,15 @@ import torch.distributed as dist
 from workers.config import ModelConfig
 from workers.defaults import BLOCK_SIZE, CPU_KV_CACHE_BYTES, DTYPE_NAMES, GPU_MEMORY_UTILIZATION
 from workers.errors import ConfigError
+from workers.kernel_probe import KernelProbe
+from workers.layers.embedding import ParallelLMHead
+from workers.layers.linear import LinearBase
 from workers.loader import load_weights, read_generation_eos
 from workers.models import build_model
 from workers.models.batch import ForwardBatch
 from workers.paged_cache import PagedKVCache, PagedSeq
-from workers.quantization import QuantConfig, is_quantized, quantized_checkpoint
+from workers.quantization import QuantConfig
+from workers.quantized_checkpoint import is_quantized, quantized_checkpoint
 from workers.parallel import TPGroup, head_shard
 from workers.shm_comm import ShmCommunicator
 from workers.step_plan import PlanChannel, PlanOp, StepPlan
@@ -177,9 +181,7 @@ class Worker:
         self.dtype = DTYPES[spec.dtype]
         self.model = build_model(self.config, self.group, self.dtype, self.device, spec.quant).eval()
         self.read_counter = load_weights(self.model, weights_folder(spec))
-        for m in self.model.modules():
-            if hasattr(m, "finish_loading"):
-                m.finish_loading()
+        self.kernel_probe_seconds = self._finish_loading()
         self.eos_token_ids = sorted(set(self.config.eos_token_ids + read_generation_eos(spec.model_path)))
         self.block_size = spec.block_size
         self.num_blocks = self._agree_num_blocks()
@@ -192,6 +194,20 @@ class Worker:
                                   self.config.head_dim, self.dtype, self.device)
         self.channel = PlanChannel(self.group.cpu_group, rank, shm=self.group.shm) if self.group.size > 1 else None
         self.load_seconds = time.perf_counter() - t0
+
+    def _finish_loading(self) -> float:
+        """Pack quantized weights and choose each layer's kernels on this machine (cached on disk:
+        workers/kernel_probe.py); returns the seconds it took."""
+        t = time.perf_counter()
+        probe = KernelProbe.for_this_machine() if self.device.type == "cpu" else None
+        for m in self.model.modules():
+            if isinstance(m, (LinearBase, ParallelLMHead)):
+                m.finish_loading(probe)
+        seconds = time.perf_counter() - t
+        if probe is not None and probe.measured:
+            log.info("rank %d: timed %d kernel choices in %.1f s (cached in %s)", self.rank, probe.measured,
+                     seconds, probe.path)
+        return seconds
 
     def _agree_num_blocks(self) -> int:
         """Blocks that fit this rank's budget, then the minimum over ranks: every rank must hold
@@ -243,6 +259,7 @@ class Worker:
                 param_bytes += p.numel() * p.element_size()
         return {"rank": self.rank, "pid": os.getpid(), "param_bytes": param_bytes,
                 "bytes_read": self.read_counter.bytes_read, "load_seconds": self.load_seconds,
+                "kernel_probe_seconds": self.kernel_probe_seconds,
                 "num_threads": torch.get_num_threads(), "quantization": self.spec.quant.tag,
                 "max_model_len": self.max_model_len, "num_blocks": self.num_blocks, "block_size": self.block_size}
 

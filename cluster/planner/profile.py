@@ -5,8 +5,8 @@
 What it measures (each figure the median of --repeats, its min-max kept in `spread`):
 - read bandwidth: a sum over a 512 MiB tensor;
 - matmuls: seconds per weight element at 1-512 rows, for none/int8/int4 and for each thread
-  count a rank can have here (cores // tp), through the engine's own kernels (plain_linear,
-  quantized_linear);
+  count a rank can have here (cores // tp), through the engine's own layers and the kernels their
+  probe picks on this machine (workers/layers/linear_method.py);
 - attention over the paged KV cache (the engine's PagedAttentionBatch): the per-layer call,
   per KV byte read by decode, FLOP/s of a prefill chunk;
 - collectives between real local ranks joined as a replica joins them (workers.comm_probe):
@@ -26,7 +26,6 @@ import platform
 import statistics
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -53,25 +52,32 @@ def read_bandwidth_gbs() -> float:
     return x.numel() * 4 / _best(x.sum) / 1e9
 
 
-def _weights(quant: str, shapes, copies: int):
-    """Layer-like objects holding random weights in each format (the engine's kernels read them)."""
-    from workers.quantization import QuantConfig, int4_pack, quantize_int4, quantize_int8
+def _weights(quant: str, shapes, copies: int, probe):
+    """Column-parallel layers holding random weights in each format, loaded and finished as the
+    engine finishes its own (the kernel the probe picks on this machine is the one timed)."""
+    from workers.layers.linear import ColumnParallelLinear
+    from workers.parallel import TPGroup
+    from workers.quantization import QuantConfig, quantize_int4, quantize_int8
+    from workers.tensor_source import TensorSource
 
     out = []
     for _ in range(copies):
         for n, k in shapes:
             w = torch.randn(n, k) * 0.02
             if quant == "none":
-                out.append(SimpleNamespace(weight=w, quant=None))
+                held = {"weight": w}
             elif quant == "int8":
                 codes, scale = quantize_int8(w)
-                out.append(SimpleNamespace(weight=codes, weight_scale=scale, bias=None,
-                                           quant=QuantConfig("int8", 32)))
+                held = {"weight": codes, "weight_scale": scale}
             else:
                 codes, sz = quantize_int4(w, 32)
-                out.append(SimpleNamespace(weight=codes, weight_sz=sz, weight_packed=int4_pack(codes),
-                                           weight_sz_t=sz.transpose(0, 1).contiguous(), bias=None,
-                                           quant=QuantConfig("int4", 32)))
+                held = {"weight": codes, "weight_sz": sz}
+            layer = ColumnParallelLinear(k, n, False, TPGroup(0, 1), torch.float32, quant=QuantConfig(quant, 32))
+            for name, value in held.items():
+                p = getattr(layer, name)
+                p.weight_loader(p, TensorSource.wrap(name, value))
+            layer.finish_loading(probe)
+            out.append(layer)
     return out
 
 
@@ -83,11 +89,10 @@ _LAYERS: dict[str, list] = {}
 def linear_table(quant: str) -> dict[str, float]:
     """Seconds per weight element at each row count, streaming 32 M weights (not cache-resident:
     a smaller set measured a third faster than the engine's real decode step)."""
-    from workers.layers.linear import plain_linear
-    from workers.quantization import quantized_linear
+    from workers.kernel_probe import KernelProbe
 
     if quant not in _LAYERS:  # built once per profile, reused by every repeat and thread count
-        _LAYERS[quant] = _weights(quant, SHAPES, copies=COPIES)
+        _LAYERS[quant] = _weights(quant, SHAPES, copies=COPIES, probe=KernelProbe.for_this_machine())
     layers = _LAYERS[quant]
     elements = sum(n * k for n, k in SHAPES) * COPIES
     table = {}
@@ -97,11 +102,7 @@ def linear_table(quant: str) -> dict[str, float]:
 
         def run():
             for layer in layers:
-                xi = xs[layer.weight.shape[1]]
-                if layer.quant is None:
-                    plain_linear(xi, layer.weight)
-                else:
-                    quantized_linear(xi, layer)
+                layer(xs[layer.weight.shape[1]])
 
         table[str(rows)] = _best(run, passes=1 if rows >= 64 else 3) / elements
     return table

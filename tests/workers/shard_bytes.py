@@ -64,16 +64,19 @@ def llama_projection_shapes(c: dict, tp: int, r: int) -> list[tuple[int, int]]:
 
 def llama_rank_bytes_quantized(c: dict, tp: int, r: int, method: str, group: int = 32, packed: bool = False) -> int:
     """llama_rank_bytes with the projections quantized: int8 codes (1 byte) + a float32 scale per
-    output row; int4 codes (1 byte) + float32 (scale, zero) per group as stored, and once loaded
-    (`packed`) also the kernel's packed codes (half a byte) and a transposed copy of the scales."""
+    output row; int4 codes (1 byte) + float32 (scale, zero) per group as stored. Once loaded
+    (`packed`), also the kernel's copies: int8's scales in bf16; int4's packed codes (half a byte)
+    and its scales transposed, in bf16."""
     n = llama_rank_bytes(c, tp, r)
     for rows, cols in llama_projection_shapes(c, tp, r):
         n -= c["num_hidden_layers"] * 4 * rows * cols
         if method == "int8":
             q = rows * cols + 4 * rows
+            if packed:
+                q += 2 * rows
         else:
             q = rows * cols + rows * (cols // group) * 2 * 4
             if packed:
-                q += rows * cols // 2 + rows * (cols // group) * 2 * 4
+                q += rows * cols // 2 + rows * (cols // group) * 2 * 2
         n += c["num_hidden_layers"] * q
     return n

@@ -62,3 +62,16 @@ def test_idle_followers_outlive_the_collective_timeout_and_a_stopped_rank_fails_
             except psutil.NoSuchProcess:
                 pass
         group.close()
+
+
+def test_ranks_get_the_openmp_settings_however_the_caller_started(tiny_llama_dir, monkeypatch):
+    """A script that imported torch without the settings (here: none in its environment) still
+    starts ranks that read them when their own torch loads; a value the user set is kept."""
+    from workers import OPENMP_ENV
+
+    for key in OPENMP_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1234")
+    with LocalWorkerGroup(WorkerSpec(str(tiny_llama_dir), tp_size=1)) as group:
+        env = psutil.Process(group.pids[0]).environ()
+    assert env["OMP_WAIT_POLICY"] == OPENMP_ENV["OMP_WAIT_POLICY"] and env["GOMP_SPINCOUNT"] == "1234"

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.layers.linear import plain_linear
+from workers.kernel_probe import KernelProbe
+from workers.layers.linear_method import PlainLinear
 from workers.parallel import TPGroup, shard_range, split_sizes
 from workers.tensor_source import TensorSource, copy_into
 
@@ -48,7 +49,11 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(vocab_size, hidden_size, group, dtype, device)
         if tie_to is not None:
             self.weight = tie_to.weight  # one shard serves both
+        self.quant_method = PlainLinear()  # the head stays in the model's dtype
+
+    def finish_loading(self, probe: KernelProbe | None) -> None:
+        self.quant_method.process_weights_after_loading(self, probe)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits [.., vocab] on rank 0; None on the other ranks."""
-        return self.group.gather_last_dim(plain_linear(hidden, self.weight), self.sizes)
+        return self.group.gather_last_dim(self.quant_method.apply(self, hidden), self.sizes)

@@ -5,10 +5,10 @@ split the input dim and end with one all-reduce. Column then row = one all-reduc
 Weights are logical [out, in]; a checkpoint that stores [in, out] (GPT-2's Conv1D) is read
 through a transposed view, so the same cut applies.
 
-With a `QuantConfig` (workers/quantization.py) the column, merged, qkv and row layers hold
-quantized codes instead: int8 codes [out, in] + `weight_scale` [out], or int4 codes + `weight_sz`
-[out, in / group, 2], loaded by the same cut as the weight they replace (a row-parallel layer's
-int8 scales are whole on every rank; its int4 groups are cut with its columns).
+With a `QuantConfig` the column, merged, qkv and row layers hold the format of their
+`quant_method` (workers/layers/linear_method.py: int8 or int4 codes and scales), loaded by the same
+cut as the weight they replace (a row-parallel layer's int8 scales are whole on every rank; its
+int4 groups are cut with its columns).
 """
 from __future__ import annotations
 
@@ -16,80 +16,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.kernel_probe import KernelProbe
+from workers.layers.linear_method import LinearMethod, linear_method, param
 from workers.parallel import HeadShard, TPGroup, shard_range
-from workers.quantization import QuantConfig, check_int4_cut, int4_pack, quantized_linear
+from workers.quantization import QuantConfig
 from workers.tensor_source import TensorSource, copy_into
 
 
-# A few rows (batch-1 decode) make a matmul a GEMV. MKL runs F.linear's x @ W.T there at ~10 GB/s
-# on this CPU, while a batched W @ x over 8 row-blocks of W streams the weight at 17-25 GB/s
-# (2.2-2.9x faster at 1 row, 1.1-3.3x at 4 rows over SmolLM2's shapes, measured in
-# docs/benchmarks.md, but for down_proj on one thread at 4 rows: 0.7x); at 8 rows it is mixed,
-# and from ~12 rows F.linear is as fast or faster.
-# float32 only: in bfloat16 F.linear is the faster of the two (13 against 8 GB/s).
-GEMV_MAX_ROWS = 4
-GEMV_BLOCKS = 8
-
-
-def plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [T, in], faster for a few rows on CPU."""
-    n = weight.shape[0]
-    if x.dim() != 2 or x.shape[0] > GEMV_MAX_ROWS or n % GEMV_BLOCKS or x.device.type != "cpu" \
-            or weight.dtype != torch.float32 or not weight.is_contiguous():
-        return F.linear(x, weight, bias)
-    rows, k = x.shape
-    y = torch.bmm(weight.view(GEMV_BLOCKS, n // GEMV_BLOCKS, k), x.t().unsqueeze(0).expand(GEMV_BLOCKS, k, rows))
-    y = y.view(n, rows).t()  # [rows, n]; contiguous already when rows == 1
-    if rows > 1:
-        y = y.contiguous()
-    return y if bias is None else y.add_(bias)
-
-
-def _param(*shape: int, dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
-
-
-class _Weighted(nn.Module):
-    """The weight of a linear layer: plain, or quantized codes with their scales."""
-
-    quant: QuantConfig | None = None
+class LinearBase(nn.Module):
+    """A linear layer whose weight format is its `quant_method`'s (linear_method.py): the layer
+    decides the cut, the method what is held and how it multiplies."""
 
     def _make_weight(self, out_local: int, in_local: int, dtype, device, quant: QuantConfig | None,
                      loader, what: str, in_range: tuple[int, int] | None = None) -> None:
         """`in_range`: this rank's cut of the input (row-parallel), else the whole input."""
-        self.quant = quant if quant is not None and quant.enabled else None
-        q = self.quant
-        if q is None:
-            self.weight = _param(out_local, in_local, dtype=dtype, device=device)
-        elif q.method == "int8":
-            self.weight = _param(out_local, in_local, dtype=torch.int8, device=device)
-            self.weight_scale = _param(out_local, dtype=torch.float32, device=device)
-            # A row-parallel rank holds every output row: its scales are the whole vector.
-            self.weight_scale.weight_loader = loader if in_range is None else \
-                (lambda p, src, shard_id=None: copy_into(p, src.read(), src.name))
-        else:
-            start, end = in_range or (0, in_local)
-            check_int4_cut(what, out_local, start, end, q.group_size)
-            g = q.group_size
-            self.weight = _param(out_local, in_local, dtype=torch.uint8, device=device)
-            self.weight_sz = _param(out_local, in_local // g, 2, dtype=torch.float32, device=device)
-            self.weight_sz.weight_loader = loader if in_range is None else \
-                (lambda p, src, shard_id=None: copy_into(p, src.narrow(1, start // g, (end - start) // g).read(),
-                                                          src.name))
-        self.weight.weight_loader = loader
+        self.model_dtype = dtype
+        self.quant_method: LinearMethod = linear_method(quant)
+        self.quant_method.create_weights(self, out_local, in_local, dtype, device, loader, what, in_range)
 
-    def finish_loading(self) -> None:
-        """int4: pack the codes for the kernel (a layout change, once, after loading). The plain
-        codes stay too: a prefill chunk dequantizes from them (quantization.quantized_linear)."""
-        if self.quant is not None and self.quant.method == "int4" and self.weight.device.type == "cpu":
-            sz_t = self.weight_sz.data.transpose(0, 1).contiguous()  # [in / group, out, 2]
-            self.weight_packed = nn.Parameter(int4_pack(self.weight.data), requires_grad=False)
-            self.weight_sz_t = nn.Parameter(sz_t, requires_grad=False)
+    def finish_loading(self, probe: KernelProbe | None) -> None:
+        """Once, after the weights are loaded: the method's packing and its kernel choice here."""
+        self.quant_method.process_weights_after_loading(self, probe)
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant is None:
-            return plain_linear(x, self.weight, self.bias)
-        return quantized_linear(x, self)
+        shape = x.shape
+        y = self.quant_method.apply(self, x.reshape(-1, shape[-1]))
+        return y.view(*shape[:-1], y.shape[-1])
 
 
 class ReplicatedLinear(nn.Module):
@@ -97,18 +49,18 @@ class ReplicatedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
         super().__init__()
-        self.weight = _param(out_features, in_features, dtype=dtype, device=device)
+        self.weight = param(out_features, in_features, dtype=dtype, device=device)
         self.weight.weight_loader = lambda p, src, shard_id=None: copy_into(p, src.read(), src.name)
         self.bias = None
         if bias:
-            self.bias = _param(out_features, dtype=dtype, device=device)
+            self.bias = param(out_features, dtype=dtype, device=device)
             self.bias.weight_loader = self.weight.weight_loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
-class ColumnParallelLinear(_Weighted):
+class ColumnParallelLinear(LinearBase):
     """Linear whose output features are cut into contiguous ranges, one per rank."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group: TPGroup,
@@ -120,7 +72,7 @@ class ColumnParallelLinear(_Weighted):
         self._make_weight(local, in_features, dtype, device, quant, self.weight_loader, "a column-parallel linear")
         self.bias = None
         if bias:
-            self.bias = _param(local, dtype=dtype, device=device)
+            self.bias = param(local, dtype=dtype, device=device)
             self.bias.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, src: TensorSource, shard_id=None) -> None:
@@ -130,7 +82,7 @@ class ColumnParallelLinear(_Weighted):
         return self._linear(x)
 
 
-class MergedColumnParallelLinear(_Weighted):
+class MergedColumnParallelLinear(LinearBase):
     """Several column-parallel outputs fused into one matmul (gate_up_proj = [gate; up]).
 
     Each part is cut by the same rule, so rank r holds [gate_r; up_r].
@@ -145,7 +97,7 @@ class MergedColumnParallelLinear(_Weighted):
                           "gate_up_proj")
         self.bias = None
         if bias:
-            self.bias = _param(sum(self.local_sizes), dtype=dtype, device=device)
+            self.bias = param(sum(self.local_sizes), dtype=dtype, device=device)
             self.bias.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, src: TensorSource, shard_id: int) -> None:
@@ -157,7 +109,7 @@ class MergedColumnParallelLinear(_Weighted):
         return self._linear(x)
 
 
-class QKVParallelLinear(_Weighted):
+class QKVParallelLinear(LinearBase):
     """Fused q/k/v projection cut by attention heads.
 
     Rank r holds its query heads and every KV head they read (a KV head shared by two ranks'
@@ -177,7 +129,7 @@ class QKVParallelLinear(_Weighted):
         self._make_weight(out, hidden_size, dtype, device, quant, self.weight_loader, "qkv_proj")
         self.bias = None
         if bias:
-            self.bias = _param(out, dtype=dtype, device=device)
+            self.bias = param(out, dtype=dtype, device=device)
             self.bias.weight_loader = self.weight_loader
 
     def _rows(self, shard_id: str) -> tuple[int, int, int]:
@@ -204,7 +156,7 @@ class QKVParallelLinear(_Weighted):
         return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
 
 
-class RowParallelLinear(_Weighted):
+class RowParallelLinear(LinearBase):
     """Linear whose input features are cut across ranks; partial sums meet in one all-reduce.
 
     `input_range` lets the input cut follow a non-uniform producer (o_proj's input is the
@@ -222,7 +174,7 @@ class RowParallelLinear(_Weighted):
         # Bias only on rank 0, or the all-reduce would add it tp_size times.
         self.bias = None
         if bias and group.rank == 0:
-            self.bias = _param(out_features, dtype=dtype, device=device)
+            self.bias = param(out_features, dtype=dtype, device=device)
             self.bias.weight_loader = lambda p, src, shard_id=None: copy_into(p, src.read(), src.name)
 
     def weight_loader(self, param: nn.Parameter, src: TensorSource, shard_id=None) -> None:

@@ -1,0 +1,78 @@
+"""Kernel choices made on the running machine: each candidate computes F.linear's result, the probe
+picks by timing and stops at the first loss, and its answers are cached per machine."""
+import json
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers.kernel_probe import KernelProbe
+from workers.layers.linear import ColumnParallelLinear
+from workers.layers.linear_method import GEMV_BLOCKS, PlainLinear, gemv
+from workers.parallel import TPGroup
+from workers.tensor_source import TensorSource
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_the_batched_gemv_equals_f_linear(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 96, generator=g), torch.randn(8 * GEMV_BLOCKS * 9, 96, generator=g)
+    got = gemv(x, w)
+    assert got.shape == (rows, w.shape[0]) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gemv_rows", [0, 2])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_a_plain_layer_gives_f_linear_whichever_kernel_was_chosen(gemv_rows, rows):
+    torch.manual_seed(rows)
+    layer = ColumnParallelLinear(96, 8 * GEMV_BLOCKS * 3, bias=True, group=TPGroup(0, 1), dtype=torch.float32)
+    w, b = torch.randn(8 * GEMV_BLOCKS * 3, 96), torch.randn(8 * GEMV_BLOCKS * 3)
+    layer.weight.weight_loader(layer.weight, TensorSource.wrap("w", w))
+    layer.bias.weight_loader(layer.bias, TensorSource.wrap("b", b))
+    assert isinstance(layer.quant_method, PlainLinear)
+    layer.quant_method.gemv_rows = gemv_rows
+    x = torch.randn(rows, 96)
+    torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def _fast():
+    return lambda: None
+
+
+def _slow():
+    return lambda: time.sleep(0.003)
+
+
+def test_the_probe_takes_the_candidate_up_to_its_first_loss_and_caches_the_answer(tmp_path):
+    path = tmp_path / "kernels.json"
+    probe = KernelProbe(path)
+    # the candidate wins at 1 and 2 rows, loses at 4; 8 is never reached (or it would win again)
+    limit = probe.rows_limit("test", (3, 5), torch.float32, (1, 2, 4, 8),
+                             candidate=lambda r: _slow() if r == 4 else _fast(),
+                             incumbent=lambda r: _fast() if r == 4 else _slow(), default=99)
+    assert limit == 2 and probe.measured == 1
+    assert json.loads(path.read_text()) == {f"test|3x5|float32|t{torch.get_num_threads()}": 2}
+
+    def never(_):
+        raise AssertionError("timed again")
+
+    again = KernelProbe(path)  # a second start: the answer comes from the file, nothing is timed
+    assert again.rows_limit("test", (3, 5), torch.float32, (1, 2, 4, 8), never, never, default=99) == 2
+    assert again.measured == 0
+    # another shape is its own decision; the file keeps both
+    assert again.rows_limit("test", (3, 6), torch.float32, (1,), lambda r: _slow(), lambda r: _fast(), 99) == 0
+    assert len(json.loads(path.read_text())) == 2
+
+
+def test_the_probe_switched_off_takes_the_default_and_times_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TPSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TPSERVE_KERNEL_PROBE", "off")
+    probe = KernelProbe.for_this_machine()
+
+    def never(_):
+        raise AssertionError("timed")
+
+    assert probe.rows_limit("test", (1,), torch.float32, (1,), never, never, default=7) == 7
+    assert probe.measured == 0 and not probe.path.exists()

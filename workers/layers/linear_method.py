@@ -1,0 +1,205 @@
+"""How a linear layer holds and multiplies its weight: plain, int8 or int4 (vLLM's LinearMethod).
+
+The parallel layers (linear.py) decide which rows or columns a rank holds and how partial sums
+meet; a method owns the format of what is held. It creates the layer's parameters (each with the
+loader of the layer's cut), finishes them once after loading (packing, the kernels' scale dtype,
+the kernel choice on this machine), and multiplies. A layer never reads another format's fields.
+
+Kernels, chosen at start-up by workers/kernel_probe.py on the layer's own weights:
+- plain: `F.linear`, or for a few float32 rows on CPU a batched GEMV (W as 8 row-blocks times x),
+  which streamed the weight 2.2-2.9x faster than MKL's GEMV on issue 12's machine and 2.4-4.8x
+  slower on issue 20's; the probe picks per shape and thread count.
+- int8 / int4 on CPU: PyTorch's weight-only kernels (`_weight_int8pack_mm`,
+  `_weight_int4pack_mm_for_cpu`) fed bfloat16 activations. They are written for bf16: with
+  float32 activations they ran 15-40x slower (issue 20's table) and were, in bf16, the fastest
+  matmuls on that machine. A float32 model casts x to bf16 around the kernel and the result back
+  (its residual stream, norms and attention stay float32). Above some row count (a prefill chunk)
+  dequantizing the weight and calling F.linear in the activations' dtype wins: the probe finds it.
+- CUDA: every quantized matmul dequantizes to the activations' dtype and multiplies (the memory
+  saved, not the speed: the CUDA int kernels are not wired; no GPU was at hand to check them).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.kernel_probe import KernelProbe
+from workers.quantization import QuantConfig, check_int4_cut, dequantize_int4, dequantize_int8, int4_pack
+from workers.tensor_source import copy_into
+
+GEMV_BLOCKS = 8
+GEMV_PROBE_ROWS = (1, 2, 4)
+# Row counts at which a quantized layer times its packed kernel against dequantize-and-multiply;
+# the first count where the kernel loses ends the probe. Unprobed default: issue 20's crossing.
+PACKED_PROBE_ROWS = (1, 4, 16, 32, 64, 128, 256)
+PACKED_DEFAULT_ROWS = 32
+
+
+def param(*shape: int, dtype: torch.dtype, device=None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for x [rows, in] as a batched matmul over GEMV_BLOCKS row-blocks of the weight."""
+    n, k = weight.shape
+    rows = x.shape[0]
+    y = torch.bmm(weight.view(GEMV_BLOCKS, n // GEMV_BLOCKS, k), x.t().unsqueeze(0).expand(GEMV_BLOCKS, k, rows))
+    y = y.view(n, rows).t()  # [rows, n]; contiguous already when rows == 1
+    return y.contiguous() if rows > 1 else y
+
+
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The activations' dtype inside the CPU int kernels: half types as they are, float32 as bf16."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+class LinearMethod:
+    """Creates, finishes and applies one layer's weight. One instance per layer."""
+
+    def create_weights(self, layer: nn.Module, out_local: int, in_local: int, dtype: torch.dtype, device,
+                       loader, what: str, in_range: tuple[int, int] | None = None) -> None:
+        """`loader`: the layer's weight loader (its cut); `in_range`: this rank's cut of the input
+        (row-parallel), else None (the whole input)."""
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer: nn.Module, probe: KernelProbe | None) -> None:
+        pass
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] -> [rows, out], plus the layer's bias if it has one."""
+        raise NotImplementedError
+
+
+class PlainLinear(LinearMethod):
+    """A float weight [out, in] in the model's dtype."""
+
+    gemv_rows = 0  # F.linear until the probe says otherwise
+
+    def create_weights(self, layer, out_local, in_local, dtype, device, loader, what, in_range=None):
+        layer.weight = param(out_local, in_local, dtype=dtype, device=device)
+        layer.weight.weight_loader = loader
+
+    def process_weights_after_loading(self, layer, probe):
+        w = layer.weight
+        if probe is None or w.device.type != "cpu" or w.dtype != torch.float32 or not w.is_contiguous() \
+                or w.dim() != 2 or w.shape[0] % GEMV_BLOCKS:
+            return
+        xs = {r: torch.randn(r, w.shape[1]) for r in GEMV_PROBE_ROWS}
+        self.gemv_rows = probe.rows_limit("gemv", tuple(w.shape), w.dtype, GEMV_PROBE_ROWS,
+                                          candidate=lambda r: lambda: gemv(xs[r], w),
+                                          incumbent=lambda r: lambda: F.linear(xs[r], w), default=0)
+
+    def apply(self, layer, x):
+        bias = getattr(layer, "bias", None)
+        if x.shape[0] <= self.gemv_rows and x.dtype == layer.weight.dtype:
+            y = gemv(x, layer.weight)
+            return y if bias is None else y.add_(bias)
+        return F.linear(x, layer.weight, bias)
+
+
+class _QuantizedLinear(LinearMethod):
+    """Shared by int8 and int4: the packed kernel up to `packed_rows` rows on CPU, else dequantize."""
+
+    decision = ""
+    packed_rows = PACKED_DEFAULT_ROWS
+
+    def __init__(self, quant: QuantConfig):
+        self.quant = quant
+
+    def dequantize(self, layer, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def packed(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """The CPU kernel on x already in kernel_dtype."""
+        raise NotImplementedError
+
+    def prepare(self, layer, kd: torch.dtype) -> None:
+        """The kernel's own copies (packing, scales in the kernel's dtype), once after loading."""
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer, probe):
+        if layer.weight.device.type != "cpu":
+            return
+        dtype = layer.model_dtype
+        kd = kernel_dtype(dtype)
+        self.prepare(layer, kd)
+        if probe is None:
+            return
+        k = layer.weight.shape[1]
+        xs = {r: torch.randn(r, k, dtype=dtype) for r in PACKED_PROBE_ROWS}
+        self.packed_rows = probe.rows_limit(
+            self.decision, tuple(layer.weight.shape), dtype, PACKED_PROBE_ROWS,
+            candidate=lambda r: lambda: self.packed(layer, xs[r].to(kd)).to(dtype),
+            incumbent=lambda r: lambda: F.linear(xs[r], self.dequantize(layer, dtype)),
+            default=PACKED_DEFAULT_ROWS)
+
+    def apply(self, layer, x):
+        if x.is_cuda or x.shape[0] > self.packed_rows:
+            y = F.linear(x, self.dequantize(layer, x.dtype))
+        else:
+            y = self.packed(layer, x.to(kernel_dtype(x.dtype))).to(x.dtype)
+        return y if layer.bias is None else y + layer.bias
+
+
+class Int8Linear(_QuantizedLinear):
+    """int8 codes [out, in] + a float32 scale per output row (`weight_scale`); loaded, also the
+    scales in the kernel's dtype (`weight_scale_k`)."""
+
+    decision = "int8-packed"
+
+    def create_weights(self, layer, out_local, in_local, dtype, device, loader, what, in_range=None):
+        layer.weight = param(out_local, in_local, dtype=torch.int8, device=device)
+        layer.weight.weight_loader = loader
+        layer.weight_scale = param(out_local, dtype=torch.float32, device=device)
+        # A row-parallel rank holds every output row: its scales are the whole vector.
+        layer.weight_scale.weight_loader = loader if in_range is None else \
+            (lambda p, src, shard_id=None: copy_into(p, src.read(), src.name))
+
+    def prepare(self, layer, kd):
+        layer.weight_scale_k = nn.Parameter(layer.weight_scale.data.to(kd), requires_grad=False)
+
+    def dequantize(self, layer, dtype):
+        if dtype == torch.float32:
+            return dequantize_int8(layer.weight, layer.weight_scale)
+        return layer.weight.to(dtype) * layer.weight_scale.to(dtype)[:, None]
+
+    def packed(self, layer, x):
+        return torch.ops.aten._weight_int8pack_mm(x, layer.weight, layer.weight_scale_k)
+
+
+class Int4Linear(_QuantizedLinear):
+    """int4 codes [out, in] (0..15, one per byte) + float32 (scale, zero) per group of input
+    columns (`weight_sz` [out, in / group, 2]); loaded, also the kernel's packed codes
+    (`weight_packed`) and its scales transposed, in the kernel's dtype (`weight_sz_t`). The plain
+    codes stay: a prefill chunk dequantizes from them."""
+
+    decision = "int4-packed"
+
+    def create_weights(self, layer, out_local, in_local, dtype, device, loader, what, in_range=None):
+        start, end = in_range or (0, in_local)
+        g = self.quant.group_size
+        check_int4_cut(what, out_local, start, end, g)
+        layer.weight = param(out_local, in_local, dtype=torch.uint8, device=device)
+        layer.weight.weight_loader = loader
+        layer.weight_sz = param(out_local, in_local // g, 2, dtype=torch.float32, device=device)
+        layer.weight_sz.weight_loader = loader if in_range is None else \
+            (lambda p, src, shard_id=None: copy_into(p, src.narrow(1, start // g, (end - start) // g).read(), src.name))
+
+    def prepare(self, layer, kd):
+        layer.weight_packed = nn.Parameter(int4_pack(layer.weight.data), requires_grad=False)
+        sz_t = layer.weight_sz.data.transpose(0, 1).contiguous().to(kd)  # [in / group, out, 2]
+        layer.weight_sz_t = nn.Parameter(sz_t, requires_grad=False)
+
+    def dequantize(self, layer, dtype):
+        return dequantize_int4(layer.weight, layer.weight_sz).to(dtype)
+
+    def packed(self, layer, x):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.weight_packed, self.quant.group_size,
+                                                          layer.weight_sz_t)
+
+
+def linear_method(quant: QuantConfig | None) -> LinearMethod:
+    if quant is None or not quant.enabled:
+        return PlainLinear()
+    return Int8Linear(quant) if quant.method == "int8" else Int4Linear(quant)
