@@ -37,6 +37,28 @@ def test_a_plain_layer_gives_f_linear_whichever_kernel_was_chosen(gemv_rows, row
     torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_an_empty_batch_gives_an_empty_result_whatever_the_layer_holds(quant):
+    """A step can select no rows for the LM head (nothing samples): 0 rows must not reach a kernel
+    that needs rows (the batched GEMV views the weight by blocks; 251 rows do not divide into 8;
+    int4 packs rows by 16, so it holds 256)."""
+    from workers.quantization import QuantConfig, quantize_int4, quantize_int8
+    torch.manual_seed(0)
+    out = 256 if quant == "int4" else 251
+    w = torch.randn(out, 64)
+    q = QuantConfig(quant, 32) if quant else None
+    layer = ColumnParallelLinear(64, out, bias=False, group=TPGroup(0, 1), dtype=torch.float32, quant=q)
+    values = {"weight": w} if quant is None else \
+        dict(zip(("weight", "weight_scale"), quantize_int8(w))) if quant == "int8" else \
+        dict(zip(("weight", "weight_sz"), quantize_int4(w, 32)))
+    for name, value in values.items():
+        p = getattr(layer, name)
+        p.weight_loader(p, TensorSource.wrap(name, value))
+    layer.finish_loading(None)
+    got = layer(torch.empty(0, 64))
+    assert got.shape == (0, out)
+
 def _fast():
     return lambda: None
 

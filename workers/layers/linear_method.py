@@ -92,7 +92,8 @@ class PlainLinear(LinearMethod):
 
     def apply(self, layer, x):
         bias = getattr(layer, "bias", None)
-        if x.shape[0] <= self.gemv_rows and x.dtype == layer.weight.dtype:
+        # An empty batch (a step whose rows sample nothing) takes F.linear: gemv needs rows.
+        if 0 < x.shape[0] <= self.gemv_rows and x.dtype == layer.weight.dtype:
             y = gemv(x, layer.weight)
             return y if bias is None else y.add_(bias)
         return F.linear(x, layer.weight, bias)
@@ -135,7 +136,7 @@ class _QuantizedLinear(LinearMethod):
             default=PACKED_DEFAULT_ROWS)
 
     def apply(self, layer, x):
-        if x.is_cuda or x.shape[0] > self.packed_rows:
+        if x.is_cuda or not 0 < x.shape[0] <= self.packed_rows:
             y = F.linear(x, self.dequantize(layer, x.dtype))
         else:
             y = self.packed(layer, x.to(kernel_dtype(x.dtype))).to(x.dtype)
