@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from workers.quantization import QUANTIZED, QuantConfig, quantize_int4, quantize_int8
+from workers.layers.linear_method import linear_method
+from workers.quantization import QUANTIZED, QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,8 @@ def quantized_tensors(name: str, t: torch.Tensor, quant: QuantConfig) -> dict[st
     """What one checkpoint tensor becomes: codes and scales for a projection, else itself."""
     parts = name.split(".")
     if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in QUANTIZED:
-        if quant.method == "int8":
-            codes, scale = quantize_int8(t)
-            return {name: codes, name + "_scale": scale}
-        codes, sz = quantize_int4(t, quant.group_size)
-        return {name: codes, name + "_sz": sz}
+        prefix = name[:-len("weight")]
+        return {prefix + field: value for field, value in linear_method(quant).quantize(t).items()}
     return {name: t.contiguous()}
 
 

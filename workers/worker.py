@@ -261,6 +261,7 @@ class Worker:
                 "bytes_read": self.read_counter.bytes_read, "load_seconds": self.load_seconds,
                 "kernel_probe_seconds": self.kernel_probe_seconds,
                 "num_threads": torch.get_num_threads(), "quantization": self.spec.quant.tag,
+                "lm_head": self.model.lm_head.format,
                 "max_model_len": self.max_model_len, "num_blocks": self.num_blocks, "block_size": self.block_size}
 
     def close(self) -> None:

@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 import grpc
 
 from cluster.frontend.errors import classify
-from cluster.frontend.tokenize import PromptEncoder, PromptInput
+from cluster.frontend.request import FrontendRequest
+from cluster.frontend.tokenize import PromptEncoder
 from cluster.frontend.validate import ModelLimits, check_prompt_ids
 from cluster.metrics import Metrics
 from cluster.router import Overloaded, Router, Unavailable
 from workers.engine.outputs import RequestOutput
-from workers.engine.sampling_params import SamplingParams
 from workers.engine.client import ReplicaLost
 from workers.errors import RequestFailed
 
@@ -61,13 +61,11 @@ class Frontend:
         self.resumed = 0  # requests continued on another replica, since start
         self.quarantined = 0  # requests refused a further resume by the dead-letter rule
 
-    async def stream(self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None,
-                     deadline: float | None = None, fill_max_tokens: bool = False) -> AsyncIterator[RequestOutput]:
+    async def stream(self, request: FrontendRequest) -> AsyncIterator[RequestOutput]:
         """Deltas of one request. Admission comes first, then tokenizing (off the event loop), so a
-        flood of large prompts is refused or queued before any of them costs tokenizer time.
-        `deadline` (time.monotonic) bounds how long a resume may wait. `fill_max_tokens`: generate
-        up to the rest of the context (the OpenAI API's default when max_tokens is absent)."""
-        request_id = request_id or uuid.uuid4().hex
+        flood of large prompts is refused or queued before any of them costs tokenizer time."""
+        prompt, params, deadline = request.prompt, request.params, request.deadline
+        request_id = request.request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         try:
             self.router.admit(request_id)
@@ -80,7 +78,7 @@ class Frontend:
         finished, placement, resumes, failed = False, None, 0, 0
         try:
             prompt_ids = await self.encoder.encode(prompt)
-            if fill_max_tokens:
+            if request.fill_max_tokens:
                 params.max_tokens = max(1, self.limits.max_model_len - len(prompt_ids))
             check_prompt_ids(prompt_ids, params.max_tokens, self.limits, prompt.field)
             keys = await self.encoder.run(self.router.block_keys, prompt_ids, params.cache_salt)

@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from cluster.frontend.interceptors import Undecodable
 from cluster.frontend.core import Frontend, abort_on_error, deadline_of, status_of
+from cluster.frontend.request import FrontendRequest
 from cluster.frontend.tokenize import PromptInput
 from cluster.frontend.validate import SAMPLING_FIELDS, InvalidArgument, NotFound, build_params, check_model, check_request_id
 from workers.engine.sampling_params import SamplingParams
@@ -215,7 +216,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             output=[mc.ModelOutput(name="text_output", data_type=mc.TYPE_STRING, dims=[1])])
         return pb.ModelConfigResponse(config=cfg)
 
-    def _prepare(self, request: pb.ModelInferRequest, streaming: bool):
+    def _prepare(self, request: pb.ModelInferRequest, streaming: bool, deadline: float | None) -> FrontendRequest:
         if isinstance(request, Undecodable):  # a bad message inside ModelStreamInfer: answered in-stream
             raise InvalidArgument(request.field, request.reason)
         self._check_model(request.model_name, request.model_version)
@@ -229,7 +230,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         stream = bool(values.get("stream", [False])[0])
         if stream and not streaming:
             raise InvalidArgument("stream", "stream=true needs ModelStreamInfer; ModelInfer returns the whole text")
-        return prompt, params
+        # The id is the client's correlation tag, echoed; not the engine's id (clients may reuse one).
+        return FrontendRequest(prompt, params, deadline=deadline)
 
     def _response(self, request, text: str, final: bool, finish_reason: str | None,
                   output_tokens: int) -> pb.ModelInferResponse:
@@ -244,9 +246,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @abort_on_error
     async def ModelInfer(self, request, context):
-        prompt, params = self._prepare(request, streaming=False)
         text, reason, n = "", None, 0
-        async for out in self.fe.stream(prompt, params, deadline=deadline_of(context)):
+        async for out in self.fe.stream(self._prepare(request, streaming=False, deadline=deadline_of(context))):
             text += out.new_text
             n = out.output_tokens
             reason = out.finish_reason
@@ -254,8 +255,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_one(self, request, out_q: asyncio.Queue, deadline: float | None) -> None:
         try:
-            prompt, params = self._prepare(request, streaming=True)
-            async for out in self.fe.stream(prompt, params, deadline=deadline):
+            async for out in self.fe.stream(self._prepare(request, streaming=True, deadline=deadline)):
                 if out.new_text or out.finished:
                     await out_q.put(pb.ModelStreamInferResponse(infer_response=self._response(
                         request, out.new_text, out.finished, out.finish_reason, out.output_tokens)))

@@ -28,6 +28,7 @@ from cluster.frontend.http_body import ApiError, BodyParser
 from cluster.frontend.http_server import answered, parse, unless_disconnected
 from cluster.frontend.openai_reply import Reply
 from cluster.frontend.openai_schema import ChatBody, CompletionBody, RequestBody
+from cluster.frontend.request import FrontendRequest
 from cluster.frontend.tokenize import PromptInput
 from cluster.frontend.validate import InvalidArgument, build_params, check_model
 from workers.engine.sampling_params import SamplingParams
@@ -173,7 +174,7 @@ class OpenAIApi:
         params, fill = self._params(body, chat)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         reply = Reply(self, rid, chat, body)
-        outputs = self.fe.stream(prompt, params, request_id=rid, fill_max_tokens=fill)
+        outputs = self.fe.stream(FrontendRequest(prompt, params, request_id=rid, fill_max_tokens=fill))
         if not body.stream:
             collect = asyncio.ensure_future(reply.collect(outputs))
             if not await unless_disconnected(request, collect):

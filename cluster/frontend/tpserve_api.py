@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
 from cluster.frontend.core import Frontend, abort_on_error, deadline_of, status_of
+from cluster.frontend.request import FrontendRequest
 from cluster.frontend.tokenize import PromptInput
 from cluster.frontend.validate import InvalidArgument, build_params, check_model, check_request_id
 from workers.engine.outputs import RequestOutput
@@ -69,15 +70,15 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
         self.fe.encoder.check(prompt, context)
         return prompt
 
-    def _prepare(self, request: pb.GenerateRequest) -> tuple[PromptInput, SamplingParams, str | None]:
+    def _prepare(self, request: pb.GenerateRequest, context) -> FrontendRequest:
         check_model(request.model, self.fe.limits.name, required=False)
         params = sampling_params(request.sampling, self.fe.limits, request.cache_salt)
-        return self._prompt(request, "prompt"), params, check_request_id(request.request_id)
+        return FrontendRequest(self._prompt(request, "prompt"), params, check_request_id(request.request_id),
+                               deadline_of(context))
 
     async def Generate(self, request, context):
         try:
-            prompt, params, request_id = self._prepare(request)
-            async for out in self.fe.stream(prompt, params, request_id, deadline_of(context)):
+            async for out in self.fe.stream(self._prepare(request, context)):
                 yield self._response(out)
         except Exception as e:
             status = status_of(e)
@@ -106,9 +107,8 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
 
     @abort_on_error
     async def Complete(self, request, context):
-        prompt, params, request_id = self._prepare(request)
         reply = pb.CompleteResponse()
-        async for out in self.fe.stream(prompt, params, request_id, deadline_of(context)):
+        async for out in self.fe.stream(self._prepare(request, context)):
             self._add(reply, out)
         return reply
 

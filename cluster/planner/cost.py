@@ -3,7 +3,7 @@ planner. Per step, on the slowest (largest) rank:
 
     linear     projections: elements x seconds per element at the step's rows (memory-bound at few
                rows, compute-bound at many: the profile's table or the GPU roofline); the LM head
-               at the rows that sample
+               at the rows that sample (int8 in a quantized model on CPU)
     attention  per layer a call cost, decode reads every context token's K/V, prefill FLOPs
                4 x heads x head_dim x new tokens x mean context
     collectives 2 all-reduces of tokens x hidden per layer, the logits gather, the plan broadcast
@@ -81,8 +81,10 @@ class RooflineCost:
         rows = len(shape.decode) + len(shape.prefill)  # rows that reach the LM head (one per sequence)
         read = READ_BYTES[self.quantization] or self.dbytes
         ranks = self.ranks_on_node or tp
+        # A quantized model's LM head is int8 on CPU (workers/layers/embedding.py).
+        head = "int8" if hw.device == "cpu" and self.quantization != "none" else "none"
         linear = hw.linear_seconds(r.proj_elements, tokens, self.quantization, read, ranks) \
-            + hw.linear_seconds(r.lm_head_elements, rows, "none", self.dbytes, ranks)
+            + hw.linear_seconds(r.lm_head_elements, rows, head, READ_BYTES[head] or self.dbytes, ranks)
         kv_read = sum(shape.decode) * self.kv_token_layer_bytes
         prefill_flops = sum(4 * r.q_heads * self.head_dim * n * (start + (n + 1) / 2) for n, start in shape.prefill)
         attention = self.layers * (self.attn_call * (bool(shape.decode) + len(shape.prefill))

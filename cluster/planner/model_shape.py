@@ -12,8 +12,9 @@ from workers.errors import ConfigError
 from workers.parallel import head_shard, split_sizes
 
 # Bytes per weight element as stored on a rank (what memory holds) and as a decode step reads it.
-# int4 here keeps the plain codes beside the kernel's packed ones (workers/quantization.py).
-HELD_BYTES = {"none": None, "int8": 1.0, "int4": 1.5}
+# int4 holds the plain codes (1) beside the kernel's packed ones (0.5), and per group of 32 (the
+# default) a float32 (scale, zero) and its bf16 copy for the kernel (12 / 32): workers/layers/linear_method.py.
+HELD_BYTES = {"none": None, "int8": 1.0, "int4": 1.5 + 12 / 32}
 READ_BYTES = {"none": None, "int8": 1.0, "int4": 0.5}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -61,10 +62,16 @@ class ModelShape:
         return RankShape(c.num_layers * per_layer, vocab * h, embed + (2 * c.num_layers + 1) * h,
                          shard.num_heads, shard.num_kv_heads, vocab)
 
-    def weight_bytes(self, tp: int, quantization: str, dtype: str) -> float:
+    def weight_bytes(self, tp: int, quantization: str, dtype: str, device: str = "cpu") -> float:
         r, b = self.rank(tp), DTYPE_BYTES[dtype]
         held = HELD_BYTES[quantization] or b
-        return r.proj_elements * held + (r.lm_head_elements + r.other_elements) * b
+        plain = r.proj_elements * held + (r.lm_head_elements + r.other_elements) * b
+        if quantization == "none" or device != "cpu":
+            return plain
+        # On CPU the head is quantized to int8 at load (workers/layers/embedding.py): its codes are
+        # added; an untied head's float rows are dropped, a tied one's stay for the embedding.
+        dropped = 0 if self.cfg.tie_word_embeddings else r.lm_head_elements * b
+        return plain + r.lm_head_elements * HELD_BYTES["int8"] - dropped
 
     def kv_bytes_per_token(self, tp: int, dtype: str) -> int:
         """K and V of one token, all layers, on the largest rank."""

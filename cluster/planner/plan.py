@@ -117,7 +117,7 @@ class Planner:
         m, hw = self.model, self.hw
         if max_context > m.cfg.max_position_embeddings:
             return False, f"context {max_context} exceeds the model's {m.cfg.max_position_embeddings}", 0, 0.0
-        weights = m.weight_bytes(tp, self.quantization, self.dtype)
+        weights = m.weight_bytes(tp, self.quantization, self.dtype, hw.device)
         acts = m.activation_bytes(self.max_num_batched_tokens, tp, self.dtype)
         per_block = PagedKVCache.bytes_per_block(m.cfg.num_layers, BLOCK_SIZE, m.rank(tp).kv_heads, m.cfg.head_dim,
                                                  _torch_dtype(self.dtype))

@@ -13,6 +13,7 @@ import pytest
 import ray
 
 from cluster.frontend.core import Frontend, status_of
+from cluster.frontend.request import FrontendRequest
 from cluster.frontend.tokenize import PromptInput
 from cluster.frontend.validate import ModelLimits
 from cluster.kv_index import KVIndex
@@ -101,8 +102,8 @@ def tok(i, finished=False):
 
 async def _drain(fe):
     got = []
-    async for out in fe.stream(PromptInput("prompt", token_ids=[1, 2, 3]), SamplingParams(max_tokens=4),
-                               request_id="poison"):
+    async for out in fe.stream(FrontendRequest(PromptInput("prompt", token_ids=[1, 2, 3]), SamplingParams(max_tokens=4),
+                                               request_id="poison")):
         got += out.new_token_ids
     return got
 

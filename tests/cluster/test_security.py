@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from tritonclient.grpc import service_pb2_grpc as kgrpc
 
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
+from cluster.frontend.tpserve_api import STATUS_TTL_S
 from cluster.tls import client_channel
 from tests.certs import make_certs
 from tests.cluster.conftest import ROOT, ServeProcess, free_port
@@ -177,12 +179,18 @@ def test_status_shows_no_pids_or_addresses_and_metrics_listen_on_loopback_by_def
     with tls_channel(tls_server, certs) as ch:
         v1 = pb_grpc.TpserveServiceStub(ch)
         auth = [("authorization", f"Bearer {TOKEN}")]
+        asked = time.monotonic()
         first = v1.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30, metadata=auth)
         v1.Complete(REQUEST, timeout=30, metadata=auth)
         cached = v1.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30, metadata=auth)
+        within_ttl = time.monotonic() - asked < STATUS_TTL_S
+        fresh = v1.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30, metadata=auth) if not within_ttl else None
     assert first.replicas and all(len(r.workers) == 0 for r in first.replicas)  # no --expose-topology
-    # Within a second the replicas are not asked again (the step counter has not moved yet).
-    assert [r.steps for r in cached.replicas] == [r.steps for r in first.replicas]
+    steps = [r.steps for r in first.replicas]
+    if within_ttl:  # the replicas are not asked again (the step counter has not moved yet)
+        assert [r.steps for r in cached.replicas] == steps
+    else:  # a loaded machine took longer than the TTL: the answer is asked anew and has moved
+        assert [r.steps for r in fresh.replicas] != steps
     listening = {c.laddr for c in psutil.Process(tls_server.proc.pid).net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == tls_server.metrics_port}
     assert listening and {a.ip for a in listening} == {"127.0.0.1"}

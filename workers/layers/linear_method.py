@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.kernel_probe import KernelProbe
-from workers.quantization import QuantConfig, check_int4_cut, dequantize_int4, dequantize_int8, int4_pack
+from workers.quantization import (QuantConfig, check_int4_cut, dequantize_int4, dequantize_int8, int4_pack,
+                                  quantize_int4, quantize_int8)
 from workers.tensor_source import copy_into
 
 GEMV_BLOCKS = 8
@@ -108,6 +109,11 @@ class _QuantizedLinear(LinearMethod):
     def __init__(self, quant: QuantConfig):
         self.quant = quant
 
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A float weight [out, in] as this format's parameters, by name (the quantized
+        checkpoint's tensors, and the LM head's, which is quantized at load)."""
+        raise NotImplementedError
+
     def dequantize(self, layer, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
@@ -157,6 +163,10 @@ class Int8Linear(_QuantizedLinear):
         layer.weight_scale.weight_loader = loader if in_range is None else \
             (lambda p, src, shard_id=None: copy_into(p, src.read(), src.name))
 
+    def quantize(self, w):
+        codes, scale = quantize_int8(w)
+        return {"weight": codes, "weight_scale": scale}
+
     def prepare(self, layer, kd):
         layer.weight_scale_k = nn.Parameter(layer.weight_scale.data.to(kd), requires_grad=False)
 
@@ -186,6 +196,10 @@ class Int4Linear(_QuantizedLinear):
         layer.weight_sz = param(out_local, in_local // g, 2, dtype=torch.float32, device=device)
         layer.weight_sz.weight_loader = loader if in_range is None else \
             (lambda p, src, shard_id=None: copy_into(p, src.narrow(1, start // g, (end - start) // g).read(), src.name))
+
+    def quantize(self, w):
+        codes, sz = quantize_int4(w, self.quant.group_size)
+        return {"weight": codes, "weight_sz": sz}
 
     def prepare(self, layer, kd):
         layer.weight_packed = nn.Parameter(int4_pack(layer.weight.data), requires_grad=False)

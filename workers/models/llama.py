@@ -103,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.model = LlamaModel(cfg, group, dtype, device, quant)
         tie = self.model.embed_tokens if cfg.tie_word_embeddings else None
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, group, dtype, device, tie_to=tie)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, group, dtype, device, tie_to=tie, quant=quant)
 
     def checkpoint_sources(self, param_name: str) -> list[tuple[str, object, bool]]:
         """(checkpoint tensor, shard id, stored transposed) for each tensor that fills a parameter."""
