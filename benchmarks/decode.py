@@ -2,7 +2,7 @@
 
     python -m benchmarks.decode [--model smollm2-135m] [--tps 1,2,3] [--new-tokens 64]
                                 [--quantizations none,int8,int4] [--dtypes float32,bfloat16]
-                                [--collectives shm,gloo]
+                                [--collectives shm,gloo] [--compile off,on]
 
 Prints ms per generated token (prefill excluded: timed as (t(N) - t(1)) / (N - 1)), the share
 of rank 0's decode time spent inside collectives (all-reduce and the logits gather, which
@@ -59,9 +59,10 @@ def bench_transformers(folder, ids: list[int], n: int, repeats: int) -> float:
     return per_token_ms(run, n, repeats)
 
 
-def bench_tpserve(folder, tp: int, ids: list[int], n: int, repeats: int,
-                  quantization: str = "none", collectives: str = "shm", dtype: str = "float32") -> tuple[float, float, int]:
-    spec = WorkerSpec(str(folder), tp_size=tp, quantization=quantization, cpu_collectives=collectives, dtype=dtype)
+def bench_tpserve(folder, tp: int, ids: list[int], n: int, repeats: int, quantization: str = "none",
+                  collectives: str = "shm", dtype: str = "float32", compile: bool = False) -> tuple[float, float, int]:
+    spec = WorkerSpec(str(folder), tp_size=tp, quantization=quantization, cpu_collectives=collectives, dtype=dtype,
+                      compile=compile)
     with start_worker_group(spec) as group:
         def run(k):
             group.engine.generate([ids], SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True))
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--quantizations", default="none")
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--collectives", default="shm", help="CPU transports for tp > 1: shm, gloo or both")
+    ap.add_argument("--compile", default="off", help="off, on, or off,on (each configuration both ways)")
     args = ap.parse_args()
     folder = resolve_model(args.model)
     from transformers import AutoTokenizer
@@ -99,10 +101,12 @@ def main() -> None:
         for q in args.quantizations.split(","):
             for tp in [int(t) for t in args.tps.split(",")]:
                 for c in args.collectives.split(",") if tp > 1 else ["-"]:
-                    ms, comm, weights = bench_tpserve(folder, tp, ids, args.new_tokens, args.repeats, q,
-                                                      "shm" if c == "-" else c, dtype)
-                    name = f"tpserve tp={tp} {dtype[:4]} {q}" + ("" if c == "-" else f" {c}")
-                    rows.append((name, ms, comm, weights))
+                    for comp in args.compile.split(","):
+                        ms, comm, weights = bench_tpserve(folder, tp, ids, args.new_tokens, args.repeats, q,
+                                                          "shm" if c == "-" else c, dtype, comp == "on")
+                        name = f"tpserve tp={tp} {dtype[:4]} {q}" + ("" if c == "-" else f" {c}") + \
+                            (" compiled" if comp == "on" else "")
+                        rows.append((name, ms, comm, weights))
     print(f"{'system':<36}{'ms/token':>10}{'collectives':>13}{'vs transformers':>17}{'weights/rank':>14}"
           f"{'floor ms':>10}{'x floor':>9}")
     for name, ms, comm, weights in rows:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from workers import set_openmp_env  # noqa: E402
@@ -26,6 +27,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-collectives", default="shm", choices=["shm", "gloo"],
                    help="CPU ranks of one replica on one host: shared-memory collectives (gloo where the ranks "
                         "share no /dev/shm) or always gloo")
+    p.add_argument("--compile", default=os.environ.get("TPSERVE_COMPILE", "on"), choices=["on", "off"],
+                   help="CPU, Llama family: the step's regions around attention through torch.compile, warmed up "
+                        "at load and cached on disk; off: eager, for debugging (default: $TPSERVE_COMPILE or on)")
 
 
 def cmd_prepare(args) -> int:
@@ -48,7 +52,7 @@ def cmd_generate(args) -> int:
     with OfflineGenerator(args.model, tp=args.tp, device=args.device, dtype=args.dtype,
                           kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                           quantization=args.quantization, quant_group_size=args.quant_group_size,
-                          cpu_collectives=args.cpu_collectives) as gen:
+                          cpu_collectives=args.cpu_collectives, compile=args.compile == "on") as gen:
         if requests is None:
             print(gen.generate_text(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                     seed=args.seed, chat=args.chat))
@@ -74,7 +78,8 @@ def cmd_serve(args) -> int:
                         expose_topology=args.expose_topology, http_port=args.http_port, routing=args.routing,
                         routing_prefill_weight=args.routing_prefill_weight, balance_rel=args.balance_rel,
                         balance_abs_tokens=args.balance_abs_tokens, quantization=args.quantization,
-                        quant_group_size=args.quant_group_size, cpu_collectives=args.cpu_collectives)
+                        quant_group_size=args.quant_group_size, cpu_collectives=args.cpu_collectives,
+                        compile=args.compile == "on")
     return serve(opts, ready_file=args.ready_file)
 
 

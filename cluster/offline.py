@@ -27,7 +27,7 @@ class OfflineGenerator:
 
     def __init__(self, model: str, tp: int = 1, device: str = "cpu", dtype: str | None = None,
                  kv_cache_memory: int | None = None, max_model_len: int | None = None, quantization: str = "none",
-                 quant_group_size: int = 32, cpu_collectives: str = "shm"):
+                 quant_group_size: int = 32, cpu_collectives: str = "shm", compile: bool = False):
         dtype = dtype or default_dtype(device)
         if dtype not in DTYPES:
             raise ConfigError("dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
@@ -36,7 +36,7 @@ class OfflineGenerator:
         self.folder = resolve_model(model)
         spec = WorkerSpec(str(self.folder), tp_size=tp, device=device, dtype=dtype,
                           kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, quantization=quantization,
-                          quant_group_size=quant_group_size, cpu_collectives=cpu_collectives)
+                          quant_group_size=quant_group_size, cpu_collectives=cpu_collectives, compile=compile)
         spec.validate(ModelConfig.from_pretrained(self.folder))  # refuse a bad tp before spawning
         self.tokenizer = load_tokenizer(self.folder)
         self.group = start_worker_group(spec)

@@ -59,6 +59,7 @@ class ServeOptions:
     quantization: str = "none"
     quant_group_size: int = 32
     cpu_collectives: str = "shm"
+    compile: bool = False  # the CLI's --compile (on unless $TPSERVE_COMPILE says off)
     routing: str = "kv-aware"
     routing_prefill_weight: float = 4.0
     balance_rel: float = 1.5
@@ -138,7 +139,8 @@ def build_spec(opts: ServeOptions) -> tuple[WorkerSpec, ModelConfig]:
                       dtype=opts.dtype or default_dtype(opts.device),
                       max_model_len=opts.max_model_len, kv_cache_memory=opts.kv_cache_memory,
                       collective_timeout_s=opts.collective_timeout_s, quantization=opts.quantization,
-                      quant_group_size=opts.quant_group_size, cpu_collectives=opts.cpu_collectives)
+                      quant_group_size=opts.quant_group_size, cpu_collectives=opts.cpu_collectives,
+                      compile=opts.compile)
     spec.validate(cfg)
     blocks = planned_num_blocks(cfg, spec)
     if blocks is not None:  # refuse a context the KV cache cannot hold before any rank starts

@@ -21,6 +21,11 @@ def set_openmp_env() -> None:
     with these settings even when the caller imported torch first."""
     for key, value in OPENMP_ENV.items():
         os.environ.setdefault(key, value)
+    # Inductor's compiled kernels (workers/compiled_step.py) beside tpserve's other caches, so a
+    # second start finds them; inductor fixes its folder when it first loads, hence here.
+    from workers.model_source import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
 
 set_openmp_env()

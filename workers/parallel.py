@@ -91,6 +91,9 @@ class TPGroup:
     stage_on_host: bool = False
     shm: ShmCommunicator | None = None
     load_group: dist.ProcessGroup | None = None  # gloo, the long load timeout: load-time agreement
+    # While a compiled step warms up (workers/compiled_step.py), all-reduces return this rank's
+    # own part: ranks compile at their own pace and no step is served meanwhile.
+    local_only: bool = False
 
     @property
     def is_driver(self) -> bool:
@@ -98,6 +101,12 @@ class TPGroup:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
+            return x
+        return self._all_reduce(x)
+
+    @torch.compiler.disable  # a compiled region (workers/compiled_step.py) breaks its graph here
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.local_only:
             return x
         if self.stage_on_host and x.is_cuda:
             return x.copy_(self.all_reduce(x.cpu()))

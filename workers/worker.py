@@ -18,6 +18,7 @@ import torch.distributed as dist
 from workers.config import ModelConfig
 from workers.defaults import BLOCK_SIZE, CPU_KV_CACHE_BYTES, DTYPE_NAMES, GPU_MEMORY_UTILIZATION
 from workers.errors import ConfigError
+from workers.compiled_step import can_compile, compile_model, warm_up
 from workers.kernel_probe import KernelProbe
 from workers.layers.embedding import ParallelLMHead
 from workers.layers.linear import LinearBase
@@ -66,6 +67,9 @@ class WorkerSpec:
     # CPU ranks on one host: shm (shared-memory collectives, gloo where the ranks share no
     # /dev/shm) or gloo (always TCP; for comparison).
     cpu_collectives: str = "shm"
+    # The step's regions around attention through torch.compile, warmed up at load (CPU, the Llama
+    # family: workers/compiled_step.py). Off: eager, for debugging and for tests of other things.
+    compile: bool = False
 
     @property
     def quant(self) -> QuantConfig:
@@ -193,7 +197,22 @@ class Worker:
         self.cache = PagedKVCache(self.config.num_layers, self.num_blocks, self.block_size, shard.num_kv_heads,
                                   self.config.head_dim, self.dtype, self.device)
         self.channel = PlanChannel(self.group.cpu_group, rank, shm=self.group.shm) if self.group.size > 1 else None
+        self.compile_seconds, self.compiled = 0.0, False
+        if spec.compile:
+            self._compile()
         self.load_seconds = time.perf_counter() - t0
+
+    def _compile(self) -> None:
+        """Each rank compiles and warms up its own regions (workers/compiled_step.py)."""
+        why = can_compile(self.model, self.device)
+        if why is not None:
+            log.warning("rank %d: the step stays eager (%s)", self.rank, why)
+            return
+        compile_model(self.model)
+        self.compile_seconds, self.compiled = warm_up(self.model), True
+        if self.rank == 0:
+            log.info("compiled step ready in %.1f s (inductor's cache: %s)", self.compile_seconds,
+                     os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
 
     def _finish_loading(self) -> float:
         """Pack quantized weights and choose each layer's kernels on this machine (cached on disk:
@@ -259,7 +278,8 @@ class Worker:
                 param_bytes += p.numel() * p.element_size()
         return {"rank": self.rank, "pid": os.getpid(), "param_bytes": param_bytes,
                 "bytes_read": self.read_counter.bytes_read, "load_seconds": self.load_seconds,
-                "kernel_probe_seconds": self.kernel_probe_seconds,
+                "kernel_probe_seconds": self.kernel_probe_seconds, "compiled": self.compiled,
+                "compile_seconds": self.compile_seconds,
                 "num_threads": torch.get_num_threads(), "quantization": self.spec.quant.tag,
                 "lm_head": self.model.lm_head.format,
                 "max_model_len": self.max_model_len, "num_blocks": self.num_blocks, "block_size": self.block_size}

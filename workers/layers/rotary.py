@@ -44,24 +44,24 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos().to(device), persistent=False)
         self.register_buffer("sin", emb.sin().to(device), persistent=False)
-        self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Every layer of one forward passes the same positions tensor: look it up once.
-        if self._cached is None or self._cached[0] is not positions:
-            self._cached = (positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
-        return self._cached[1], self._cached[2]
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, d] for the positions: looked up once per forward, shared by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, heads, d], k: [T, kv_heads, d], positions: [T]."""
-        cos, sin = self._cos_sin(positions)
+    @staticmethod
+    def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, heads, d], k: [T, kv_heads, d]; in float32 like the reference."""
         dtype = q.dtype
         qf, kf = q.float(), k.float()
-        q = qf * cos + self._rotate_half(qf) * sin
-        k = kf * cos + self._rotate_half(kf) * sin
+        q = qf * cos + RotaryEmbedding._rotate_half(qf) * sin
+        k = kf * cos + RotaryEmbedding._rotate_half(kf) * sin
         return q.to(dtype), k.to(dtype)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotate(q, k, *self.cos_sin(positions))

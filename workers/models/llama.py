@@ -22,7 +22,7 @@ from workers.quantization import QuantConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, rotary: RotaryEmbedding, dtype, device,
+    def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, dtype, device,
                  quant: QuantConfig | None = None):
         super().__init__()
         shard = head_shard(cfg.num_heads, cfg.num_kv_heads, group.size, group.rank)
@@ -33,17 +33,15 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, cfg.o_proj_bias, group, dtype, device,
                                         input_range=(shard.q_start * d, shard.q_end * d), quant=quant, name="o_proj")
         self.attn = Attention(layer_idx, shard, d, d ** -0.5, device, sliding_window=cfg.sliding_window)
-        self.rotary = rotary
         self.num_heads, self.num_kv_heads, self.head_dim = shard.num_heads, shard.num_kv_heads, d
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q, k (rotated), v of this rank's heads: [T, heads, d]."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        o = self.attn(q, k, v.view(t, self.num_kv_heads, self.head_dim), batch.attn)
-        return self.o_proj(o)
+        q, k = RotaryEmbedding.rotate(q.view(t, self.num_heads, self.head_dim),
+                                      k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        return q, k, v.view(t, self.num_kv_heads, self.head_dim)
 
 
 class LlamaMLP(nn.Module):
@@ -63,31 +61,46 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, rotary, dtype, device, quant=None):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, dtype, device, quant=None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(cfg, layer_idx, group, rotary, dtype, device, quant)
+        self.self_attn = LlamaAttention(cfg, layer_idx, group, dtype, device, quant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, device)
         self.mlp = LlamaMLP(cfg, group, dtype, device, quant)
 
-    def forward(self, positions, x, batch):
-        x = x + self.self_attn(positions, self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # The regions around attention; workers/compiled_step.py may swap in compiled ones.
+        self.before_attention, self.after_attention = _before_attention, _after_attention
+
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        q, k, v = self.before_attention(self, x, *rope)
+        o = self.self_attn.attn(q, k, v, batch.attn)  # the paged cache: eager, reads block tables
+        return self.after_attention(self, x, o)
+
+
+def _before_attention(layer: LlamaDecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    return layer.self_attn.project(layer.input_layernorm(x), cos, sin)
+
+
+def _after_attention(layer: LlamaDecoderLayer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    x = x + layer.self_attn.o_proj(o)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, group: TPGroup, dtype, device, quant: QuantConfig | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group, dtype, device)
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, group, rotary, dtype, device, quant)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, group, dtype, device, quant)
                                     for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, device)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
+                                      device)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
+        rope = self.rotary.cos_sin(batch.positions)  # once per step, for every layer
         for layer in self.layers:
-            x = layer(batch.positions, x, batch)
+            x = layer(rope, x, batch)
         return self.norm(x)
 
 
