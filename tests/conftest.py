@@ -14,7 +14,8 @@ os.environ.setdefault("TPSERVE_COMPILE", "off")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.models import make_tiny_gpt2, make_tiny_llama, make_tiny_mistral, make_tiny_qwen2  # noqa: E402
+from tests.models import (make_quant_llama, make_tiny_gpt2, make_tiny_llama, make_tiny_mistral,  # noqa: E402
+                          make_tiny_qwen2)
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +27,12 @@ def tiny_llama_dir(tmp_path_factory):
 def sharp_llama_dir(tmp_path_factory):
     """The tiny Llama with spread-out logits: clear greedy margins over hundreds of positions."""
     return make_tiny_llama(tmp_path_factory.mktemp("sharp-llama"), logit_scale=8.0)
+
+
+@pytest.fixture(scope="session")
+def quant_llama_dir(tmp_path_factory):
+    """A tiny Llama whose cuts the int4 kernel takes at tp 1, 2 and 3 (tests.models)."""
+    return make_quant_llama(tmp_path_factory.mktemp("quant-llama"))
 
 
 @pytest.fixture(scope="session")

@@ -6,17 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.models import make_quant_llama
 from workers.engine.sampling_params import SamplingParams
 from workers.launcher import start_worker_group
 from workers.worker import WorkerSpec
 
 PROMPTS = [[3, 5, 7, 9, 11, 13, 15], [20, 30, 40], list(range(40, 90))]
-
-
-@pytest.fixture(scope="module")
-def quant_llama_dir(tmp_path_factory):
-    return make_quant_llama(tmp_path_factory.mktemp("compile-llama"))
 
 
 @pytest.fixture(autouse=True, scope="module")

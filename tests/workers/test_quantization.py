@@ -10,7 +10,6 @@ import torch
 
 import workers.quantized_checkpoint as quantized_checkpoint_module
 from cluster.planner.model_shape import ModelShape
-from tests.models import make_quant_llama
 from tests.workers.shard_bytes import llama_rank_bytes_quantized
 from workers.config import ModelConfig
 from workers.engine.sampling_params import SamplingParams
@@ -26,11 +25,6 @@ from workers.tensor_source import TensorSource
 from workers.worker import WorkerSpec
 
 PROMPTS = [[3, 5, 7, 9, 11, 13, 15], [20, 30, 40]]
-
-
-@pytest.fixture(scope="module")
-def quant_llama_dir(tmp_path_factory):
-    return make_quant_llama(tmp_path_factory.mktemp("quant-llama"))
 
 
 @pytest.fixture(autouse=True, scope="module")
