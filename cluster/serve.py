@@ -59,7 +59,7 @@ class ServeOptions:
     quantization: str = "none"
     quant_group_size: int = 32
     cpu_collectives: str = "shm"
-    compile: bool = False  # the CLI's --compile (on unless $TPSERVE_COMPILE says off)
+    compile: bool = False  # the CLI's --compile ($TPSERVE_COMPILE, else off)
     routing: str = "kv-aware"
     routing_prefill_weight: float = 4.0
     balance_rel: float = 1.5

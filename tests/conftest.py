@@ -7,7 +7,7 @@ from workers import set_openmp_env  # noqa: E402
 set_openmp_env()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Clusters the tests start run eager (a compile per start would cost minutes over the suite);
+# Clusters the tests start run eager, whatever the default (a compile per start would cost minutes);
 # tests/workers/test_compiled_step.py tests the compiled step.
 os.environ.setdefault("TPSERVE_COMPILE", "off")
 
