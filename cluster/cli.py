@@ -27,8 +27,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-collectives", default="shm", choices=["shm", "gloo"],
                    help="CPU ranks of one replica on one host: shared-memory collectives (gloo where the ranks "
                         "share no /dev/shm) or always gloo")
-    # Off by default until it pays: in issue 20's run the regions recompiled per layer (dynamo's
-    # guards on the layer object) past dynamo's recompile limit and fell back to eager.
+    # Off by default until a quiet machine confirms the gain (docs/benchmarks.md: 1.44x for bf16
+    # int8 at batch 1 in one noisy run, nothing for fp32) and the warm-up is cheaper.
     p.add_argument("--compile", default=os.environ.get("TPSERVE_COMPILE", "off"), choices=["on", "off"],
                    help="CPU, Llama family: the step's regions around attention through torch.compile, warmed up "
                         "at load and cached on disk (experimental; default: $TPSERVE_COMPILE or off)")
