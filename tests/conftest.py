@@ -29,6 +29,14 @@ def sharp_llama_dir(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("sharp-llama"), logit_scale=8.0)
 
 
+def folder_env(tmp_path_factory, var: str, name: str):
+    """For a module-scoped fixture: `var` names a fresh folder of its own until the module ends."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv(var, str(tmp_path_factory.mktemp(name)))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def quant_llama_dir(tmp_path_factory):
     """A tiny Llama whose cuts the int4 kernel takes at tp 1, 2 and 3 (tests.models)."""

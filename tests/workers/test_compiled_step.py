@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import folder_env
 from workers.engine.sampling_params import SamplingParams
 from workers.launcher import start_worker_group
 from workers.worker import WorkerSpec
@@ -16,10 +17,7 @@ PROMPTS = [[3, 5, 7, 9, 11, 13, 15], [20, 30, 40], list(range(40, 90))]
 @pytest.fixture(autouse=True, scope="module")
 def cold_inductor_cache(tmp_path_factory):
     """A cold compile, as on a fresh machine: ranks compile at their own pace, none times out."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
-    yield
-    mp.undo()
+    yield from folder_env(tmp_path_factory, "TORCHINDUCTOR_CACHE_DIR", "inductor")
 
 
 def _run(folder, tp: int, quantization: str, compiled: bool):

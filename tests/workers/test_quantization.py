@@ -10,6 +10,7 @@ import torch
 
 import workers.quantized_checkpoint as quantized_checkpoint_module
 from cluster.planner.model_shape import ModelShape
+from tests.conftest import folder_env
 from tests.workers.shard_bytes import llama_rank_bytes_quantized
 from workers.config import ModelConfig
 from workers.engine.sampling_params import SamplingParams
@@ -30,10 +31,7 @@ PROMPTS = [[3, 5, 7, 9, 11, 13, 15], [20, 30, 40]]
 @pytest.fixture(autouse=True, scope="module")
 def private_cache(tmp_path_factory):
     """Quantized copies go to this module's own cache, so 'made once' is this module's business."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TPSERVE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
+    yield from folder_env(tmp_path_factory, "TPSERVE_CACHE_DIR", "cache")
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
