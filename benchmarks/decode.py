@@ -12,7 +12,7 @@ per rank and the read-bandwidth floor: those bytes / the read bandwidth measured
 a 512 MiB tensor, the way a GEMV reads its weight). With --collectives shm,gloo, each tp > 1 runs
 once per CPU transport (shared memory, or gloo's TCP loopback). With --dtypes, once per model dtype
 (a quantized bfloat16 model runs its residual stream in bf16; a float32 one casts around the int
-kernels).
+kernels). Every configuration runs in processes of its own (`LocalWorkerGroup`, tp 1 included).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from cluster.planner.profile import read_bandwidth_gbs  # noqa: E402,F401  (the planner's own measure)
 from workers.engine.sampling_params import SamplingParams  # noqa: E402
-from workers.launcher import start_worker_group, threads_per_rank  # noqa: E402
+from workers.launcher import LocalWorkerGroup, threads_per_rank  # noqa: E402
 from workers.model_source import resolve_model  # noqa: E402
 from workers.worker import WorkerSpec  # noqa: E402
 
@@ -63,7 +63,9 @@ def bench_tpserve(folder, tp: int, ids: list[int], n: int, repeats: int, quantiz
                   collectives: str = "shm", dtype: str = "float32", compile: bool = False) -> tuple[float, float, int]:
     spec = WorkerSpec(str(folder), tp_size=tp, quantization=quantization, cpu_collectives=collectives, dtype=dtype,
                       compile=compile)
-    with start_worker_group(spec) as group:
+    # Its own processes even at tp 1: compiled functions (and dynamo's recompile counts) are
+    # process-wide, so configurations sharing this process would compile against each other.
+    with LocalWorkerGroup(spec) as group:
         def run(k):
             group.engine.generate([ids], SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True))
 

@@ -32,6 +32,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default=os.environ.get("TPSERVE_COMPILE", "off"), choices=["on", "off"],
                    help="CPU, Llama family: the step's regions around attention through torch.compile, warmed up "
                         "at load and cached on disk (experimental; default: $TPSERVE_COMPILE or off)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s keys: {"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2} or {"method": "draft_model", "model": '
+                        'PATH, "num_speculative_tokens": 4}; also max_batch (speculate while a step decodes at most '
+                        'this many sequences) and min_acceptance (docs/architecture.md)')
 
 
 def cmd_prepare(args) -> int:
@@ -43,6 +48,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_generate(args) -> int:
     from cluster.offline import OfflineGenerator, read_prompts_file, write_results
+    from workers.engine.speculative import SpeculativeConfig
 
     if (args.prompt is None) == (args.prompts_file is None):
         raise_usage("--prompt", "give exactly one of --prompt and --prompts-file")
@@ -50,11 +56,13 @@ def cmd_generate(args) -> int:
         raise_usage("--max-tokens", f"must be >= 1, got {args.max_tokens}")
     if args.temperature < 0:
         raise_usage("--temperature", f"must be >= 0, got {args.temperature}")
+    speculative = SpeculativeConfig.parse(args.speculative_config)
     requests = read_prompts_file(args.prompts_file, args) if args.prompts_file else None
     with OfflineGenerator(args.model, tp=args.tp, device=args.device, dtype=args.dtype,
                           kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                           quantization=args.quantization, quant_group_size=args.quant_group_size,
-                          cpu_collectives=args.cpu_collectives, compile=args.compile == "on") as gen:
+                          cpu_collectives=args.cpu_collectives, compile=args.compile == "on",
+                          speculative=speculative) as gen:
         if requests is None:
             print(gen.generate_text(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                     seed=args.seed, chat=args.chat))
@@ -66,6 +74,7 @@ def cmd_generate(args) -> int:
 
 def cmd_serve(args) -> int:
     from cluster.serve import ServeOptions, serve
+    from workers.engine.speculative import SpeculativeConfig
 
     opts = ServeOptions(model=args.model, tp=args.tp, replicas=args.replicas, device=args.device, dtype=args.dtype,
                         ray_address=args.ray_address, host=args.host, port=args.port, metrics_port=args.metrics_port,
@@ -81,7 +90,7 @@ def cmd_serve(args) -> int:
                         routing_prefill_weight=args.routing_prefill_weight, balance_rel=args.balance_rel,
                         balance_abs_tokens=args.balance_abs_tokens, quantization=args.quantization,
                         quant_group_size=args.quant_group_size, cpu_collectives=args.cpu_collectives,
-                        compile=args.compile == "on")
+                        compile=args.compile == "on", speculative=SpeculativeConfig.parse(args.speculative_config))
     return serve(opts, ready_file=args.ready_file)
 
 

@@ -72,6 +72,17 @@ class ReplicaCollector(Collector):
         load_tokens = family("tpserve_replica_load_tokens",
                              "Tokens a replica still has to prefill or may generate: its engine's load "
                              "plus this frontend's placements the engine has not yet counted")
+        # Speculative decoding (vLLM's spec_decode_* names; zero where a replica does not speculate).
+        def counter(name, doc):
+            return CounterMetricFamily(name, doc, labels=["replica"])
+
+        drafts = counter("tpserve_spec_decode_num_drafts", "Sequence-steps that verified proposed tokens")
+        draft_tokens = counter("tpserve_spec_decode_num_draft_tokens", "Tokens proposed for verification")
+        accepted = counter("tpserve_spec_decode_num_accepted_tokens", "Proposed tokens the target model accepted")
+        paused = counter("tpserve_spec_decode_num_paused",
+                         "Times a request's proposals were paused because too few were accepted")
+        mean_len = family("tpserve_spec_decode_mean_accepted_length",
+                          "Tokens a verifying sequence-step emitted on average: 1 + accepted / drafts")
         waiting = 0
         for h in handles:
             rid, load, st = h.replica_id, h.client.load, h.client.stats
@@ -84,7 +95,13 @@ class ReplicaCollector(Collector):
             index.add_metric([rid], sizes.get(rid, 0))
             in_flight.add_metric([rid], h.book.in_flight)
             load_tokens.add_metric([rid], h.load())
-        yield from (kv, hits, ratio, index, in_flight, load_tokens)
+            drafts.add_metric([rid], st.spec_drafts)
+            draft_tokens.add_metric([rid], st.spec_draft_tokens)
+            accepted.add_metric([rid], st.spec_accepted_tokens)
+            paused.add_metric([rid], st.spec_paused)
+            if st.spec_drafts:
+                mean_len.add_metric([rid], 1 + st.spec_accepted_tokens / st.spec_drafts)
+        yield from (kv, hits, ratio, index, in_flight, load_tokens, drafts, draft_tokens, accepted, paused, mean_len)
         yield GaugeMetricFamily("tpserve_requests_waiting", "Requests queued in replica engines", value=waiting)
         yield GaugeMetricFamily("tpserve_replicas_ready", "Replicas this frontend can route to", value=len(r.ready))
         yield CounterMetricFamily("tpserve_replica_restarts", "Replicas the controller replaced (failed, hung "

@@ -9,6 +9,7 @@ from workers.engine.client import Completion
 
 from workers.errors import ConfigError
 from workers.config import ModelConfig
+from workers.engine.core import EngineConfig
 from workers.engine.sampling_params import SamplingParams
 from workers.launcher import start_worker_group
 from workers.model_source import resolve_model
@@ -27,7 +28,9 @@ class OfflineGenerator:
 
     def __init__(self, model: str, tp: int = 1, device: str = "cpu", dtype: str | None = None,
                  kv_cache_memory: int | None = None, max_model_len: int | None = None, quantization: str = "none",
-                 quant_group_size: int = 32, cpu_collectives: str = "shm", compile: bool = False):
+                 quant_group_size: int = 32, cpu_collectives: str = "shm", compile: bool = False,
+                 speculative=None):
+        """`speculative`: a workers.engine.speculative.SpeculativeConfig, or None."""
         dtype = dtype or default_dtype(device)
         if dtype not in DTYPES:
             raise ConfigError("dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
@@ -39,7 +42,7 @@ class OfflineGenerator:
                           quant_group_size=quant_group_size, cpu_collectives=cpu_collectives, compile=compile)
         spec.validate(ModelConfig.from_pretrained(self.folder))  # refuse a bad tp before spawning
         self.tokenizer = load_tokenizer(self.folder)
-        self.group = start_worker_group(spec)
+        self.group = start_worker_group(spec, EngineConfig(speculative=speculative).validate())
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if chat:

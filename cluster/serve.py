@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from cluster.tls import ServerTLS, read_token
 from workers.config import ModelConfig
 from workers.engine.core import EngineConfig
+from workers.engine.speculative import SpeculativeConfig
 from workers.errors import ConfigError, PortInUse
 from workers.model_source import BUILTIN_MODELS, resolve_model
 from workers.defaults import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, default_dtype
@@ -60,6 +61,7 @@ class ServeOptions:
     quant_group_size: int = 32
     cpu_collectives: str = "shm"
     compile: bool = False  # the CLI's --compile ($TPSERVE_COMPILE, else off)
+    speculative: SpeculativeConfig | None = None  # --speculative-config
     routing: str = "kv-aware"
     routing_prefill_weight: float = 4.0
     balance_rel: float = 1.5
@@ -287,7 +289,8 @@ def serve(opts: ServeOptions, ready_file: str | None = None) -> int:
 
     try:
         config = ClusterConfig(served_name(opts), spec,
-                               EngineConfig(opts.max_num_seqs, opts.max_num_batched_tokens).validate(), opts.replicas,
+                               EngineConfig(opts.max_num_seqs, opts.max_num_batched_tokens,
+                                            speculative=opts.speculative).validate(), opts.replicas,
                                stall_timeout_s=opts.stall_timeout_s)
         controller, created = get_or_create_controller(config, detached=not owns)
         if not created:

@@ -12,7 +12,8 @@ cannot be checked on one GPU. Then timings of the engine on a 1B-class Llama (ra
 bfloat16): decode ms/step at batch 1, 8 and 64 with the achieved fraction of memory bandwidth,
 and prefill tokens/s with the fraction of the bf16 matmul peak, both ceilings measured in this
 run. Also int8 and int4 weights on the device against the CPU kernels on the same quantized
-checkpoint (logits within 1e-3, greedy tokens equal), with their decode ms/token. Exits non-zero if a check fails.
+checkpoint (logits within 1e-3, greedy tokens equal), with their decode ms/token; n-gram speculative
+decoding on the device (greedy tokens equal to decoding without it). Exits non-zero if a check fails.
 """
 from __future__ import annotations
 
@@ -144,6 +145,32 @@ def check_batch_invariance(folder: Path, dev: str, dtype: str, n_tokens: int) ->
                  for x, y in zip(a.logprobs, t.logprobs) if x["token_id"] == y["token_id"]]
         worst = max(diffs)
         check("engine bf16: logprobs alone vs together within 0.1", worst < 0.1, f"(max diff {worst:.3f})")
+
+
+def check_speculative(folder: Path, dev: str, dtype: str, n_tokens: int) -> None:
+    """n-gram speculative decoding on the device: the same greedy tokens as without it, K+1-row
+    verify chunks actually run (some proposals accepted)."""
+    from workers.engine.speculative import SpeculativeConfig
+
+    g = torch.Generator().manual_seed(7)
+    prompts = []
+    for _ in range(8):  # a phrase said three times: something for the lookup to find
+        phrase = torch.randint(3, 499, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+        prompts.append(phrase * 3 + torch.randint(3, 499, (5,), generator=g).tolist())
+    params = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True)
+    spec = WorkerSpec(str(folder), device=dev, dtype=dtype, kv_cache_memory=KV)
+    with start_worker_group(spec) as grp:
+        want = [c.token_ids for c in grp.engine.generate(prompts, params)]
+    ngram = SpeculativeConfig("ngram", 4, prompt_lookup_max=3, prompt_lookup_min=1, max_batch=64)
+    with start_worker_group(spec, EngineConfig(speculative=ngram)) as grp:
+        got = [c.token_ids for c in grp.engine.generate(prompts, params)]
+        st = grp.engine.call("stats")
+    if dtype == "float32":
+        same = sum(a == b for a, b in zip(got, want))
+        check("speculative ngram float32: greedy tokens equal to no speculation", same == len(want),
+              f"({same}/{len(want)}; {st.spec_accepted_tokens}/{st.spec_draft_tokens} proposals accepted)")
+    check(f"speculative ngram {dtype}: verify steps ran and accepted proposals", st.spec_accepted_tokens > 0,
+          f"({st.spec_drafts} verify steps, {st.spec_accepted_tokens} accepted)")
 
 
 def build_1b(folder: Path, small: bool, dev: str) -> None:
@@ -279,6 +306,10 @@ def main() -> int:
         # ---- the engine: batch invariance ------------------------------------------------------
         check_batch_invariance(folder, dev, "float32", 16)
         check_batch_invariance(folder, dev, "bfloat16", 16)
+
+        # ---- speculative decoding: K+1-row verify chunks on the device -------------------------
+        check_speculative(folder, dev, "float32", 24)
+        check_speculative(folder, dev, "bfloat16", 24)
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter(); build_1b(Path(tmp), args.small, dev)

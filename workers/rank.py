@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers.engine.core import EngineConfig, EngineCore
+from workers.engine.draft import build_draft_proposer
 from workers.engine.executor import WorkerExecutor
 from workers.engine.loop import EngineLoop, worker_calls
 from workers.worker import Worker, WorkerSpec
@@ -41,7 +42,11 @@ def run_rank(spec: WorkerSpec, engine_config: EngineConfig, rank: int, inbox, ou
         worker = Worker(spec, rank)
         loop = None
         if rank == 0:
-            engine = EngineCore(WorkerExecutor(worker), load_detokenizer(spec.model_path), engine_config)
+            proposer = None
+            sc = engine_config.speculative
+            if sc is not None and sc.method == "draft_model":
+                proposer = build_draft_proposer(sc, spec, worker.config.vocab_size)
+            engine = EngineCore(WorkerExecutor(worker), load_detokenizer(spec.model_path), engine_config, proposer)
             loop = EngineLoop(engine, inbox, outbox, worker_calls(worker))
     except BaseException as e:  # the host reports it (a WorkerError for the caller)
         on_ready(e)

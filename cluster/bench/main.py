@@ -32,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="requests sent first and not counted")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workload", default="random",
-                   choices=["fixed", "random", "longtail", "shared-prefix", "multi-tenant", "conversation", "file"])
+                   choices=["fixed", "random", "longtail", "shared-prefix", "multi-tenant", "conversation", "repetitive",
+                            "file"],
+                   help="repetitive: tasks whose answers repeat their prompts (rewrite, edit code, quote a "
+                        "document), for speculative decoding")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--input-range", default="32,256")
@@ -82,6 +85,32 @@ def server_info(target: str, security: ClientSecurity | None = None) -> dict:
     return {"model_info": MessageToDict(info), "cluster_status": MessageToDict(status)}
 
 
+SPEC_KEYS = ("specDecodeNumDrafts", "specDecodeNumDraftTokens", "specDecodeNumAcceptedTokens")
+
+
+def _spec_counters(args) -> dict[str, int]:
+    """The cluster's speculative-decoding counters, summed over replicas (GetClusterStatus)."""
+    try:
+        status = server_info(args.target, ClientSecurity.from_args(args))["cluster_status"]
+    except Exception:  # the run's own figures stand without them
+        return {}
+    return {k: sum(int(r.get(k, 0)) for r in status.get("replicas", [])) for k in SPEC_KEYS}
+
+
+def _spec_delta(before: dict, after: dict) -> dict | None:
+    """Acceptance over one run (None where nothing was proposed): accepted / proposed, and the mean
+    tokens a verifying sequence-step emitted (1 + accepted / drafts). Other clients' requests in
+    the same window count too."""
+    if not before or not after:
+        return None
+    d = {k: after[k] - before[k] for k in SPEC_KEYS}
+    drafts, proposed, accepted = (d[k] for k in SPEC_KEYS)
+    if not proposed:
+        return None
+    return {"drafts": drafts, "draft_tokens": proposed, "accepted_tokens": accepted,
+            "acceptance_rate": accepted / proposed, "mean_accepted_length": 1 + accepted / max(drafts, 1)}
+
+
 def run_bench(args) -> int:
     for flag in ("num_requests", "warmup"):
         if getattr(args, flag) < (1 if flag == "num_requests" else 0):
@@ -128,9 +157,13 @@ def run_bench(args) -> int:
         if warm:
             asyncio.run(run_load(args.target, args.protocol, model, warm, LoadSpec(concurrency=len(warm)),
                                   security=ClientSecurity.from_args(args), http_target=http_target(args)))
+        before = _spec_counters(args)
         records, duration = _run_with_progress(args, model, measured, load, label)
         run = {"load": asdict(load), "load_label": label, "summary": summarize(records, duration, slo),
                "records": [record_dict(r) for r in records]}
+        acceptance = _spec_delta(before, _spec_counters(args))
+        if acceptance is not None:
+            run["summary"]["speculative"] = acceptance
         runs.append(run)
         from cluster.bench.report import print_summary
 

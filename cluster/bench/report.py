@@ -26,6 +26,11 @@ def print_summary(run: dict, console=None) -> None:
     console.print(f"requests/s {s['request_throughput']:.2f}   output tok/s {s['output_token_throughput']:.1f}   "
                   f"total tok/s {s['total_token_throughput']:.1f}   goodput {s['goodput']:.2f} req/s "
                   f"({s['goodput_requests']} met SLOs {s['slo_ms']})")
+    spec = s.get("speculative")
+    if spec:
+        console.print(f"speculative decoding: {spec['accepted_tokens']} of {spec['draft_tokens']} proposed tokens "
+                      f"accepted ({spec['acceptance_rate']:.0%}), {spec['mean_accepted_length']:.2f} tokens per "
+                      f"verifying step")
 
 
 def save(report: dict, path: str) -> None:

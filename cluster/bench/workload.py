@@ -4,8 +4,11 @@ Kinds: fixed lengths; random lengths in ranges; a long-tailed chat-like mix (log
 shared-prefix requests (one common system prefix + distinct suffixes, to exercise prefix caching);
 multi-tenant (T tenants, each a long system prompt, then short questions, tenants interleaved);
 conversation (multi-turn sessions: each turn's prompt is the previous prompt + its answer + a new
-question, sent as token ids so the chain of KV blocks survives the answer's boundary); a JSONL file
-of {"prompt": ..., "max_tokens": ...}. Output lengths are enforced with ignore_eos.
+question, sent as token ids so the chain of KV blocks survives the answer's boundary); repetitive
+(tasks whose answer repeats its prompt, built from text that ships with the repo: rewrite a
+passage, edit code, answer from a document by quoting it: what speculative decoding's prompt
+lookup is for); a JSONL file of {"prompt": ..., "max_tokens": ...}. Output lengths are enforced
+with ignore_eos.
 """
 from __future__ import annotations
 
@@ -85,9 +88,11 @@ def make_workload(spec: WorkloadSpec, n: int, vocab: int, seed: int = 0) -> list
         return _multi_tenant(spec, n, vocab, rng)
     elif spec.kind == "conversation":
         return _conversation(spec, n, vocab, rng)
+    elif spec.kind == "repetitive":
+        return repetitive(n, rng, spec.output_range)
     else:
         raise ValueError(f"--workload {spec.kind!r}: use fixed, random, longtail, shared-prefix, multi-tenant, "
-                         f"conversation or file")
+                         f"conversation repetitive or file")
     return [BenchRequest(_ids(rng, int(i), vocab), _text(rng, int(i)), int(o)) for i, o in zip(ins, outs)]
 
 
@@ -116,4 +121,49 @@ def _conversation(spec: WorkloadSpec, n: int, vocab: int, rng) -> list[BenchRequ
     for _ in range(sessions):
         qs = [_ids(rng, q, vocab) for q in _lengths(rng, spec.input_range, spec.turns)]
         out.append(BenchRequest(qs[0], "", int(_lengths(rng, spec.output_range, 1)[0]), follow_ups=qs[1:]))
+    return out
+
+
+DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
+# Source files of this repository, as the code to edit (any text with structure would do).
+CODE = Path(__file__).resolve().parents[2] / "workers" / "engine"
+
+
+def _paragraphs() -> list[str]:
+    text = (DATA / "keeping_time.txt").read_text()
+    return [p.replace("\n", " ") for p in text.split("\n\n") if len(p) > 300]
+
+
+def _functions() -> list[str]:
+    """Functions of 8-40 lines from the engine's own source, whole."""
+    out = []
+    for f in sorted(CODE.glob("*.py")):
+        lines = f.read_text().splitlines()
+        starts = [i for i, line in enumerate(lines) if line.lstrip().startswith("def ")]
+        for a, b in zip(starts, starts[1:] + [len(lines)]):
+            body = "\n".join(lines[a:b]).rstrip()
+            if 8 <= body.count("\n") <= 40:
+                out.append(body)
+    return out
+
+
+def repetitive(n: int, rng, output_range: tuple[int, int]) -> list[BenchRequest]:
+    """Tasks whose answer repeats much of the prompt, in turn: rewrite a passage, edit code,
+    answer from a document by quoting it. Text prompts (the server tokenizes them)."""
+    paras, funcs = _paragraphs(), _functions()
+    out = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            p = paras[int(rng.integers(len(paras)))]
+            prompt = f"Passage:\n{p}\n\nThe same passage, rewritten with British spelling:\n"
+        elif kind == 1:
+            f = funcs[int(rng.integers(len(funcs)))]
+            prompt = f"```python\n{f}\n```\n\nThe same function with the variable names made longer:\n```python\n"
+        else:
+            a = int(rng.integers(len(paras) - 1))
+            doc = paras[a] + "\n\n" + paras[a + 1]
+            prompt = (f"Document:\n{doc}\n\nQuestion: What does the document say, in its own words? Answer by "
+                      f"quoting its sentences.\nAnswer: \"")
+        out.append(BenchRequest(None, prompt, int(rng.integers(output_range[0], output_range[1] + 1))))
     return out

@@ -151,7 +151,9 @@ class TpserveServicer(pb_grpc.TpserveServiceServicer):
                 replica_id=s["replica_id"], state=STATE.get(s["state"], pb.REPLICA_STATE_UNSPECIFIED),
                 tp_size=s["tp_size"], running=st.running, waiting=st.waiting, kv_blocks_total=st.num_blocks,
                 kv_blocks_free=st.free_blocks, prefix_cache_hit_tokens=st.prefix_hit_tokens,
-                requests_routed=s["routed"], steps=st.steps,
+                requests_routed=s["routed"], steps=st.steps, spec_decode_num_drafts=st.spec_drafts,
+                spec_decode_num_draft_tokens=st.spec_draft_tokens,
+                spec_decode_num_accepted_tokens=st.spec_accepted_tokens,
                 workers=[pb.WorkerStatus(rank=w["rank"], pid=w["pid"], node_id=w["node_id"], node_ip=w["node_ip"])
                          for w in s["workers"]] if self.expose_topology else []))
         return reply

@@ -144,6 +144,17 @@ class BlockManager:
             seq.block_table.append(self._take())
         return True
 
+    def shrink(self, seq: Sequence, num_tokens: int) -> None:
+        """Return seq's blocks past what num_tokens need: the tail a rejected proposal grew. They
+        hold no accepted token, so none is hashed or shared."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > max(keep, len(seq.block_hashes)):
+            blk = self.blocks[seq.block_table.pop()]
+            blk.ref_count -= 1
+            if blk.ref_count == 0:
+                blk.hash, blk.token_ids, blk.parent = None, (), None
+                self.free_ids.append(blk.block_id)
+
     def register_computed(self, seq: Sequence) -> None:
         """Hash the blocks that became full and computed, so later requests can share them."""
         if not self.enable_prefix_caching:

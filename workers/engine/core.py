@@ -24,6 +24,7 @@ from workers.engine.sampler import SampleError, SampleResult
 from workers.engine.sampling_params import SamplingError, SamplingParams
 from workers.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from workers.engine.sequence import FinishReason, Sequence
+from workers.engine.speculative import NgramProposer, SpeculativeConfig, Speculator, SpecRow
 from workers.errors import ConfigError
 from workers.paged_cache import PagedSeq
 from workers.step_plan import PlanOp, StepPlan
@@ -41,12 +42,15 @@ class EngineConfig:
     # Secret of the prefix cache's keyed block hash; one per cluster (the controller's config
     # carries it to every replica), random per engine when unset.
     block_key_salt: bytes = field(default_factory=new_salt, repr=False)
+    speculative: SpeculativeConfig | None = None  # --speculative-config (workers/engine/speculative.py)
 
     def validate(self) -> "EngineConfig":
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_batched_tokens", f"must be >= 1, got {self.max_num_batched_tokens}")
+        if self.speculative is not None:
+            self.speculative.validate()
         return self
 
 
@@ -71,7 +75,9 @@ class _Live:
 class EngineCore:
     """Continuous batching over the paged cache of `executor`'s replica (workers/engine/executor.py)."""
 
-    def __init__(self, executor: Executor, tokenizer, config: EngineConfig | None = None):
+    def __init__(self, executor: Executor, tokenizer, config: EngineConfig | None = None, proposer=None):
+        """`proposer`: what proposes tokens when `config.speculative` is set; the n-gram lookup
+        by default, a draft model's (workers/engine/draft.py) built by the caller that holds it."""
         config = (config or EngineConfig()).validate()
         self.executor = executor
         self.vocab_size = executor.vocab_size
@@ -85,6 +91,11 @@ class EngineCore:
         self.live: dict[str, _Live] = {}
         self.stats = EngineStats(num_blocks=executor.num_blocks)
         self._rng = random.Random(0x7E5E)
+        self.speculator = None
+        if config.speculative is not None:
+            if proposer is None and config.speculative.method != "ngram":
+                raise ConfigError("speculative-config.method", f"{config.speculative.method} needs its proposer")
+            self.speculator = Speculator(config.speculative, proposer or NgramProposer(config.speculative))
         # Fault injection for the reliability tests (docs/reliability.md): a request with this
         # cache_salt raises outside the per-request guards, as an unknown bug its data triggers
         # would, so the replica fails and the frontend's dead-letter rule can be seen at work.
@@ -140,6 +151,7 @@ class EngineCore:
         if live is None:
             return None
         self.scheduler.finish(live.seq)
+        self._forget(request_id)
         self.stats.aborted += 1
         live.seq.finish_reason = FinishReason.ABORT
         return self._output(live, [], final=True)
@@ -149,7 +161,8 @@ class EngineCore:
 
     # ---- one step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        proposals = self.speculator.propose(self.scheduler.running, self.max_model_len) if self.speculator else None
+        sched = self.scheduler.schedule(proposals)
         if not sched.chunks:
             return []
         if self._failpoint_salt is not None and any(c.seq.params.cache_salt == self._failpoint_salt
@@ -168,6 +181,14 @@ class EngineCore:
             s = c.seq
             start = s.num_computed_tokens
             seqs.append(PagedSeq(start, c.num_tokens, list(s.block_table)))
+            if c.spec:  # the last token, then the proposals; every position samples
+                ids.append(s.token_at(start))
+                ids += c.spec
+                logits_rows += range(len(ids) - 1 - len(c.spec), len(ids))
+                sampling.append(s)
+                sampling += (SpecRow(s, c.spec[:j]) for j in range(1, len(c.spec) + 1))
+                n_decode += 1
+                continue
             ids += s.all_token_ids[start:start + c.num_tokens]
             if c.samples:
                 logits_rows.append(len(ids) - 1)
@@ -190,7 +211,8 @@ class EngineCore:
                               - s.num_computed_tokens)
             s.num_computed_prefill_tokens += prompt_part
             self.stats.prompt_tokens_computed += prompt_part
-            s.num_computed_tokens += c.num_tokens
+            # A proposal's KV counts once it is accepted (`_append`).
+            s.num_computed_tokens += c.num_tokens - len(c.spec)
         outputs: list[RequestOutput] = []
         failed: set[str] = set()
         for c in sched.chunks:  # block keys hash the request's own tokens and salt
@@ -199,14 +221,19 @@ class EngineCore:
             except Exception as e:
                 outputs.append(self.fail_request(c.seq.request_id, e))
                 failed.add(c.seq.request_id)
-        for s, r in zip(sampling, results):
+        rows = iter(zip(sampling, results))
+        spec_of = {c.seq.request_id: c.spec for c in sched.chunks if c.spec}
+        for s, r in rows:
+            spec = spec_of.get(s.request_id, ())
+            got = [r] + [next(rows)[1] for _ in spec]  # a verified chunk's rows are consecutive
             if s.request_id in failed:
                 continue
-            if isinstance(r, SampleError):
-                outputs.append(self.fail_request(s.request_id, r.cause))
+            bad = next((x for x in got if isinstance(x, SampleError)), None)
+            if bad is not None:
+                outputs.append(self.fail_request(s.request_id, bad.cause))
                 continue
             try:
-                out = self._append(self.live[s.request_id], r)
+                out = self._append(self.live[s.request_id], got, spec)
             except Exception as e:  # stop checks, detokenizing: this request's own work
                 out = self.fail_request(s.request_id, e)
             outputs.append(out)
@@ -223,6 +250,7 @@ class EngineCore:
             except Exception:  # its blocks may leak; the replica stays up for the others
                 log.exception("freeing the blocks of failed request %s", request_id)
             seq.finish_reason = FinishReason.ERROR
+        self._forget(request_id)
         self.stats.failed += 1
         return RequestOutput(request_id, finished=True, finish_reason="error", request_failed=True,
                              error=f"request {request_id} failed in the engine: {type(exc).__name__}: {exc}",
@@ -236,13 +264,44 @@ class EngineCore:
         if n_prefill and n_decode:
             st.mixed_steps += 1
 
-    def _append(self, live: _Live, r) -> RequestOutput | None:
+    def _append(self, live: _Live, rows: list[SampleResult], spec=()) -> RequestOutput:
+        """Row 0's token, then row j's while row j-1 drew proposal j-1 (its KV, computed this
+        step, then counts), until a finish rule ends the request. A proposal that was not drawn
+        and everything after it are dropped, and the blocks grown for them returned."""
+        seq, new_ids = live.seq, []
+        final = False
+        for j, r in enumerate(rows):
+            if j:
+                if rows[j - 1].token_id != spec[j - 1]:
+                    break
+                seq.num_computed_tokens += 1
+                self.block_manager.register_computed(seq)
+            new_ids.append(r.token_id)
+            final = self._take(live, r)
+            if final:
+                break
+        if spec:
+            self.speculator.verified(seq.request_id, len(spec), len(new_ids) - 1)
+            if not final:
+                self.block_manager.shrink(seq, seq.num_tokens)
+        if final:
+            self.live.pop(seq.request_id, None)
+            self.scheduler.finish(seq)
+            self.stats.finished += 1
+            self._forget(seq.request_id)
+        return self._output(live, new_ids, final)
+
+    def _forget(self, request_id: str) -> None:
+        if self.speculator is not None:
+            self.speculator.forget(request_id)
+
+    def _take(self, live: _Live, r: SampleResult) -> bool:
+        """Append one sampled token and apply the finish rules; True when the request ends."""
         seq, p = live.seq, live.seq.params
         seq.append_token(r.token_id)
         self.stats.generated_tokens += 1
         if p.logprobs is not None:
             live.pending_logprobs.append({"token_id": r.token_id, "logprob": r.logprob, "top": r.top_logprobs or []})
-        new_ids = [r.token_id]
         if not p.ignore_eos and r.token_id in self.eos_token_ids:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, r.token_id
         elif r.token_id in p.stop_token_ids:
@@ -254,12 +313,7 @@ class EngineCore:
         if seq.finish_reason is None and (len(seq.output_token_ids) >= p.max_tokens
                                           or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = FinishReason.LENGTH
-        final = seq.finish_reason is not None
-        if final:
-            self.live.pop(seq.request_id, None)
-            self.scheduler.finish(seq)
-            self.stats.finished += 1
-        return self._output(live, new_ids, final)
+        return seq.finish_reason is not None
 
     def _output(self, live: _Live, new_ids: list[int], final: bool) -> RequestOutput:
         seq = live.seq
@@ -291,4 +345,8 @@ class EngineCore:
         st.preemptions = self.scheduler.num_preemptions
         st.prefix_hit_tokens = self.block_manager.stats.prefix_hit_tokens
         st.prefix_queried_tokens = self.block_manager.stats.prefix_queried_tokens
+        if self.speculator is not None:
+            sp = self.speculator.stats
+            st.spec_drafts, st.spec_draft_tokens = sp.num_drafts, sp.num_draft_tokens
+            st.spec_accepted_tokens, st.spec_paused = sp.num_accepted_tokens, sp.num_paused
         return EngineStats(**{k: getattr(st, k) for k in st.__slots__})

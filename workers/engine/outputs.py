@@ -48,3 +48,8 @@ class EngineStats:
     finished: int = 0
     aborted: int = 0
     failed: int = 0  # requests the engine failed on alone (RequestFailed)
+    # Speculative decoding (workers/engine/speculative.py), vLLM's spec_decode_* counters.
+    spec_drafts: int = 0  # sequence-steps that verified proposals
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_paused: int = 0  # times a request's proposals were paused for low acceptance

@@ -26,12 +26,15 @@ class SchedulerConfig:
 @dataclass(slots=True)
 class ScheduledChunk:
     seq: Sequence
-    num_tokens: int  # tokens [seq.num_computed_tokens, + num_tokens) run this step
+    num_tokens: int  # tokens [seq.num_computed_tokens, + num_tokens) run this step, proposals included
+    # Proposed tokens (workers/engine/speculative.py) after the sequence's last one: the chunk
+    # runs the last token and these, and each of their positions samples.
+    spec: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """This chunk reaches the sequence's end, so its last position yields the next token."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens + len(self.spec)
 
 
 @dataclass(slots=True)
@@ -66,7 +69,9 @@ class Scheduler:
         self.num_preemptions += 1
         out.preempted.append(seq)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, proposals: dict[str, list[int]] | None = None) -> SchedulerOutput:
+        """`proposals`: request id -> tokens proposed after a decoding sequence's last one; each
+        is verified in this step if the token budget and the free blocks allow, else dropped."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         bm = self.block_manager
@@ -74,6 +79,16 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            spec = proposals.get(seq.request_id, [])[:budget - 1] if proposals and n == 1 else []
+            # Proposals take free blocks only, and leave one for each running sequence still to
+            # schedule: a guess never preempts anyone.
+            if spec and bm.num_free_blocks - (bm.blocks_needed(seq.num_computed_tokens + 1 + len(spec))
+                                              - len(seq.block_table)) >= len(self.running) - i - 1 \
+                    and bm.grow(seq, seq.num_computed_tokens + 1 + len(spec)):
+                out.chunks.append(ScheduledChunk(seq, 1 + len(spec), spec))
+                budget -= 1 + len(spec)
+                i += 1
+                continue
             while not bm.grow(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim, out)

@@ -1,0 +1,271 @@
+"""Speculative decoding: proposals that the target model verifies in the step it would run anyway.
+
+At batch 1 a decode step reads every weight to produce one token. A decoding sequence with K
+proposed tokens is scheduled as a (K+1)-token chunk instead (its last token and the proposals,
+over the paged cache like a prefill chunk), and every one of those K+1 positions samples. Row j
+is the target's next token given the prompt, the output and proposals[:j]; the engine keeps rows
+0..a, where a is the first row whose token differs from proposal a (workers/engine/core.py):
+each kept row's prefix is exactly what the target generated, so the output is token for token
+the output without speculation.
+
+Why this is the rejection sampler for these proposers: both propose deterministically (a lookup,
+or the draft's argmax), so the draft distribution q is one-hot at the proposal x. Leviathan et al.
+(2023) accept x with probability min(1, p(x) / q(x)) = p(x) and otherwise draw from
+norm(max(0, p - q)) = p without x. Row j's token is drawn from p with the seeded exponential race
+of the sampler (token i from (seed, i)); it equals x with probability p(x), and given that it
+does not, it is distributed as p without x. Accepting "row j drew the proposal" is that rejection
+sampler, with the one difference that a seeded request's text does not depend on the proposals,
+the batch or the replica, as without speculation.
+
+Proposers (vLLM's `--speculative-config` JSON, `method`):
+- `ngram`: prompt lookup (Saxena 2023; vLLM's ngram): the longest suffix of the sequence, between
+  `prompt_lookup_max` and `prompt_lookup_min` tokens, that occurred before; the tokens that followed
+  its latest earlier occurrence are the proposal. An index of n-gram -> latest end position grows
+  with the sequence, so a lookup costs O(max - min), not a scan of the context.
+- `draft_model`: a smaller model with the same vocabulary (workers/engine/draft.py).
+
+Speculation must never cost much where it does not pay:
+- per request, acceptance is tracked; a request whose proposals keep being rejected stops being
+  proposed to for a while (`backoff_steps`, doubling each time it happens again);
+- under load it stops: only while the step's decoding sequences are at most `max_batch` (a large
+  batch is compute-bound here, so K extra rows per sequence cost nearly K times more).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from workers.errors import ConfigError
+
+METHODS = ("ngram", "draft_model")
+MAX_SPECULATIVE_TOKENS = 16
+# Speculate while a step decodes at most this many sequences. Measured (docs/benchmarks.md,
+# `python -m benchmarks.speculative`): on this project's 2-core machine the verify step's extra
+# rows stay cheap up to a handful of sequences.
+DEFAULT_MAX_BATCH = 8
+# Acceptance (accepted / proposed) below which a request's proposals are paused, judged over at
+# least `MIN_PROPOSED` proposed tokens since its last pause.
+DEFAULT_MIN_ACCEPTANCE = 0.2
+MIN_PROPOSED = 16
+DEFAULT_BACKOFF_STEPS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """`--speculative-config` (vLLM's keys)."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    model: str | None = None  # draft_model: a folder, a GGUF or a built-in name, as --model takes
+    quantization: str = "none"  # draft_model: the draft's weights (none, int8, int4), as --quantization
+    max_batch: int = DEFAULT_MAX_BATCH
+    min_acceptance: float = DEFAULT_MIN_ACCEPTANCE
+    backoff_steps: int = DEFAULT_BACKOFF_STEPS
+
+    KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "quantization",
+            "max_batch", "min_acceptance", "backoff_steps")
+
+    @classmethod
+    def parse(cls, text: str | None, flag: str = "speculative-config") -> "SpeculativeConfig | None":
+        """The flag's JSON; None for no speculation. Errors name `flag.key`."""
+        if text is None or not text.strip():
+            return None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(flag, f"is not JSON ({e.msg} at character {e.pos})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(flag, f"must be a JSON object, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(cls.KEYS))
+        if unknown:
+            raise ConfigError(f"{flag}.{unknown[0]}", f"is not a key; the keys are {', '.join(cls.KEYS)}")
+        if "method" not in raw:
+            raise ConfigError(f"{flag}.method", f"is required: one of {', '.join(METHODS)}")
+        if "num_speculative_tokens" not in raw:
+            raise ConfigError(f"{flag}.num_speculative_tokens", "is required")
+        return cls(**raw).validate(flag)
+
+    def validate(self, flag: str = "speculative-config") -> "SpeculativeConfig":
+        def integer(key: str, lo: int, hi: int) -> None:
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ConfigError(f"{flag}.{key}", f"must be an integer in [{lo}, {hi}], got {v!r}")
+
+        if self.method not in METHODS:
+            raise ConfigError(f"{flag}.method", f"{self.method!r} is not one of {', '.join(METHODS)}")
+        integer("num_speculative_tokens", 1, MAX_SPECULATIVE_TOKENS)
+        integer("max_batch", 1, 1 << 16)
+        integer("backoff_steps", 0, 1 << 20)
+        integer("prompt_lookup_min", 1, 64)
+        integer("prompt_lookup_max", 1, 64)
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise ConfigError(f"{flag}.prompt_lookup_max", f"({self.prompt_lookup_max}) is below "
+                                                           f"prompt_lookup_min ({self.prompt_lookup_min})")
+        a = self.min_acceptance
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+            raise ConfigError(f"{flag}.min_acceptance", f"must be a number in [0, 1], got {a!r}")
+        if self.method == "draft_model":
+            if not isinstance(self.model, str) or not self.model:
+                raise ConfigError(f"{flag}.model", "draft_model needs the draft's folder, GGUF or name")
+        elif self.model is not None:
+            raise ConfigError(f"{flag}.model", f"only draft_model takes a model, not {self.method}")
+        if self.quantization not in ("none", "int8", "int4"):
+            raise ConfigError(f"{flag}.quantization", f"{self.quantization!r} is not one of none, int8, int4")
+        return self
+
+
+class SpecRow:
+    """What the sampler reads of a sequence, for the verify row after proposals[:j]: its token
+    index (the seeded draw), penalties and logprobs see the proposals as output."""
+
+    __slots__ = ("seq", "spec")
+
+    def __init__(self, seq, spec: list[int]):
+        self.seq, self.spec = seq, spec
+
+    @property
+    def request_id(self) -> str:
+        return self.seq.request_id
+
+    @property
+    def params(self):
+        return self.seq.params
+
+    @property
+    def seed(self) -> int:
+        return self.seq.seed
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.seq.output_token_ids + self.spec
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.seq.all_token_ids + self.spec
+
+
+class NgramIndex:
+    """n-gram (prompt_lookup_min..max tokens) -> end position of its latest occurrence, for one
+    sequence; it lags the sequence by one position so that the suffix never finds itself."""
+
+    __slots__ = ("lo", "hi", "latest", "indexed")
+
+    def __init__(self, lo: int, hi: int):
+        self.lo, self.hi = lo, hi
+        self.latest: dict[tuple[int, ...], int] = {}
+        self.indexed = 0  # n-grams ending before this position are in `latest`
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the longest suffix."""
+        n = len(tokens)
+        latest, lo, hi = self.latest, self.lo, self.hi
+        for end in range(self.indexed, n - 1):  # n-grams ending at end (inclusive)
+            for size in range(lo, min(hi, end + 1) + 1):
+                latest[tuple(tokens[end - size + 1:end + 1])] = end
+        self.indexed = max(self.indexed, n - 1)
+        for size in range(min(hi, n - 1), lo - 1, -1):
+            end = latest.get(tuple(tokens[n - size:]))
+            if end is not None:
+                return tokens[end + 1:end + 1 + k]
+        return []
+
+
+@dataclass(slots=True)
+class SpecTrack:
+    """One request's acceptance, for the pause rule and the metrics."""
+
+    proposed: int = 0  # since the last pause
+    accepted: int = 0
+    paused_until: int = 0  # engine step
+    pauses: int = 0
+    index: NgramIndex | None = None
+
+
+@dataclass(slots=True)
+class SpecStats:
+    """Prometheus' spec_decode_* counters (vLLM's names) and what the bench reports."""
+
+    num_drafts: int = 0  # sequence-steps that verified a proposal
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_paused: int = 0  # times a request's proposals were paused for low acceptance
+    accepted_per_position: list[int] = field(default_factory=list)
+
+
+class NgramProposer:
+    """Prompt-lookup proposals for the running sequences of one engine."""
+
+    def __init__(self, config: SpeculativeConfig):
+        self.config = config
+
+    def propose(self, seqs, tracks: dict[str, SpecTrack], budget) -> dict[str, list[int]]:
+        out = {}
+        for s in seqs:
+            k = budget(s)
+            if k <= 0:
+                continue
+            t = tracks[s.request_id]
+            if t.index is None:
+                t.index = NgramIndex(self.config.prompt_lookup_min, self.config.prompt_lookup_max)
+            spec = t.index.propose(s.all_token_ids, k)
+            if spec:
+                out[s.request_id] = spec
+        return out
+
+    def forget(self, request_id: str) -> None:
+        pass
+
+
+class Speculator:
+    """Rank 0's proposals for one engine: which sequences speculate this step, how many tokens,
+    and what the verify step accepted (the pause rule and the counters)."""
+
+    def __init__(self, config: SpeculativeConfig, proposer):
+        self.config = config
+        self.proposer = proposer
+        self.tracks: dict[str, SpecTrack] = {}
+        self.stats = SpecStats(accepted_per_position=[0] * config.num_speculative_tokens)
+        self.step_no = 0
+
+    def propose(self, running, max_model_len: int) -> dict[str, list[int]]:
+        """request id -> proposal, for the running sequences that decode this step."""
+        self.step_no += 1
+        decoding = [s for s in running if s.num_computed_tokens == s.num_tokens - 1]
+        if not decoding or len(decoding) > self.config.max_batch:
+            return {}
+        k_max = self.config.num_speculative_tokens
+        for s in decoding:
+            self.tracks.setdefault(s.request_id, SpecTrack())
+
+        def budget(s) -> int:
+            if self.tracks[s.request_id].paused_until > self.step_no:
+                return 0
+            # Nothing past max_tokens or the context is worth verifying: the last row samples
+            # the token after the proposals.
+            left = min(s.params.max_tokens - len(s.output_token_ids), max_model_len - s.num_tokens) - 1
+            return min(k_max, left)
+
+        return self.proposer.propose(decoding, self.tracks, budget)
+
+    def verified(self, request_id: str, proposed: int, accepted: int) -> None:
+        st, t = self.stats, self.tracks.get(request_id)
+        st.num_drafts += 1
+        st.num_draft_tokens += proposed
+        st.num_accepted_tokens += accepted
+        for j in range(accepted):
+            st.accepted_per_position[j] += 1
+        if t is None:
+            return
+        t.proposed += proposed
+        t.accepted += accepted
+        if t.proposed >= MIN_PROPOSED and t.accepted < self.config.min_acceptance * t.proposed:
+            t.pauses += 1
+            t.paused_until = self.step_no + self.config.backoff_steps * (1 << min(t.pauses - 1, 10))
+            t.proposed = t.accepted = 0
+            st.num_paused += 1
+
+    def forget(self, request_id: str) -> None:
+        self.tracks.pop(request_id, None)
+        self.proposer.forget(request_id)
