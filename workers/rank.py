@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from workers.config import ModelConfig
 from workers.engine.core import EngineConfig, EngineCore
 from workers.engine.draft import build_draft_proposer
 from workers.engine.executor import WorkerExecutor
@@ -39,13 +40,16 @@ def run_rank(spec: WorkerSpec, engine_config: EngineConfig, rank: int, inbox, ou
     then not raised again), and serve: rank 0 runs the engine loop on inbox/outbox, the others
     follow rank 0's plans. Returns at shutdown; an error while serving propagates to the host."""
     try:
+        # Rank 0 loads a draft model before its share of the target: the other ranks then wait for
+        # it inside the load's collectives (load_timeout_s), never in the first plan's
+        # (collective_timeout_s, seconds).
+        sc = engine_config.speculative
+        proposer = None
+        if rank == 0 and sc is not None and sc.method == "draft_model":
+            proposer = build_draft_proposer(sc, spec, ModelConfig.from_pretrained(spec.model_path).vocab_size)
         worker = Worker(spec, rank)
         loop = None
         if rank == 0:
-            proposer = None
-            sc = engine_config.speculative
-            if sc is not None and sc.method == "draft_model":
-                proposer = build_draft_proposer(sc, spec, worker.config.vocab_size)
             engine = EngineCore(WorkerExecutor(worker), load_detokenizer(spec.model_path), engine_config, proposer)
             loop = EngineLoop(engine, inbox, outbox, worker_calls(worker))
     except BaseException as e:  # the host reports it (a WorkerError for the caller)
