@@ -58,7 +58,7 @@ def configs(args, max_batch: int | None = None) -> dict[str, SpeculativeConfig |
 
 
 def group(args, tp: int, spec: SpeculativeConfig | None):
-    ws = WorkerSpec(str(resolve_model(args.model)), tp_size=tp, dtype=args.dtype)
+    ws = WorkerSpec(str(resolve_model(args.model)), tp_size=tp, dtype=args.dtype, quantization=args.quantization)
     return start_worker_group(ws, EngineConfig(max_num_seqs=256, max_num_batched_tokens=1024, speculative=spec))
 
 
@@ -83,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantization", default="none", help="the target's weights: none, int8, int4")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--lookup-max", type=int, default=4)
     ap.add_argument("--lookup-min", type=int, default=2)
@@ -99,7 +100,8 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(str(resolve_model(args.model)))
     t0 = time.perf_counter()
-    print(f"`python -m benchmarks.speculative` {time.strftime('%Y-%m-%d %H:%M')}, model {args.model} {args.dtype}, "
+    print(f"`python -m benchmarks.speculative` {time.strftime('%Y-%m-%d %H:%M')}, model {args.model} "
+          f"{args.dtype} {args.quantization}, "
           f"K={args.k}, lookup {args.lookup_min}-{args.lookup_max}, draft {args.draft or '-'} "
           f"({args.draft_quantization}), torch threads {torch.get_num_threads()}\n", flush=True)
 
@@ -149,7 +151,8 @@ def main() -> None:
         params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
         rows = [("repetitive", 1, rep[:3], None), ("random tokens", 1, rnd[:3], None)]
         rows += [("repetitive", c, rep[:c], UNLIMITED) for c in conc if c > 1]
-        rows += [("repetitive, default max_batch", max(conc), rep[:max(conc)], None)]
+        if max(conc) > 1:
+            rows += [("repetitive, default max_batch", max(conc), rep[:max(conc)], None)]
         tps = {}
         specs = {mb: configs(args, mb) for mb in (None, UNLIMITED)}
         names = list(specs[None])

@@ -79,7 +79,7 @@ class Frontend:
         try:
             prompt_ids = await self.encoder.encode(prompt)
             if request.fill_max_tokens:
-                params.max_tokens = max(1, self.limits.max_model_len - len(prompt_ids))
+                params.max_tokens = max(1, min(params.max_tokens, self.limits.max_model_len - len(prompt_ids)))
             check_prompt_ids(prompt_ids, params.max_tokens, self.limits, prompt.field)
             keys = await self.encoder.run(self.router.block_keys, prompt_ids, params.cache_salt)
             while not finished:

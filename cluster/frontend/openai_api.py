@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API: one more front door to the same request path.
 
 POST /v1/completions, POST /v1/chat/completions (server-sent events with `stream: true`), GET
-/v1/models, GET /health. This file maps the routes and each body onto the request path's
+/v1/models and /v1/models/{id}, GET /health, and vLLM's POST /tokenize and /detokenize. This file maps the routes and each body onto the request path's
 PromptInput and SamplingParams; the bodies are `openai_schema`, the replies `openai_reply`,
 the HTTP plumbing (size bounds, errors, disconnects, uvicorn) `http_server`. FastAPI parses and routes, Pydantic models check the bodies, uvicorn
 serves, all on the frontend's own event loop beside the gRPC server: admission, routing, resume,
@@ -27,14 +27,16 @@ from cluster.frontend.core import Frontend
 from cluster.frontend.http_body import ApiError, BodyParser
 from cluster.frontend.http_server import answered, parse, unless_disconnected
 from cluster.frontend.openai_reply import Reply
-from cluster.frontend.openai_schema import ChatBody, CompletionBody, RequestBody
+from cluster.frontend.openai_schema import ChatBody, CompletionBody, DetokenizeBody, Message, RequestBody, TokenizeBody
 from cluster.frontend.request import FrontendRequest
 from cluster.frontend.tokenize import PromptInput
-from cluster.frontend.validate import InvalidArgument, build_params, check_model
+from cluster.frontend.validate import InvalidArgument, build_params, check_model, check_prompt_ids
 from workers.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+# OpenAI's and vLLM's default for /v1/completions without max_tokens (chat's is the rest of the context).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 # OpenAI's names for the roles the chat templates know (PromptEncoder checks those, once).
 ROLE_ALIASES = {"developer": "system"}
 
@@ -81,8 +83,38 @@ class OpenAIApi:
         @answered
         async def models(request: Request):
             self._authorize(request)
-            return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                                "owned_by": "tpserve", "max_model_len": self.fe.limits.max_model_len}]}
+            return {"object": "list", "data": [self._model_card()]}
+
+        @app.get("/v1/models/{model_id:path}")
+        @answered
+        async def model(request: Request):
+            self._authorize(request)
+            check_model(request.path_params["model_id"], self.name, required=True)
+            return self._model_card()
+
+        @app.post("/tokenize")
+        @answered
+        async def tokenize(request: Request):
+            self._authorize(request)
+            body = await parse(request, TokenizeBody, self.parser, self.fe.limits.max_model_len)
+            check_model(body.model or "", self.name, required=False)
+            if (body.prompt is None) == (body.messages is None):
+                raise ApiError(400, "prompt: give exactly one of prompt and messages", param="prompt")
+            prompt = PromptInput("prompt", text=body.prompt) if body.prompt is not None else \
+                PromptInput("messages", messages=self._messages(body.messages))
+            self.fe.encoder.check(prompt)
+            ids = await self.fe.encoder.encode(prompt)
+            return {"count": len(ids), "max_model_len": self.fe.limits.max_model_len, "tokens": ids}
+
+        @app.post("/detokenize")
+        @answered
+        async def detokenize(request: Request):
+            self._authorize(request)
+            body = await parse(request, DetokenizeBody, self.parser, self.fe.limits.max_model_len)
+            check_model(body.model or "", self.name, required=False)
+            check_prompt_ids(body.tokens, 0, self.fe.limits, "tokens")
+            text = await self.fe.encoder.run(self.fe.encoder.tokenizer.decode, body.tokens)
+            return {"prompt": text}
 
         @app.post("/v1/completions")
         @answered
@@ -131,8 +163,15 @@ class OpenAIApi:
         for name in ("tools", "tool_choice", "functions", "response_format"):
             if getattr(body, name) is not None:
                 raise ApiError(400, f"{name}: not implemented", param=name)
-        messages = []
-        for i, m in enumerate(body.messages):
+        prompt = PromptInput("messages", messages=self._messages(body.messages))
+        self.fe.encoder.check(prompt, self.fe.limits.max_model_len)
+        return prompt
+
+    @staticmethod
+    def _messages(messages: list[Message]) -> list[tuple[str, str]]:
+        """(role, text) per message; content parts other than text are refused naming them."""
+        out = []
+        for i, m in enumerate(messages):
             if isinstance(m.content, list):
                 parts = []
                 for j, p in enumerate(m.content):
@@ -143,10 +182,12 @@ class OpenAIApi:
                 content = "".join(parts)
             else:
                 content = m.content or ""
-            messages.append((ROLE_ALIASES.get(m.role, m.role), content))
-        prompt = PromptInput("messages", messages=messages)
-        self.fe.encoder.check(prompt, self.fe.limits.max_model_len)
-        return prompt
+            out.append((ROLE_ALIASES.get(m.role, m.role), content))
+        return out
+
+    def _model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "tpserve",
+                "max_model_len": self.fe.limits.max_model_len}
 
     def _params(self, body: RequestBody, chat: bool) -> tuple[SamplingParams, bool]:
         """(checked params, whether max_tokens is "the rest of the context", filled in after tokenizing)."""
@@ -158,7 +199,9 @@ class OpenAIApi:
         else:
             logprobs = body.logprobs
         field = "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
-        values = {"max_tokens": 1 if max_tokens is None else max_tokens, "temperature": body.temperature,
+        if max_tokens is None:  # lowered to the rest of the context after tokenizing (FrontendRequest)
+            default = self.fe.limits.max_model_len if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
+        values = {"max_tokens": default if max_tokens is None else max_tokens, "temperature": body.temperature,
                   "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
                   "repetition_penalty": body.repetition_penalty, "presence_penalty": body.presence_penalty,
                   "frequency_penalty": body.frequency_penalty, "seed": body.seed,

@@ -53,6 +53,23 @@ class Message(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
+class TokenizeBody(BaseModel):
+    """vLLM's /tokenize: a completion prompt or chat messages (the chat template applied)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+
+
+class DetokenizeBody(BaseModel):
+    """vLLM's /detokenize."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]
+
+
 class ChatBody(RequestBody):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None

@@ -19,6 +19,7 @@ class FrontendRequest:
     params: SamplingParams
     request_id: str | None = None  # None: the path makes one
     deadline: float | None = None  # time.monotonic; bounds how long a resume may wait
-    # max_tokens absent: generate up to the rest of the context once the prompt is tokenized
-    # (the OpenAI API's default); params.max_tokens is then filled in by the request path.
+    # max_tokens absent (the OpenAI API's defaults): params.max_tokens is a default the request
+    # path lowers to the rest of the context once the prompt is tokenized (completions: 16, as
+    # OpenAI and vLLM; chat: the whole context, so the answer ends where the context does).
     fill_max_tokens: bool = False

@@ -80,10 +80,18 @@ def test_stop_logprobs_extensions_and_the_default_max_tokens(cluster):
     assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
     assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
 
-    # vLLM-style extra body fields; and no max_tokens: generate to the end of the context (1024).
+    # vLLM-style extra body fields; and no max_tokens: 16 tokens (OpenAI's and vLLM's default), or
+    # fewer where the context ends first (1024).
+    r = c.completions.create(model=MODEL, prompt=PROMPT, temperature=0, extra_body={"ignore_eos": True, "top_k": 1})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 16
     ids = [100 + i % 200 for i in range(1020)]
     r = c.completions.create(model=MODEL, prompt=ids, temperature=0, extra_body={"ignore_eos": True, "top_k": 1})
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4 and r.usage.prompt_tokens == 1020
+    # chat without max_tokens: to the end of the context
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": " ".join(["word"] * 950)}],
+                                  temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens + r.usage.completion_tokens == 1024 and r.usage.completion_tokens > 16
 
 
 BAD = [  # (endpoint, body change, status, the field the error must name)
@@ -200,3 +208,26 @@ def test_curl_reads_the_stream_as_server_sent_events(cluster):
 def test_health_answers_200_when_serving(cluster):
     r = httpx.get(cluster.http + "/health", timeout=10)
     assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_tokenize_detokenize_and_one_model_as_vllm_serves_them(cluster, smollm2_reference):
+    _, tok = smollm2_reference
+    r = httpx.post(cluster.http + "/tokenize", json={"model": MODEL, "prompt": PROMPT}, timeout=30)
+    assert r.status_code == 200 and r.json()["tokens"] == tok(PROMPT).input_ids
+    assert r.json()["count"] == len(r.json()["tokens"]) and r.json()["max_model_len"] == 1024
+    # Chat messages go through the chat template, as the chat endpoint sends them.
+    chat = httpx.post(cluster.http + "/tokenize", json={"messages": [{"role": "user", "content": QUESTION}]},
+                      timeout=30).json()
+    assert chat["count"] == grpc_greedy(cluster, 1, messages=pb.ChatMessages(
+        messages=[pb.ChatMessage(role="user", content=QUESTION)])).prompt_tokens
+    back = httpx.post(cluster.http + "/detokenize", json={"model": MODEL, "tokens": r.json()["tokens"]}, timeout=30)
+    assert back.status_code == 200 and back.json()["prompt"] == PROMPT
+    for path, body, param in (("/detokenize", {"tokens": [10 ** 9]}, "tokens"),
+                              ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "prompt"),
+                              ("/tokenize", {"model": "other", "prompt": "x"}, "model")):
+        bad = httpx.post(cluster.http + path, json=body, timeout=30)
+        assert bad.status_code in (400, 404) and bad.json()["error"]["param"] == param, (path, bad.text)
+    one = client(cluster).models.retrieve(MODEL)
+    assert one.id == MODEL
+    missing = httpx.get(cluster.http + "/v1/models/gpt-4", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
