@@ -111,9 +111,7 @@ class DraftProposer:
                 d.tokens.append(tok)
                 if len(out[d.request_id]) < k:
                     nxt.append((d, k))
-            live = nxt
-        for d, _ in todo:  # its last proposal has no KV yet
-            d.computed = len(d.tokens) - 1
+            live = nxt  # each sequence's last proposal has no KV yet: computed == len(tokens) - 1
         return out
 
     def forget(self, request_id: str) -> None:

@@ -33,7 +33,7 @@ Speculation must never cost much where it does not pay:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from workers.errors import ConfigError
 
@@ -191,7 +191,6 @@ class SpecStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_paused: int = 0  # times a request's proposals were paused for low acceptance
-    accepted_per_position: list[int] = field(default_factory=list)
 
 
 class NgramProposer:
@@ -226,7 +225,7 @@ class Speculator:
         self.config = config
         self.proposer = proposer
         self.tracks: dict[str, SpecTrack] = {}
-        self.stats = SpecStats(accepted_per_position=[0] * config.num_speculative_tokens)
+        self.stats = SpecStats()
         self.step_no = 0
 
     def propose(self, running, max_model_len: int) -> dict[str, list[int]]:
@@ -254,8 +253,6 @@ class Speculator:
         st.num_drafts += 1
         st.num_draft_tokens += proposed
         st.num_accepted_tokens += accepted
-        for j in range(accepted):
-            st.accepted_per_position[j] += 1
         if t is None:
             return
         t.proposed += proposed
