@@ -79,14 +79,22 @@ class RoutingPolicy:
                block_size: int) -> Decision:
         """Among the ready replicas, given as their KVIndex slots and loads (tokens, as defined
         above), in one order; `keys`: the prompt's block keys (computed off the event loop, with
-        tokenizing). The decision's index is into that order."""
+        tokenizing). The decision's index is into that order; ties go round robin from a start
+        that turns with each decision."""
         n = len(slots)
         turn = next(self._turn)
         if self.config.policy == "round-robin":
             return Decision(turn % n, "round-robin", 0)
+        start = turn % n
+        least = min(loads)
+        # The least-loaded replica, first from the rotating start (C-level scans: this decision
+        # runs per request over every replica, and a Python loop over 64 of them was half of it).
+        try:
+            idle = loads.index(least, start)
+        except ValueError:
+            idle = loads.index(least)
         if self.config.policy == "least-load":
-            best = min(range(n), key=lambda i: (loads[i], (i - turn) % n))
-            return Decision(best, "load", 0)
+            return Decision(idle, "load", 0)
         usable = (prompt_len - 1) // block_size if block_size else 0
         hits: dict[int, int] = {}
         if usable and keys:
@@ -94,32 +102,26 @@ class RoutingPolicy:
             for slot in slots:
                 among |= 1 << slot
             hits = self.index.match(keys[:usable], among)
-        w = self.config.prefill_weight
-        base = w * prompt_len
-        start = turn % n
-        least = min(loads)
-        best_i, best_score, best_load = -1, float("inf"), 0
-        saved = w * block_size
-        get = hits.get
-        order = itertools.chain(range(start, n), range(start))  # a rotating start: ties go round robin
-        for i in order:
-            load = loads[i]
-            score = base + load
-            if hits:
-                h = get(slots[i])
-                if h:
-                    score -= saved * h
-            if score < best_score or (score == best_score and load < best_load):
-                best_i, best_score, best_load = i, score, load
-        cached = hits.get(slots[best_i], 0) * block_size if hits else 0
-        if best_load > self.config.balance_rel * least + self.config.balance_abs_tokens:
+        # score(r) - prefill_weight x prompt = load(r) - saved x cached blocks. A replica holding
+        # none of the prompt scores its load, so `idle` beats or ties (and precedes in the
+        # rotation) every other such replica: only it and the replicas in `hits` can win.
+        saved = self.config.prefill_weight * block_size
+        best = idle
+        best_key = (least - saved * hits.get(slots[idle], 0), least, (idle - start) % n)
+        held = [(slots.index(slot), h) for slot, h in hits.items()]
+        for i, h in held:
+            key = (loads[i] - saved * h, loads[i], (i - start) % n)
+            if key < best_key:
+                best, best_key = i, key
+        if loads[best] > self.config.balance_rel * least + self.config.balance_abs_tokens:
             # The least-loaded replicas; of those, the one that caches most of this prompt.
-            guard, most = -1, -1
-            for i in itertools.chain(range(start, n), range(start)):
-                if loads[i] == least and hits.get(slots[i], 0) > most:
-                    guard, most = i, hits.get(slots[i], 0)
+            guard, most = idle, hits.get(slots[idle], 0)
+            for i, h in held:
+                if loads[i] == least and (h > most or (h == most and (i - start) % n < (guard - start) % n)):
+                    guard, most = i, h
             return Decision(guard, "balance", most * block_size)
-        return Decision(best_i, "cache" if cached else "load", cached)
+        cached = hits.get(slots[best], 0) * block_size
+        return Decision(best, "cache" if cached else "load", cached)
 
 
 class ReplicaBook:
@@ -155,7 +157,9 @@ class ReplicaBook:
             u = self._unacked
             while u and u[0][0] <= taken:
                 self._unacked_tokens -= u.popleft()[1]
-        return engine.tokens + self._unacked_tokens
+            return engine.prefill_tokens + engine.decode_tokens + self._unacked_tokens
+        # EngineLoad.tokens spelled out: this runs per replica per routing decision.
+        return engine.prefill_tokens + engine.decode_tokens
 
     @property
     def unacked(self) -> int:

@@ -13,9 +13,10 @@ planner. Per step, on the slowest (largest) rank:
     served     the served path's calibration (CPU profiles that measured it), from the profile's
                decode steps of a model alone and served (the frontend's streaming, the Ray
                poll, detokenizing, a client on the same cores): the step alone over this
-               model's unquantized price of it scales every step's price (what the terms above
-               miss of a real model's step), and served minus alone is added (what serving
-               costs); both linear between the measured sequence counts, flat outside them
+               model's price of it in the same quantization scales every step's price (what
+               the terms above miss of a real model's step), and served minus alone is added
+               (what serving costs); both linear between the measured sequence counts (1, 16,
+               64), flat outside them
 """
 from __future__ import annotations
 
@@ -51,17 +52,23 @@ class RooflineCost:
 
     def _served_calibration(self) -> tuple[dict[str, float], dict[str, float]]:
         """({str(sequences): alone / priced}, {str(sequences): served - alone}) at the profile's
-        served points. Both are measured unquantized and apply to every quantization."""
+        served points. The scale comes from the step alone in this quantization where the
+        profile measured it (int4 takes int8's: the same kernel family), else unquantized; what
+        serving adds was measured unquantized and applies to every quantization."""
         points = self.hw.served_points(self.tp)
         if not points:
             return {}, {}
         added = {n: points["served"][n] - points["alone"][n] for n in points["served"]}
-        # Priced as it was measured: unquantized, one replica's ranks on the node.
-        measured_as = self.quantization == "none" and (self.ranks_on_node or self.tp) == self.tp
-        plain = self if measured_as else RooflineCost(self.model, self.hw, self.tp, "none", self.dtype, self.tp)
+        by_quant = points.get("alone_by_quantization", {})
+        measured_q = self.quantization
+        if measured_q not in by_quant:
+            measured_q = "int8" if measured_q != "none" and "int8" in by_quant else "none"
+        alone = points["alone"] if measured_q == "none" else by_quant[measured_q]
+        # Priced as it was measured: in that quantization, one replica's ranks on the node.
+        measured_as = self.quantization == measured_q and (self.ranks_on_node or self.tp) == self.tp
+        priced = self if measured_as else RooflineCost(self.model, self.hw, self.tp, measured_q, self.dtype, self.tp)
         ctx = self.hw.served_context
-        scale = {n: alone / sum(plain.engine_parts(StepShape((), (ctx,) * int(n))).values())
-                 for n, alone in points["alone"].items()}
+        scale = {n: t / sum(priced.engine_parts(StepShape((), (ctx,) * int(n))).values()) for n, t in alone.items()}
         return scale, added
 
     def parts(self, shape: StepShape) -> dict[str, float]:

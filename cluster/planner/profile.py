@@ -14,9 +14,9 @@ What it measures (each figure the median of --repeats, its min-max kept in `spre
 - fixed costs: a tiny random Llama (hidden 64, SmolLM2's 49,152-entry vocabulary) run by the
   engine core at 2 and 8 layers and at 1 and 16 sequences: per step, per layer, per sampled row;
 - the served path: `--model` (SmolLM2 by default) served by `tpserve serve` (one replica per
-  tp) and streamed by `tpserve bench` from this host: its decode step at 1 and 16 sequences,
-  with the frontend's streaming, the Ray poll, detokenizing and the client on the same cores
-  (the same worker group stepped alone is printed beside it). Prompts are synthetic.
+  tp) and streamed by `tpserve bench` from this host: its decode step at 1, 16 and 64 sequences,
+  with the frontend's streaming, the Ray poll, detokenizing and the client on the same cores,
+  and the same worker group stepped alone, unquantized and int8. Prompts are synthetic.
 Nothing here reads a benchmark result: the planner is calibrated from this file alone.
 """
 from __future__ import annotations
@@ -190,20 +190,28 @@ def _tiny_model(folder: str, layers: int) -> None:
     LlamaForCausalLM(cfg).save_pretrained(folder)
 
 
-SERVED_CONCURRENCY = (1, 16)
+SERVED_CONCURRENCY = (1, 16, 64)
 SERVED_TOKENS = 16  # decode steps timed per request
 SERVED_PROMPT = 16  # tokens: the timed steps decode at contexts 17-32
 SERVED_CONTEXT = SERVED_PROMPT + SERVED_TOKENS // 2 + 1  # their mean, as the planner prices them
+ALONE_QUANTS = ("none", "int8")  # int4 takes int8's calibration (the same kernel family)
 
 
-def served_path(model: str, tps: list[int], progress=print) -> dict[str, dict[str, dict[str, float]]]:
-    """str(tp) -> {"alone" | "served": {str(sequences): seconds}}: a decode step of `model` at 1
-    and 16 sequences (context SERVED_CONTEXT), its worker group stepped alone, and served by
-    `tpserve serve` (one replica) and streamed by `tpserve bench` from this host. The model's own
-    shapes, because what serving adds is not the frontend's CPU time alone: while a step's
-    OpenMP threads hold every core, each wake-up of the frontend, the Ray poll or the client
-    stalls a thread the others wait for, so the added time grows with the step (a tiny model's
-    3 ms steps measured a tenth of it)."""
+def served_path(model: str, tps: list[int], progress=print,
+                quants: tuple[str, ...] = ALONE_QUANTS) -> dict[str, dict[str, dict]]:
+    """str(tp) -> {"alone": {str(sequences): s}, "alone_by_quantization": {q: {str(sequences): s}},
+    "served": {str(sequences): s}}: a decode step of `model` at 1, 16 and 64 sequences (context
+    SERVED_CONTEXT), its worker group stepped alone in each of `quants` ("alone" is the
+    unquantized one), and served unquantized by `tpserve serve` (one replica) and streamed by
+    `tpserve bench` from this host.
+
+    The step alone per quantization: a quantized step is not the unquantized step's price times
+    the same ratio, since its kernels change at the probe's row cut-over (int8 in bf16 up to it,
+    dequantize-and-multiply past it), and the scale is taken at 64 sequences too so nothing is held
+    flat past 16. The model's own shapes, because what serving adds is not the frontend's CPU time
+    alone: while a step's OpenMP threads hold every core, each wake-up of the frontend, the Ray
+    poll or the client stalls a thread the others wait for, so the added time grows with the step
+    (a tiny model's 3 ms steps measured a tenth of it)."""
     import contextlib
     import io
     import json
@@ -218,18 +226,19 @@ def served_path(model: str, tps: list[int], progress=print) -> dict[str, dict[st
     prompt = list(range(100, 100 + SERVED_PROMPT))
     with tempfile.TemporaryDirectory() as tmp:
         for tp in tps:
-            alone = {}
-            # Its own processes even at tp 1, as a served replica's ranks are (this process has
-            # run the matmul tables and holds their weights).
-            with LocalWorkerGroup(WorkerSpec(model, tp_size=tp)) as g:
-                def timed(c: int, n: int) -> float:
-                    t = time.perf_counter()
-                    g.engine.generate([prompt] * c, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-                    return time.perf_counter() - t
+            alone: dict[str, dict[str, float]] = {}
+            for q in quants:
+                # Its own processes even at tp 1, as a served replica's ranks are (this process has
+                # run the matmul tables and holds their weights).
+                with LocalWorkerGroup(WorkerSpec(model, tp_size=tp, quantization=q)) as g:
+                    def timed(c: int, n: int) -> float:
+                        t = time.perf_counter()
+                        g.engine.generate([prompt] * c, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+                        return time.perf_counter() - t
 
-                timed(2, 2)
-                for c in SERVED_CONCURRENCY:
-                    alone[c] = (timed(c, SERVED_TOKENS + 1) - timed(c, 1)) / SERVED_TOKENS
+                    timed(2, 2)
+                    alone[q] = {str(c): (timed(c, SERVED_TOKENS + 1) - timed(c, 1)) / SERVED_TOKENS
+                                for c in SERVED_CONCURRENCY}
             served = {}
             with running_server("--model", model, "--tp", str(tp), "--replicas", "1") as srv:
                 for c in SERVED_CONCURRENCY:
@@ -239,12 +248,14 @@ def served_path(model: str, tps: list[int], progress=print) -> dict[str, dict[st
                                     "--warmup", "1", "--workload", "fixed", "--input-len", str(len(prompt)),
                                     "--output-len", str(SERVED_TOKENS + 1), "--out", report, "--no-progress"])
                     with open(report) as f:
-                        served[c] = json.load(f)["runs"][0]["summary"]["tpot"]["median_ms"] / 1e3
-            out[str(tp)] = {"alone": {str(c): alone[c] for c in SERVED_CONCURRENCY},
-                            "served": {str(c): served[c] for c in SERVED_CONCURRENCY}}
+                        served[str(c)] = json.load(f)["runs"][0]["summary"]["tpot"]["median_ms"] / 1e3
+            out[str(tp)] = {"alone": alone["none"], "served": served,
+                            "alone_by_quantization": {q: v for q, v in alone.items() if q != "none"}}
             progress(f"  served path at tp {tp}: " + ", ".join(
-                f"{c} sequences +{(served[c] - alone[c]) * 1e3:.1f} ms per step ({alone[c] * 1e3:.1f} alone, "
-                f"{served[c] * 1e3:.1f} served)" for c in SERVED_CONCURRENCY))
+                f"{c} sequences +{(served[c] - alone['none'][c]) * 1e3:.1f} ms per step "
+                f"({alone['none'][c] * 1e3:.1f} alone, {served[c] * 1e3:.1f} served)" for c in served)
+                + "".join(f"; {q} alone " + ", ".join(f"{v * 1e3:.1f}" for v in a.values()) + " ms"
+                          for q, a in alone.items() if q != "none"))
     return out
 
 

@@ -4,7 +4,11 @@ policies choose as documented; the balance guard fires on one hot prefix (the si
 the real policy and the engine's own scheduler and block manager)."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cluster.kv_index import KVIndex
 from cluster.routing import RoutingConfig, RoutingPolicy
@@ -94,6 +98,64 @@ def test_policies_choose_as_documented():
     assert ll.choose([sa, sb], [5, 3], hot, prompt_len, 4).index == 1
     rr = RoutingPolicy(RoutingConfig("round-robin"), idx)
     assert [rr.choose([sa, sb], [0, 9], hot, prompt_len, 4).index for _ in range(4)] == [0, 1, 0, 1]
+
+
+def reference_choice(cfg, hits, slots, loads, prompt_len, block_size, start):
+    """The policy's formula as written in cluster/routing.py's docstring, over every replica in
+    rotation order: the least score, ties to the least load, then the first from `start`."""
+    n = len(slots)
+    base, saved = cfg.prefill_weight * prompt_len, cfg.prefill_weight * block_size
+    best_i, best_score, best_load = -1, float("inf"), 0
+    for i in itertools.chain(range(start, n), range(start)):
+        score = base + loads[i] - saved * hits.get(slots[i], 0)
+        if score < best_score or (score == best_score and loads[i] < best_load):
+            best_i, best_score, best_load = i, score, loads[i]
+    least = min(loads)
+    if best_load > cfg.balance_rel * least + cfg.balance_abs_tokens:
+        guard, most = -1, -1
+        for i in itertools.chain(range(start, n), range(start)):
+            if loads[i] == least and hits.get(slots[i], 0) > most:
+                guard, most = i, hits.get(slots[i], 0)
+        return guard, "balance", most * block_size
+    cached = hits.get(slots[best_i], 0) * block_size
+    return best_i, "cache" if cached else "load", cached
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_kv_aware_choice_equals_the_formula_over_every_replica(data):
+    """choose() scores only the least-loaded replica and those holding a prefix; that must pick
+    exactly what scoring every replica picks (ties, the guard and the rotation included)."""
+    n = data.draw(st.integers(1, 12), label="replicas")
+    block_size = 4
+    blocks = data.draw(st.integers(1, 8), label="prompt blocks")
+    prompt_len = blocks * block_size + 1
+    idx = KVIndex()
+    names = [f"r{i}" for i in range(n)]
+    prompt = keys(list(range(prompt_len)), block_size)
+    held = {}
+    for name in names:
+        h = data.draw(st.integers(0, blocks), label=f"blocks {name} holds")
+        idx.slot(name)
+        idx.apply(name, ev(1, prompt[:h]))
+        held[idx.slot(name)] = h
+    slots = [idx.slot(name) for name in data.draw(st.permutations(names), label="order")]
+    loads = data.draw(st.lists(st.sampled_from([0, 4, 8, 40, 100, 400]), min_size=n, max_size=n), label="loads")
+    cfg = RoutingConfig("kv-aware", prefill_weight=data.draw(st.sampled_from([1.0, 4.0])), balance_rel=1.5,
+                        balance_abs_tokens=data.draw(st.sampled_from([0, 16, 1024])))
+    policy = RoutingPolicy(cfg, idx)
+    turns = data.draw(st.integers(0, 2 * n), label="earlier decisions")
+    for _ in range(turns):
+        policy.choose(slots, loads, prompt, prompt_len, block_size)
+    hits = {s: h for s, h in held.items() if h}
+    d = policy.choose(slots, loads, prompt, prompt_len, block_size)
+    assert (d.index, d.reason, d.cached_tokens) == reference_choice(cfg, hits, slots, loads, prompt_len, block_size,
+                                                                    turns % n)
+    ll = RoutingPolicy(RoutingConfig("least-load"), idx)
+    for _ in range(turns):
+        ll.choose(slots, loads, prompt, prompt_len, block_size)
+    least = min(range(n), key=lambda i: (loads[i], (i - turns) % n))
+    assert ll.choose(slots, loads, prompt, prompt_len, block_size).index == least
 
 
 def hot_prefix(n=120, rate=12.0, prefix=512, seed=0):

@@ -123,6 +123,32 @@ def test_the_served_steps_the_profile_measured_are_priced_exactly_and_calibrate_
     assert int8.step_time(StepShape((), (25,))) == pytest.approx(1.5 * price(int8, StepShape((), (25,))) + 0.010)
 
 
+def test_a_quantized_step_alone_calibrates_its_own_quantization(smollm2_dir):
+    """int8's kernels change at the probe's row cut-over, so its step alone is measured and its
+    own price scaled by it; int4 (the same kernel family) takes int8's scale."""
+    model = ModelShape(load_config(str(smollm2_dir)), "smollm2")
+    hw = toy_cpu_profile()
+
+    def price(cost, shape):
+        return sum(cost.engine_parts(shape).values())
+
+    plain, q8, q4 = (RooflineCost(model, hw, 1, q) for q in ("none", "int8", "int4"))
+    at = {n: StepShape((), (25,) * n) for n in (1, 16, 64)}
+    hw.served_s = {"1": {"alone": {str(n): 1.5 * price(plain, at[n]) for n in at},
+                         "alone_by_quantization": {"int8": {str(n): f * price(q8, at[n])
+                                                            for n, f in ((1, 1.2), (16, 1.1), (64, 0.7))}},
+                         "served": {str(n): 1.5 * price(plain, at[n]) + 0.01 for n in at}}}
+    hw.served_context = 25
+    int8 = RooflineCost(model, hw, 1, "int8")
+    for n, f in ((1, 1.2), (16, 1.1), (64, 0.7)):  # the measured int8 steps, plus what serving adds
+        assert int8.step_time(at[n]) == pytest.approx(f * price(q8, at[n]) + 0.01)
+    # Not the unquantized scale: that would put 64 sequences at 1.5x int8's price, not 0.7x.
+    assert int8.step_time(at[64]) < RooflineCost(model, hw, 1, "none").step_time(at[64]) * price(q8, at[64]) / price(plain, at[64])
+    int4 = RooflineCost(model, hw, 1, "int4")
+    assert int4.step_time(at[64]) == pytest.approx(0.7 * price(q4, at[64]) + 0.01)
+    assert RooflineCost(model, hw, 1, "none").step_time(at[16]) == pytest.approx(1.5 * price(plain, at[16]) + 0.01)
+
+
 def test_bad_slo_names_the_field():
     assert parse_slo("ttft=500,tpot=40") == {"ttft": 500.0, "tpot": 40.0}
     for bad in ("ttft=abc", "latency=5", "tpot=-1"):
