@@ -49,9 +49,18 @@ bench: model
 # tpserve beside transformers and llama.cpp (docs/benchmarks.md). llama-cpp-python builds from
 # source (~6 min on 2 cores, once) into its own venv: never a dependency of tpserve or of make test.
 PEERS_VENV := .venv-peers
+# llama.cpp's instruction sets from this CPU's own flags, AMX always off: GGML_NATIVE=ON turns AMX on
+# where the CPU lists it but the VM traps it ("Illegal instruction"), and fixed AVX-512 flags crash
+# the machines of this project that have AVX2 only. Built on the machine that runs it.
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+cpu_has = $(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2=$(call cpu_has,avx2) \
+	-DGGML_FMA=$(call cpu_has,fma) -DGGML_F16C=$(call cpu_has,f16c) -DGGML_AVX512=$(call cpu_has,avx512f) \
+	-DGGML_AVX512_VBMI=$(call cpu_has,avx512vbmi) -DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) \
+	-DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 $(PEERS_VENV)/.stamp:
 	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PEERS_VENV)/bin/python -m pip --disable-pip-version-check -q install llama-cpp-python==0.3.36
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PEERS_VENV)/bin/python -m pip --disable-pip-version-check -q install llama-cpp-python==0.3.36
 	touch $@
 
 bench-peers: model $(PEERS_VENV)/.stamp

@@ -2,10 +2,14 @@
 A sequence's token at position p lives in block table[p // bs], offset p % bs.
 
 Attention for a step: every new token's k/v is written to its slot first (one index_copy per
-layer), then decoding sequences (one new token each) attend in batched SDPAs over their gathered,
-padded block lists (one per group of similar length: `group_by_length`), and prefill chunks attend one sequence at a time (causal, offset by
-what is already cached). Gathers move whole blocks (contiguous bs x KVH x D chunks), and decode
-never copies K/V per query head (see HeadLayout).
+layer), then decoding sequences (one new token each) attend, and prefill chunks attend one
+sequence at a time (causal, offset by what is already cached). Decode takes one of two paths,
+chosen per machine at start-up (`gather_up_to`, workers/paged_decode_op.py):
+- in place (CPU): one call of `tpserve::paged_decode` reads every sequence's blocks where they lie
+  through its block table, K and V once per (sequence, KV head);
+- gather: batched SDPAs over gathered, padded block lists (one per group of similar length:
+  `group_by_length`). Gathers move whole blocks (contiguous bs x KVH x D chunks), and decode never
+  copies K/V per query head (see HeadLayout). CUDA, and CPUs without the built kernel, take it.
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size, self.device = num_blocks, block_size, device
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        # Decode steps of up to this many sequences gather; more read the cache in place. The
+        # worker sets it from the start-up probe; until then (and on CUDA) always gather.
+        self.gather_up_to = 1 << 30
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -64,12 +71,15 @@ class PagedAttentionBatch(AttentionBatch):
                 self.prefills.append((row, s.length, s.start, table[:nb].to(dev)))
             row += s.length
         self.slot_mapping = torch.cat(slots).to(dev) if slots else torch.empty(0, dtype=torch.long)
-        # Decoding sequences attend in groups of similar length: one padded SDPA over all of them
-        # gathers and scans every sequence's blocks up to the longest one's (at 64 sequences of
-        # mixed length, about twice the K/V each needs); a few groups cost a few calls instead.
-        self.decode_groups = [_DecodeGroup(cache, [decode_rows[i] for i in g], [decode_tables[i] for i in g],
-                                           [decode_lens[i] for i in g])
-                              for g in group_by_length([len(t) for t in decode_tables])]
+        self.in_place = _InPlaceDecode(decode_rows, decode_tables, decode_lens) \
+            if len(decode_rows) > cache.gather_up_to else None
+        # Gathered, decoding sequences attend in groups of similar length: one padded SDPA over all
+        # of them gathers and scans every sequence's blocks up to the longest one's (at 64
+        # sequences of mixed length, about twice the K/V each needs); a few groups cost a few calls.
+        self.decode_groups = [] if self.in_place else [
+            _DecodeGroup(cache, [decode_rows[i] for i in g], [decode_tables[i] for i in g],
+                         [decode_lens[i] for i in g])
+            for g in group_by_length([len(t) for t in decode_tables])]
 
     def attend(self, layer, q, k, v, heads, scale, window=None):
         with torch.profiler.record_function("tpserve.attention"):
@@ -80,7 +90,9 @@ class PagedAttentionBatch(AttentionBatch):
         nb, bs, kvh, d = kc.shape
         kc.view(nb * bs, kvh, d).index_copy_(0, self.slot_mapping, k)
         vc.view(nb * bs, kvh, d).index_copy_(0, self.slot_mapping, v)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if self.in_place is not None:
+            self.in_place.attend(q.contiguous(), kc, vc, heads, scale, window, out)
         for grp in self.decode_groups:
             b, w = grp.tables.shape
             flat = grp.tables.view(-1)  # index_select on dim 0 copies whole blocks (memcpy)
@@ -124,6 +136,27 @@ def group_by_length(widths: list[int], max_waste: float = 1.25, min_group: int =
     if cur:
         groups.append(cur)
     return groups
+
+
+class _InPlaceDecode:
+    """Every decoding sequence of the step in one `tpserve::paged_decode` call: rows, block tables
+    (padded; only each sequence's own blocks are read) and lengths, built once per step."""
+
+    _kv_of: dict[int, torch.Tensor] = {}  # query heads -> the identity map (MHA), shared
+
+    def __init__(self, rows: list[int], tables: list[list[int]], lens: list[int]):
+        width = max(len(t) for t in tables)
+        self.tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        self.rows = torch.tensor(rows, dtype=torch.long)
+        self.lens = torch.tensor(lens, dtype=torch.long)
+
+    def attend(self, q, kc, vc, heads: HeadLayout, scale, window, out) -> None:
+        kv_of = heads.kv_index
+        if kv_of is None:
+            kv_of = self._kv_of.get(q.shape[1])
+            if kv_of is None:
+                kv_of = self._kv_of[q.shape[1]] = torch.arange(q.shape[1])
+        torch.ops.tpserve.paged_decode(q, kc, vc, self.tables, self.lens, self.rows, kv_of, scale, window or 0, out)
 
 
 class _DecodeGroup:

@@ -26,6 +26,7 @@ from workers.loader import load_weights, read_generation_eos
 from workers.models import build_model
 from workers.models.batch import ForwardBatch
 from workers.paged_cache import PagedKVCache, PagedSeq
+from workers.paged_decode_op import gather_up_to
 from workers.quantization import QuantConfig
 from workers.quantized_checkpoint import is_quantized, quantized_checkpoint
 from workers.parallel import TPGroup, head_shard
@@ -196,6 +197,11 @@ class Worker:
         shard = head_shard(self.config.num_heads, self.config.num_kv_heads, self.group.size, rank)
         self.cache = PagedKVCache(self.config.num_layers, self.num_blocks, self.block_size, shard.num_kv_heads,
                                   self.config.head_dim, self.dtype, self.device)
+        if self.device.type == "cpu":
+            t = time.perf_counter()
+            self.cache.gather_up_to = gather_up_to(KernelProbe.for_this_machine(), shard.num_kv_heads,
+                                                   shard.kv_index(), self.config.head_dim, self.block_size, self.dtype)
+            self.kernel_probe_seconds += time.perf_counter() - t
         self.channel = PlanChannel(self.group.cpu_group, rank, shm=self.group.shm) if self.group.size > 1 else None
         self.compile_seconds, self.compiled = 0.0, False
         if spec.compile:

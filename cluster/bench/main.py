@@ -6,10 +6,11 @@ import asyncio
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from cluster.bench import HARNESS_VERSION
 from cluster.bench.metrics import record_dict, summarize
-from cluster.bench.runner import LoadSpec, harness_overhead_ms, run_load
+from cluster.bench.runner import LoadSpec, harness_overhead_ms, http_settings, run_load
 from cluster.tls import ClientSecurity, add_client_arguments
 from cluster.bench.workload import WorkloadSpec, make_workload
 from workers.errors import ConfigError
@@ -22,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="host:port of the OpenAI-compatible HTTP API for --protocol openai (default: the "
                         "--target host, port 8000); --target still answers the model and cluster queries")
     p.add_argument("--model", default="", help="model name (default: the server's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="--protocol openai against any OpenAI-compatible server (vLLM, SGLang, tpserve's HTTP "
+                        "API): a local tokenizer folder or built-in model name for the workload's token ids; "
+                        "then --target is the HTTP address, --model is required and no gRPC call is made")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, help="closed loop: requests always in flight")
     load.add_argument("--request-rate", type=float, help="open loop: Poisson arrivals per second")
@@ -68,7 +73,50 @@ def _pair(flag: str, text: str) -> tuple[int, int]:
 
 
 def http_target(args) -> str:
-    return args.http_target or f"{args.target.rsplit(':', 1)[0]}:8000"
+    if args.http_target:
+        return args.http_target
+    return args.target if _standalone(args) else f"{args.target.rsplit(':', 1)[0]}:8000"
+
+
+def _standalone(args) -> bool:
+    """An OpenAI-compatible server measured on its own: no tpserve gRPC service to ask for the
+    model and vocabulary, which come from --model and --tokenizer instead."""
+    return args.protocol == "openai" and args.tokenizer is not None
+
+
+def tokenizer_vocab(name: str) -> int:
+    """The vocabulary of a local tokenizer (a folder, or a name `tpserve serve` takes); never a hub."""
+    from workers.model_source import ModelNotFoundError, resolve_model
+
+    path = Path(name).expanduser()
+    try:
+        folder = path if path.is_dir() else resolve_model(name)
+    except ModelNotFoundError as e:
+        raise ConfigError("--tokenizer", str(e)) from None
+    from transformers import AutoTokenizer
+
+    try:
+        return len(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+    except (OSError, ValueError) as e:
+        raise ConfigError("--tokenizer", f"no tokenizer in {folder} ({type(e).__name__})") from None
+
+
+def openai_server_info(args) -> dict:
+    """GET /v1/models of an OpenAI-compatible server; the asked model must be among them."""
+    import httpx
+
+    try:
+        with httpx.Client(**http_settings(http_target(args), ClientSecurity.from_args(args)), timeout=30) as c:
+            r = c.get("/v1/models")
+        r.raise_for_status()
+        models = r.json()
+    except (httpx.HTTPError, ValueError) as e:
+        raise ConfigError("--target", f"no OpenAI-compatible server answers GET /v1/models at "
+                                      f"{http_target(args)} ({type(e).__name__})") from None
+    ids = [m.get("id") for m in models.get("data", [])]
+    if args.model not in ids:
+        raise ConfigError("--model", f"{args.model!r} is not served at {http_target(args)} (it serves {ids})")
+    return {"models": models}
 
 
 def server_info(target: str, security: ClientSecurity | None = None) -> dict:
@@ -90,6 +138,8 @@ SPEC_KEYS = ("specDecodeNumDrafts", "specDecodeNumDraftTokens", "specDecodeNumAc
 
 def _spec_counters(args) -> dict[str, int]:
     """The cluster's speculative-decoding counters, summed over replicas (GetClusterStatus)."""
+    if _standalone(args):
+        return {}
     try:
         status = server_info(args.target, ClientSecurity.from_args(args))["cluster_status"]
     except Exception:  # the run's own figures stand without them
@@ -124,14 +174,24 @@ def run_bench(args) -> int:
         raise ConfigError("--workload", "conversation sends token ids and reads the answer's: use --protocol tpserve")
     if args.prefix_len is not None and args.prefix_len < 1:
         raise ConfigError("--prefix-len", f"must be >= 1, got {args.prefix_len}")
-    try:
-        info = server_info(args.target, ClientSecurity.from_args(args))
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError("--target", f"cannot reach a tpserve server at {args.target} ({type(e).__name__})") from None
-    model = args.model or info["model_info"]["name"]
-    vocab = int(info["model_info"].get("vocabSize", 32000))
+    if args.tokenizer is not None and args.protocol != "openai":
+        raise ConfigError("--tokenizer", "is for --protocol openai (other protocols ask the tpserve server)")
+    if _standalone(args):
+        if not args.model:
+            raise ConfigError("--model", "is required with --tokenizer (there is no tpserve server to ask)")
+        model, vocab = args.model, tokenizer_vocab(args.tokenizer)
+        openai_server_info(args)
+    else:
+        try:
+            info = server_info(args.target, ClientSecurity.from_args(args))
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError("--target", f"cannot reach a tpserve server at {args.target} "
+                                          f"({type(e).__name__}; another OpenAI-compatible server: --protocol "
+                                          f"openai --tokenizer)") from None
+        model = args.model or info["model_info"]["name"]
+        vocab = int(info["model_info"].get("vocabSize", 32000))
     slo = {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms, "e2e": args.slo_e2e_ms}
     if args.sweep:
         try:
@@ -169,7 +229,8 @@ def run_bench(args) -> int:
 
         print_summary(run)
     overhead = harness_overhead_ms()
-    after = server_info(args.target, ClientSecurity.from_args(args))  # counters after the run
+    # counters after the run
+    after = openai_server_info(args) if _standalone(args) else server_info(args.target, ClientSecurity.from_args(args))
     report = {"harness_version": HARNESS_VERSION, "name": args.name or f"{model}", "target": args.target,
               "protocol": args.protocol, "http_target": http_target(args) if args.protocol == "openai" else None,
               "workload": asdict(spec), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -195,11 +195,10 @@ async def _one(proto, req: BenchRequest, timeout: float, answer: list[int] | Non
     return rec
 
 
-def http_client(http_target: str, security: ClientSecurity | None, concurrency: int):
-    """An httpx client for the OpenAI API: https with --tls-ca, the bearer token, enough connections."""
+def http_settings(http_target: str, security: ClientSecurity | None) -> dict:
+    """httpx client settings for an OpenAI API: https with --tls-ca (and the client certificate),
+    the bearer token."""
     import ssl
-
-    import httpx
 
     from cluster.tls import read_token
 
@@ -211,8 +210,15 @@ def http_client(http_target: str, security: ClientSecurity | None, concurrency: 
         if sec.cert:
             verify.load_cert_chain(sec.cert, sec.key)
     scheme = "https" if sec.ca else "http"
-    return httpx.AsyncClient(base_url=f"{scheme}://{http_target}", verify=verify,
-                             headers={"Authorization": f"Bearer {token}"} if token else None,
+    return {"base_url": f"{scheme}://{http_target}", "verify": verify,
+            "headers": {"Authorization": f"Bearer {token}"} if token else None}
+
+
+def http_client(http_target: str, security: ClientSecurity | None, concurrency: int):
+    """An async httpx client for the OpenAI API, with enough connections for the load."""
+    import httpx
+
+    return httpx.AsyncClient(**http_settings(http_target, security),
                              limits=httpx.Limits(max_connections=max(8, concurrency)), timeout=None)
 
 

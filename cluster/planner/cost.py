@@ -15,8 +15,8 @@ planner. Per step, on the slowest (largest) rank:
                poll, detokenizing, a client on the same cores): the step alone over this
                model's price of it in the same quantization scales every step's price (what
                the terms above miss of a real model's step), and served minus alone is added
-               (what serving costs); both linear between the measured sequence counts (1, 16,
-               64), flat outside them
+               (what serving costs); both linear between the measured sequence counts (the step
+               alone at 1, 16 and 64, served at 1 and 16), flat outside them
 """
 from __future__ import annotations
 

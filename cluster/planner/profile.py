@@ -7,16 +7,17 @@ What it measures (each figure the median of --repeats, its min-max kept in `spre
 - matmuls: seconds per weight element at 1-512 rows, for none/int8/int4 and for each thread
   count a rank can have here (cores // tp), through the engine's own layers and the kernels their
   probe picks on this machine (workers/layers/linear_method.py);
-- attention over the paged KV cache (the engine's PagedAttentionBatch): the per-layer call,
-  per KV byte read by decode, FLOP/s of a prefill chunk;
+- attention over the paged KV cache (the engine's PagedAttentionBatch, on the decode path the
+  engine chooses here): the per-layer call, per KV byte read by decode, FLOP/s of a prefill chunk;
 - collectives between real local ranks joined as a replica joins them (workers.comm_probe):
   all-reduce and logits gather by size, the plan broadcast, for tp 2..cores;
 - fixed costs: a tiny random Llama (hidden 64, SmolLM2's 49,152-entry vocabulary) run by the
   engine core at 2 and 8 layers and at 1 and 16 sequences: per step, per layer, per sampled row;
 - the served path: `--model` (SmolLM2 by default) served by `tpserve serve` (one replica per
-  tp) and streamed by `tpserve bench` from this host: its decode step at 1, 16 and 64 sequences,
+  tp) and streamed by `tpserve bench` from this host: its decode step at 1 and 16 sequences,
   with the frontend's streaming, the Ray poll, detokenizing and the client on the same cores,
-  and the same worker group stepped alone, unquantized and int8. Prompts are synthetic.
+  and the same worker group stepped alone, unquantized and int8, at 1, 16 and 64. Prompts are
+  synthetic.
 Nothing here reads a benchmark result: the planner is calibrated from this file alone.
 """
 from __future__ import annotations
@@ -113,9 +114,15 @@ def attention_figures() -> tuple[float, float, float]:
     from workers.kv_cache import HeadLayout
     from workers.paged_cache import PagedKVCache, PagedSeq
 
+    from workers.kernel_probe import KernelProbe
+    from workers.paged_decode_op import gather_up_to
+
     kvh, heads, d, bs = 3, 9, 64, 16
+    kv_of = [h // 3 for h in range(heads)]
     cache = PagedKVCache(1, 2048, bs, kvh, d, torch.float32, "cpu")
-    layout = HeadLayout.build([h // 3 for h in range(heads)], kvh)
+    # The decode path the engine takes on this machine (in place or gathered: its start-up choice).
+    cache.gather_up_to = gather_up_to(KernelProbe.for_this_machine(), kvh, kv_of, d, bs, torch.float32)
+    layout = HeadLayout.build(kv_of, kvh)
 
     def decode(batch: int, ctx: int) -> float:
         nb = -(-ctx // bs)
@@ -190,7 +197,8 @@ def _tiny_model(folder: str, layers: int) -> None:
     LlamaForCausalLM(cfg).save_pretrained(folder)
 
 
-SERVED_CONCURRENCY = (1, 16, 64)
+SERVED_CONCURRENCY = (1, 16)  # served: 16 x 16 prompt tokens still prefill in one chunk of the default 512
+ALONE_CONCURRENCY = (1, 16, 64)  # alone, the prefill is subtracted (a step of 1 token timed apart)
 SERVED_TOKENS = 16  # decode steps timed per request
 SERVED_PROMPT = 16  # tokens: the timed steps decode at contexts 17-32
 SERVED_CONTEXT = SERVED_PROMPT + SERVED_TOKENS // 2 + 1  # their mean, as the planner prices them
@@ -200,10 +208,11 @@ ALONE_QUANTS = ("none", "int8")  # int4 takes int8's calibration (the same kerne
 def served_path(model: str, tps: list[int], progress=print,
                 quants: tuple[str, ...] = ALONE_QUANTS) -> dict[str, dict[str, dict]]:
     """str(tp) -> {"alone": {str(sequences): s}, "alone_by_quantization": {q: {str(sequences): s}},
-    "served": {str(sequences): s}}: a decode step of `model` at 1, 16 and 64 sequences (context
-    SERVED_CONTEXT), its worker group stepped alone in each of `quants` ("alone" is the
-    unquantized one), and served unquantized by `tpserve serve` (one replica) and streamed by
-    `tpserve bench` from this host.
+    "served": {str(sequences): s}}: a decode step of `model` (context SERVED_CONTEXT), its worker
+    group stepped alone in each of `quants` at 1, 16 and 64 sequences ("alone" is the unquantized
+    one), and served unquantized by `tpserve serve` (one replica) and streamed by `tpserve bench`
+    from this host at 1 and 16 (at 64 the prompts' prefill would take a second chunk inside the
+    bench's TPOT window, a prefill the simulator prices apart).
 
     The step alone per quantization: a quantized step is not the unquantized step's price times
     the same ratio, since its kernels change at the probe's row cut-over (int8 in bf16 up to it,
@@ -223,6 +232,7 @@ def served_path(model: str, tps: list[int], progress=print,
     from workers.worker import WorkerSpec
 
     out = {}
+    t0 = time.perf_counter()
     prompt = list(range(100, 100 + SERVED_PROMPT))
     with tempfile.TemporaryDirectory() as tmp:
         for tp in tps:
@@ -238,7 +248,7 @@ def served_path(model: str, tps: list[int], progress=print,
 
                     timed(2, 2)
                     alone[q] = {str(c): (timed(c, SERVED_TOKENS + 1) - timed(c, 1)) / SERVED_TOKENS
-                                for c in SERVED_CONCURRENCY}
+                                for c in ALONE_CONCURRENCY}
             served = {}
             with running_server("--model", model, "--tp", str(tp), "--replicas", "1") as srv:
                 for c in SERVED_CONCURRENCY:
@@ -251,7 +261,7 @@ def served_path(model: str, tps: list[int], progress=print,
                         served[str(c)] = json.load(f)["runs"][0]["summary"]["tpot"]["median_ms"] / 1e3
             out[str(tp)] = {"alone": alone["none"], "served": served,
                             "alone_by_quantization": {q: v for q, v in alone.items() if q != "none"}}
-            progress(f"  served path at tp {tp}: " + ", ".join(
+            progress(f"  served path at tp {tp} ({time.perf_counter() - t0:.0f} s): " + ", ".join(
                 f"{c} sequences +{(served[c] - alone['none'][c]) * 1e3:.1f} ms per step "
                 f"({alone['none'][c] * 1e3:.1f} alone, {served[c] * 1e3:.1f} served)" for c in served)
                 + "".join(f"; {q} alone " + ", ".join(f"{v * 1e3:.1f}" for v in a.values()) + " ms"

@@ -31,6 +31,13 @@ from workers.tensor_source import copy_into
 
 GEMV_BLOCKS = 8
 GEMV_PROBE_ROWS = (1, 2, 4)
+# The GEMV probe times each path over copies of the weight adding up to this many bytes, past any
+# last-level cache here: a model's step streams every weight from memory, and a single weight
+# timed again and again stays cached, where the ranking differs (SmolLM2 at batch 1 on an AVX2
+# EPYC: the cache-hot probe chose F.linear for qkv, o_proj and down_proj, and the step ran 8-10%
+# slower than with the GEMV it rejected).
+GEMV_PROBE_STREAM_BYTES = 128 << 20
+GEMV_PROBE_MAX_COPIES = 64  # SmolLM2's smallest projection still streams ~85 MB; a tiny model's stays tiny
 # Row counts at which a quantized layer times its packed kernel against dequantize-and-multiply;
 # the first count where the kernel loses ends the probe. Unprobed default: issue 20's crossing.
 PACKED_PROBE_ROWS = (1, 4, 16, 32, 64, 128, 256)
@@ -87,9 +94,19 @@ class PlainLinear(LinearMethod):
                 or w.dim() != 2 or w.shape[0] % GEMV_BLOCKS:
             return
         xs = {r: torch.randn(r, w.shape[1]) for r in GEMV_PROBE_ROWS}
-        self.gemv_rows = probe.rows_limit("gemv", tuple(w.shape), w.dtype, GEMV_PROBE_ROWS,
-                                          candidate=lambda r: lambda: gemv(xs[r], w),
-                                          incumbent=lambda r: lambda: F.linear(xs[r], w), default=0)
+        # Copies made only if the answer is not cached yet (the callables are built lazily).
+        copies: list[torch.Tensor] = []
+
+        def streamed(fn):
+            if not copies:
+                n = min(GEMV_PROBE_MAX_COPIES, -(-GEMV_PROBE_STREAM_BYTES // (w.numel() * 4)))
+                copies.extend([w] + [w.clone() for _ in range(n - 1)])
+            return lambda: [fn(c) for c in copies]
+
+        self.gemv_rows = probe.rows_limit("gemv-streamed", tuple(w.shape), w.dtype, GEMV_PROBE_ROWS,
+                                          candidate=lambda r: streamed(lambda c: gemv(xs[r], c)),
+                                          incumbent=lambda r: streamed(lambda c: F.linear(xs[r], c)), default=0)
+        copies.clear()
 
     def apply(self, layer, x):
         bias = getattr(layer, "bias", None)

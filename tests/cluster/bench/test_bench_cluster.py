@@ -48,3 +48,29 @@ def test_compare_prints_figure_by_figure(cluster, tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 0
     assert "output_token_throughput" in proc.stdout and "ttft.median_ms" in proc.stdout
+
+
+def test_openai_protocol_load_tests_an_http_server_with_no_grpc_beside_it(cluster, tmp_path):
+    """--protocol openai --tokenizer: the target is the HTTP address alone (as for vLLM or SGLang);
+    the model's name and vocabulary come from the flags, and every request is counted."""
+    http = f"127.0.0.1:{cluster.http_port}"
+    out = tmp_path / "openai.json"
+    base = [sys.executable, "-m", "cluster.cli", "bench", "--protocol", "openai", "--target", http,
+            "--tokenizer", "smollm2-135m", "--concurrency", "2", "--num-requests", "3", "--warmup", "1",
+            "--input-range", "8,16", "--output-range", "3,5", "--no-progress"]
+    proc = subprocess.run(base + ["--model", "smollm2-135m", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    s = report["runs"][0]["summary"]
+    assert s["completed"] == 3 and s["failed"] == 0
+    assert report["http_target"] == http and [m["id"] for m in report["server"]["models"]["data"]] == ["smollm2-135m"]
+    # Exact lengths as asked: every request's output tokens came back through the usage chunk.
+    assert all(3 <= r["output_tokens"] <= 5 for r in report["runs"][0]["records"])
+
+    for extra, flag in ((["--model", "nope"], "--model"), ([], "--model")):
+        bad = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and flag in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--target", cluster.target, "--tokenizer",
+                          "smollm2-135m", "--num-requests", "1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--tokenizer" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

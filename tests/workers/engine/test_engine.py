@@ -55,6 +55,19 @@ def test_greedy_is_batch_invariant_and_equals_transformers(group, references):
     assert together == references
 
 
+@pytest.mark.parametrize("path", ["always", "off"])
+def test_both_decode_attention_paths_equal_transformers(references, sharp_llama_dir, monkeypatch, path):
+    """The in-place paged decode kernel (always) and the gather path (off), pinned in the ranks'
+    processes at tp 2 (a cut mid-group: 9 heads over 3 KV heads do not split evenly in 2)."""
+    from workers.paged_decode_op import available
+
+    if path == "always" and not available():
+        pytest.skip("no C++ compiler here: only the gather path exists")
+    monkeypatch.setenv("TPSERVE_PAGED_DECODE", path)
+    with start(sharp_llama_dir, 2) as grp:
+        assert tokens(grp, PROMPTS, GREEDY16) == references
+
+
 def test_continuous_batching_mixes_many_sequences_and_prefill_with_decode(group):
     before = group.engine.call("stats")
     long = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
