@@ -30,9 +30,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 setup: $(STAMP)
 
-# Convert the default GGUF once into the safetensors cache (later loads take well under a second).
+# Convert the default GGUF once into the safetensors cache (later loads take well under a second),
+# and build this machine's in-place decode attention kernel once (workers/paged_decode_op.py).
 model: $(STAMP)
 	$(VENV)/bin/tpserve prepare --model $(MODEL)
+	$(PY) -c "from workers.paged_decode_op import available; available()"
 
 # The cluster on the default model: embedded Ray, REPLICAS x TP workers, gRPC on 127.0.0.1:$(PORT).
 serve: model

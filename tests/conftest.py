@@ -10,6 +10,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Clusters the tests start run eager, whatever the default (a compile per start would cost minutes);
 # tests/workers/test_compiled_step.py tests the compiled step.
 os.environ.setdefault("TPSERVE_COMPILE", "off")
+# Kernel choices are timed on a quiet machine and cached for it (workers/kernel_probe.py); timed
+# beside a test suite's other processes they came out wrong and stayed in the machine's cache
+# (SmolLM2's qkv, o_proj and down_proj flipped from the GEMV to F.linear, a slower step). Tests
+# take each decision's stated default; the probe's own tests use probes on files of their own.
+os.environ.setdefault("TPSERVE_KERNEL_PROBE", "off")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -197,11 +197,7 @@ class Worker:
         shard = head_shard(self.config.num_heads, self.config.num_kv_heads, self.group.size, rank)
         self.cache = PagedKVCache(self.config.num_layers, self.num_blocks, self.block_size, shard.num_kv_heads,
                                   self.config.head_dim, self.dtype, self.device)
-        if self.device.type == "cpu":
-            t = time.perf_counter()
-            self.cache.gather_up_to = gather_up_to(KernelProbe.for_this_machine(), shard.num_kv_heads,
-                                                   shard.kv_index(), self.config.head_dim, self.block_size, self.dtype)
-            self.kernel_probe_seconds += time.perf_counter() - t
+        self.cache.gather_up_to = self.decode_gather_up_to
         self.channel = PlanChannel(self.group.cpu_group, rank, shm=self.group.shm) if self.group.size > 1 else None
         self.compile_seconds, self.compiled = 0.0, False
         if spec.compile:
@@ -221,13 +217,20 @@ class Worker:
                      os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
 
     def _finish_loading(self) -> float:
-        """Pack quantized weights and choose each layer's kernels on this machine (cached on disk:
-        workers/kernel_probe.py); returns the seconds it took."""
+        """Pack quantized weights and choose each layer's kernels and the decode attention's path
+        on this machine (cached on disk: workers/kernel_probe.py); returns the seconds it took.
+        Before the ranks agree on the cache (a collective under the load timeout), so a slow probe
+        or the decode kernel's first build never keeps a peer waiting in a step's collective."""
         t = time.perf_counter()
         probe = KernelProbe.for_this_machine() if self.device.type == "cpu" else None
         for m in self.model.modules():
             if isinstance(m, (LinearBase, ParallelLMHead)):
                 m.finish_loading(probe)
+        self.decode_gather_up_to = 1 << 30  # CUDA: the gather path
+        if probe is not None:
+            shard = head_shard(self.config.num_heads, self.config.num_kv_heads, self.group.size, self.rank)
+            self.decode_gather_up_to = gather_up_to(probe, shard.num_kv_heads, shard.kv_index(),
+                                                    self.config.head_dim, self.spec.block_size, self.dtype)
         seconds = time.perf_counter() - t
         if probe is not None and probe.measured:
             log.info("rank %d: timed %d kernel choices in %.1f s (cached in %s)", self.rank, probe.measured,
