@@ -4,7 +4,7 @@ A sequence's token at position p lives in block table[p // bs], offset p % bs.
 Attention for a step: every new token's k/v is written to its slot first (one index_copy per
 layer), then decoding sequences (one new token each) attend, and prefill chunks attend one
 sequence at a time (causal, offset by what is already cached). Decode takes one of two paths,
-chosen per machine at start-up (`gather_up_to`, workers/paged_decode_op.py):
+chosen per machine at start-up (`gather_up_to`, workers/paged_decode_op.py; gather by default):
 - in place (CPU): one call of `tpserve::paged_decode` reads every sequence's blocks where they lie
   through its block table, K and V once per (sequence, KV head);
 - gather: batched SDPAs over gathered, padded block lists (one per group of similar length:

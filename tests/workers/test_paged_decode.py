@@ -67,8 +67,8 @@ def test_the_choice_is_timed_once_per_machine_and_cached(tmp_path):
 
     probe = KernelProbe(tmp_path / "k.json")
     first = gather_up_to(probe, 3, [0, 0, 0, 1, 1, 1, 2, 2, 2], 64, 16, torch.float32)
-    assert probe.measured == 1 and first in (0, 1, 4, 16, 64)
+    assert probe.measured == 1 and first in (0, 1 << 30)  # in place always, or gather always
     again = KernelProbe(tmp_path / "k.json")
     assert gather_up_to(again, 3, [0, 0, 0, 1, 1, 1, 2, 2, 2], 64, 16, torch.float32) == first
     assert again.measured == 0
-    assert gather_up_to(None, 3, [0, 0, 0, 1, 1, 1, 2, 2, 2], 64, 16, torch.float32) == 0  # no probe: in place
+    assert gather_up_to(None, 3, [0, 0, 0, 1, 1, 1, 2, 2, 2], 64, 16, torch.float32) == 1 << 30  # no probe: gather
