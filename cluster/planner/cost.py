@@ -15,8 +15,9 @@ planner. Per step, on the slowest (largest) rank:
                poll, detokenizing, a client on the same cores): the step alone over this
                model's price of it in the same quantization scales every step's price (what
                the terms above miss of a real model's step), and served minus alone is added
-               (what serving costs); both linear between the measured sequence counts (the step
-               alone at 1, 16 and 64, served at 1 and 16), flat outside them
+               (what serving costs); both linear between the measured points (the step alone at 1,
+               16 and 64 sequences, keyed by the step's tokens; served at 1 and 16, keyed by
+               its sequences), flat outside them
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class RooflineCost:
         points = self.hw.served_points(self.tp)
         if not points:
             return {}, {}
-        added = {n: points["served"][n] - points["alone"][n] for n in points["served"]}
+        added = points["added"]
         by_quant = points.get("alone_by_quantization", {})
         measured_q = self.quantization
         if measured_q not in by_quant:
@@ -74,8 +75,12 @@ class RooflineCost:
     def parts(self, shape: StepShape) -> dict[str, float]:
         parts = self.engine_parts(shape)
         if self._added:
+            # The scale by the step's tokens (the matmuls' rows, which it mostly corrects: a decode
+            # step of n sequences is n tokens, a 512-token prefill chunk runs compute-bound as 64
+            # decoding sequences do, not memory-bound as one does); what serving adds by sequences
+            # (each streams, detokenizes and is polled on its own).
             rows = max(1, len(shape.decode) + len(shape.prefill))
-            scale = interp(self._scale, rows, log_x=False, grow=False) if self._scale else 1.0
+            scale = interp(self._scale, max(1, shape.tokens), log_x=False, grow=False) if self._scale else 1.0
             parts["served"] = (scale - 1.0) * sum(parts.values()) + interp(self._added, rows, log_x=False, grow=False)
         else:
             parts["served"] = 0.0

@@ -65,8 +65,8 @@ class HardwareProfile:
     layer_s: dict = field(default_factory=dict)  # threads -> s
     seq_s_per_kvocab: float = 0.0
     # The served path (CPU, measured): str(tp) -> {"alone" | "served": {str(sequences): s}}, a
-    # decode step of `served_model` at `served_context` tokens, its worker group stepped alone,
-    # and as `tpserve serve` runs it with a `tpserve bench` client on this host. Empty for GPU
+    # decode step of `served_model` at `served_context` tokens, its worker group stepped alone
+    # (every tp), and as `tpserve serve` runs it with a `tpserve bench` client on this host (one tp). Empty for GPU
     # profiles: there the frontend runs on host cores the GPUs do not need.
     served_s: dict = field(default_factory=dict)
     served_model: str = ""
@@ -120,10 +120,20 @@ class HardwareProfile:
         return interp(table[t], max(elements, 1.0), log_x=True)
 
     def served_points(self, tp: int) -> dict[str, dict[str, float]]:
-        """The decode steps measured alone and served at the tp nearest `tp` ({} when none was)."""
-        if not self.served_s:
+        """The decode steps measured alone at the tp nearest `tp`, and "added": served minus alone
+        at the nearest tp served ({} when none was). The profile serves one tp only (a server
+        start costs seconds; what serving adds is the frontend's and client's work, the same per
+        streamed token whatever the replica's tp)."""
+        served = [k for k, v in self.served_s.items() if v.get("served")]
+        if not served:
             return {}
-        return self.served_s[min(self.served_s, key=lambda k: (abs(int(k) - tp), int(k)))]
+
+        def nearest(keys):
+            return min(keys, key=lambda k: (abs(int(k) - tp), int(k)))
+
+        src = self.served_s[nearest(served)]
+        return {**self.served_s[nearest(self.served_s)],
+                "added": {n: src["served"][n] - src["alone"][n] for n in src["served"]}}
 
     def per_thread(self, figures: dict, ranks_on_node: int) -> float:
         """A figure measured per thread count, at the threads each of these ranks gets."""

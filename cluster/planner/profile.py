@@ -13,8 +13,8 @@ What it measures (each figure the median of --repeats, its min-max kept in `spre
   all-reduce and logits gather by size, the plan broadcast, for tp 2..cores;
 - fixed costs: a tiny random Llama (hidden 64, SmolLM2's 49,152-entry vocabulary) run by the
   engine core at 2 and 8 layers and at 1 and 16 sequences: per step, per layer, per sampled row;
-- the served path: `--model` (SmolLM2 by default) served by `tpserve serve` (one replica per
-  tp) and streamed by `tpserve bench` from this host: its decode step at 1 and 16 sequences,
+- the served path: `--model` (SmolLM2 by default) served by `tpserve serve` (one replica, the
+  smallest tp) and streamed by `tpserve bench` from this host: its decode step at 1 and 16 sequences,
   with the frontend's streaming, the Ray poll, detokenizing and the client on the same cores,
   and the same worker group stepped alone, unquantized and int8, at 1, 16 and 64. Prompts are
   synthetic.
@@ -198,11 +198,26 @@ def _tiny_model(folder: str, layers: int) -> None:
 
 
 SERVED_CONCURRENCY = (1, 16)  # served: 16 x 16 prompt tokens still prefill in one chunk of the default 512
-ALONE_CONCURRENCY = (1, 16, 64)  # alone, the prefill is subtracted (a step of 1 token timed apart)
+ALONE_CONCURRENCY = (1, 16, 64)  # alone: timed from the token arrivals after the last prefill
 SERVED_TOKENS = 16  # decode steps timed per request
 SERVED_PROMPT = 16  # tokens: the timed steps decode at contexts 17-32
 SERVED_CONTEXT = SERVED_PROMPT + SERVED_TOKENS // 2 + 1  # their mean, as the planner prices them
 ALONE_QUANTS = ("none", "int8")  # int4 takes int8's calibration (the same kernel family)
+
+
+def decode_step(engine, prompt: list[int], sequences: int, tokens: int) -> float:
+    """Seconds per decode step of `sequences` copies of `prompt` batched together, from the token
+    arrivals of the last one admitted: its first token comes after every prompt's prefill (at 64
+    sequences the prefill takes two chunks), so the steps after it decode only. One pass, no
+    second prefill-only run to subtract."""
+    from workers.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    streams = [engine.add_request(prompt, params) for _ in range(sequences)]
+    arrivals = [time.perf_counter() for out in streams[-1] for _ in out.new_token_ids]  # as they come
+    for s in streams[:-1]:
+        s.result()
+    return (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
 
 
 def served_path(model: str, tps: list[int], progress=print,
@@ -210,8 +225,8 @@ def served_path(model: str, tps: list[int], progress=print,
     """str(tp) -> {"alone": {str(sequences): s}, "alone_by_quantization": {q: {str(sequences): s}},
     "served": {str(sequences): s}}: a decode step of `model` (context SERVED_CONTEXT), its worker
     group stepped alone in each of `quants` at 1, 16 and 64 sequences ("alone" is the unquantized
-    one), and served unquantized by `tpserve serve` (one replica) and streamed by `tpserve bench`
-    from this host at 1 and 16 (at 64 the prompts' prefill would take a second chunk inside the
+    one), and, at the smallest tp only, served unquantized by `tpserve serve` (one replica) and
+    streamed by `tpserve bench` from this host at 1 and 16 (at 64 the prompts' prefill would take a second chunk inside the
     bench's TPOT window, a prefill the simulator prices apart).
 
     The step alone per quantization: a quantized step is not the unquantized step's price times
@@ -227,7 +242,6 @@ def served_path(model: str, tps: list[int], progress=print,
 
     from cluster.bench.local_server import running_server
     from cluster.bench.main import main as bench_main
-    from workers.engine.sampling_params import SamplingParams
     from workers.launcher import LocalWorkerGroup
     from workers.worker import WorkerSpec
 
@@ -241,15 +255,15 @@ def served_path(model: str, tps: list[int], progress=print,
                 # Its own processes even at tp 1, as a served replica's ranks are (this process has
                 # run the matmul tables and holds their weights).
                 with LocalWorkerGroup(WorkerSpec(model, tp_size=tp, quantization=q)) as g:
-                    def timed(c: int, n: int) -> float:
-                        t = time.perf_counter()
-                        g.engine.generate([prompt] * c, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-                        return time.perf_counter() - t
-
-                    timed(2, 2)
-                    alone[q] = {str(c): (timed(c, SERVED_TOKENS + 1) - timed(c, 1)) / SERVED_TOKENS
-                                for c in ALONE_CONCURRENCY}
+                    decode_step(g.engine, prompt, 2, 2)
+                    alone[q] = {str(c): decode_step(g.engine, prompt, c, SERVED_TOKENS + 1) for c in ALONE_CONCURRENCY}
             served = {}
+            if tp != min(tps):  # one tp served (hardware.served_points): a server start costs seconds
+                out[str(tp)] = {"alone": alone["none"], "served": {},
+                                "alone_by_quantization": {q: v for q, v in alone.items() if q != "none"}}
+                progress(f"  step alone at tp {tp} ({time.perf_counter() - t0:.0f} s): " + "; ".join(
+                    f"{q} " + ", ".join(f"{v * 1e3:.1f}" for v in a.values()) + " ms" for q, a in alone.items()))
+                continue
             with running_server("--model", model, "--tp", str(tp), "--replicas", "1") as srv:
                 for c in SERVED_CONCURRENCY:
                     report = os.path.join(tmp, f"bench-{tp}-{c}.json")

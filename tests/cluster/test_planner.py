@@ -113,14 +113,22 @@ def test_the_served_steps_the_profile_measured_are_priced_exactly_and_calibrate_
     # The measured served steps come back exactly.
     assert cost.step_time(StepShape((), (25,))) == pytest.approx(1.5 * one + 0.010)
     assert cost.step_time(StepShape((), (25,) * 16)) == pytest.approx(2.0 * sixteen + 0.030)
-    # Between them scale and added time are linear in the step's sequences; past them, flat.
-    eight = StepShape(((32, 0),), (100,) * 7)
-    assert cost.step_time(eight) == pytest.approx((1.5 + 7 / 15 * 0.5) * price(plain, eight) + 0.010 + 7 / 15 * 0.020)
+    # Between them the scale is linear in the step's tokens, the added time in its sequences;
+    # past them, flat.
+    mixed = StepShape(((4, 0),), (100,) * 4)  # 8 tokens, 5 sequences
+    assert cost.step_time(mixed) == pytest.approx((1.5 + 7 / 15 * 0.5) * price(plain, mixed) + 0.010 + 4 / 15 * 0.020)
+    chunk = StepShape(((512, 0),), ())  # a prefill chunk runs at many tokens' scale, one sequence's added time
+    assert cost.step_time(chunk) == pytest.approx(2.0 * price(plain, chunk) + 0.010)
     wide = StepShape((), (300,) * 64)
     assert cost.step_time(wide) == pytest.approx(2.0 * price(plain, wide) + 0.030)
     # int8, and two replicas on the node, take the scale measured unquantized on one replica.
     int8 = RooflineCost(model, hw, 1, "int8", ranks_on_node=2)
     assert int8.step_time(StepShape((), (25,))) == pytest.approx(1.5 * price(int8, StepShape((), (25,))) + 0.010)
+    # A tp measured alone but not served takes its own scale and the served tp's added time.
+    cost2 = RooflineCost(model, hw, 2)
+    two = price(cost2, StepShape((), (25,)))
+    hw.served_s["2"] = {"alone": {"1": 1.2 * two, "16": 1.2 * price(cost2, StepShape((), (25,) * 16)), "64": 1.2 * two}}
+    assert RooflineCost(model, hw, 2).step_time(StepShape((), (25,))) == pytest.approx(1.2 * two + 0.010)
 
 
 def test_a_quantized_step_alone_calibrates_its_own_quantization(smollm2_dir):
