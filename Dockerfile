@@ -13,7 +13,8 @@ COPY requirements.txt pyproject.toml README.md ./
 # torch first and pinned: the CPU build from PyTorch's CPU index, or the default (CUDA) build.
 RUN if [ "$VARIANT" = "cuda" ]; then pip install torch==2.13.0; \
     else pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi \
- && pip install -r requirements.txt
+ && pip install -r requirements.txt \
+ && pip install --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 COPY workers ./workers
 COPY cluster ./cluster
 COPY benchmarks ./benchmarks

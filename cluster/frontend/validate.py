@@ -37,7 +37,7 @@ class ModelLimits:
 SAMPLING_FIELDS: dict[str, type] = {
     "max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
     "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float, "seed": int,
-    "stop": list, "stop_token_ids": list, "ignore_eos": bool, "logprobs": int, "cache_salt": str}
+    "stop": list, "stop_token_ids": list, "ignore_eos": bool, "logprobs": int, "prompt_logprobs": int, "cache_salt": str}
 
 
 def check_model(requested: str, served: str, required: bool) -> None:

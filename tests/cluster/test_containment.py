@@ -299,14 +299,13 @@ def test_a_port_in_use_is_one_line_naming_the_flag(flag, capsys):
 
 def test_an_engine_abort_is_reported_as_abort_not_stop():
     """A truncated answer must not look complete: OpenAI's finish_reason is "abort" (as vLLM's)."""
-    from cluster.frontend.openai_reply import Reply
+    from cluster.frontend.openai_reply import Choice
 
-    reply = Reply.__new__(Reply)
-    reply.text, reply.token_ids, reply.logprobs = "", [], []
-    reply.add(RequestOutput("x", finished=True, finish_reason="abort"))
-    assert reply.finish_reason == "abort"
-    reply.add(RequestOutput("x", finished=True, finish_reason="error"))
-    assert reply.finish_reason == "stop"
+    choice = Choice(0)
+    choice.add(RequestOutput("x", finished=True, finish_reason="abort"))
+    assert choice.finish_reason == "abort"
+    choice.add(RequestOutput("x", finished=True, finish_reason="error"))
+    assert choice.finish_reason == "stop"
 
 
 def test_a_chat_template_that_refuses_the_messages_is_invalid_argument_naming_messages(tmp_path, smollm2_dir):

@@ -99,7 +99,13 @@ BAD = [  # (endpoint, body change, status, the field the error must name)
     ("completions", {"max_tokens": 0}, 400, "max_tokens"),
     ("completions", {"max_tokens": 5000}, 400, "max_tokens"),
     ("completions", {"top_p": "high"}, 400, "top_p"),
-    ("completions", {"n": 2}, 400, "n"),
+    ("completions", {"n": 0}, 400, "n"),
+    ("completions", {"n": 500}, 400, "n"),
+    ("completions", {"prompt": ["hi"] * 100, "n": 2}, 400, "prompt"),
+    ("completions", {"prompt": []}, 400, "prompt"),
+    ("completions", {"prompt": ["hi", "word " * 3000]}, 400, "prompt[1]"),
+    ("completions", {"prompt": [[1, 2], [99999999]]}, 400, "prompt[1]"),
+    ("completions", {"prompt_logprobs": 99}, 400, "prompt_logprobs"),
     ("completions", {"logprobs": 99}, 400, "logprobs"),
     ("completions", {"stop": [""]}, 400, "stop"),
     ("completions", {"model": "gpt-9"}, 404, "model"),
@@ -108,7 +114,12 @@ BAD = [  # (endpoint, body change, status, the field the error must name)
     ("chat", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
     ("chat", {"messages": []}, 400, "messages"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    ("chat", {"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("chat", {"response_format": {"type": "xml"}}, 400, "response_format.type"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+     400, "response_format"),
+    ("completions", {"structured_outputs": {"regex": "(unclosed"}}, 400, "structured_outputs"),
+    ("completions", {"structured_outputs": {"choice": []}}, 400, "structured_outputs"),
+    ("completions", {"response_format": {"type": "json_object"}, "guided_regex": "a+"}, 400, "guided_regex"),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      "messages[0].content[0]"),
     ("chat", {"max_completion_tokens": -3}, 400, "max_completion_tokens"),
@@ -231,3 +242,124 @@ def test_tokenize_detokenize_and_one_model_as_vllm_serves_them(cluster, smollm2_
     assert one.id == MODEL
     missing = httpx.get(cluster.http + "/v1/models/gpt-4", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_n_choices_share_one_prefill_and_each_draws_from_its_own_seed(cluster):
+    """n samples of one prompt: choice j is what a single request seeded seed + j gives; choices
+    after the first read the prompt's blocks from the prefix cache (one prefill)."""
+    c = client(cluster)
+    nonce = " ".join(f"a{i}" for i in range(int(time.time()) % 997, int(time.time()) % 997 + 40))
+    prompt = f"Notes {nonce}. Once upon a time, in a quiet village by the sea, there lived"  # not cached before
+    r = c.completions.create(model=MODEL, prompt=prompt, n=3, max_tokens=8, temperature=1.5, seed=7)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    singles = [c.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.5, seed=7 + j)
+               .choices[0].text for j in range(3)]
+    assert [ch.text for ch in r.choices] == singles and len(set(singles)) > 1
+    full_blocks = (r.usage.prompt_tokens - 1) // 16 * 16
+    assert r.usage.completion_tokens == 24 and r.usage.total_tokens == r.usage.prompt_tokens + 24
+    assert r.usage.prompt_tokens_details.cached_tokens >= 2 * full_blocks  # the two siblings at least
+    # Streamed: every chunk names its choice; each choice's text is the unstreamed one.
+    texts = {}
+    finishes = {}
+    for ch in c.completions.create(model=MODEL, prompt=prompt, n=3, max_tokens=8, temperature=1.5, seed=7,
+                                   stream=True):
+        for choice in ch.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert [texts[j] for j in range(3)] == singles and finishes == {0: "length", 1: "length", 2: "length"}
+    chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}], n=2,
+                                     max_tokens=6, temperature=0)
+    assert [ch.index for ch in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same answer
+
+
+def test_batched_prompts_get_one_choice_each_in_order(cluster):
+    c = client(cluster)
+    greedy = dict(model=MODEL, max_tokens=6, temperature=0)
+    prompts = [PROMPT, "Water boils at", QUESTION]
+    single = [c.completions.create(prompt=p, **greedy) for p in prompts]
+    singles = [r.choices[0].text for r in single]
+    r = c.completions.create(prompt=prompts, **greedy)
+    assert [ch.text for ch in r.choices] == singles and [ch.index for ch in r.choices] == [0, 1, 2]
+    ids = [httpx.post(cluster.http + "/tokenize", json={"model": MODEL, "prompt": p}, timeout=60).json()["tokens"]
+           for p in prompts]
+    r = c.completions.create(prompt=ids, n=2, **greedy)  # choice i * n + j: prompt i's j-th
+    assert [ch.index for ch in r.choices] == list(range(6))
+    assert [ch.text for ch in r.choices] == [t for t in singles for _ in range(2)]
+    assert r.usage.prompt_tokens == sum(len(i) for i in ids)
+    assert r.usage.completion_tokens == 2 * sum(one.usage.completion_tokens for one in single)
+
+
+def test_echo_and_prompt_logprobs_are_the_models_log_softmax(cluster, smollm2_reference):
+    """lm-eval's loglikelihood request (echo, logprobs=1, max_tokens=1, a batch of token lists)
+    scores each prompt token with transformers' log-softmax; vLLM's prompt_logprobs the same."""
+    import torch
+
+    model, tok = smollm2_reference
+    texts = ["The quick brown fox jumps over the lazy dog", "Paris is the capital of"]
+    batch = [tok(t)["input_ids"] for t in texts]
+    body = {"model": MODEL, "prompt": batch, "temperature": 0, "max_tokens": 1, "logprobs": 1, "echo": True,
+            "seed": 1234}
+    r = httpx.post(cluster.http + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    for ids, choice in zip(batch, sorted(r.json()["choices"], key=lambda ch: ch["index"])):
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        lp = choice["logprobs"]
+        assert choice["text"].startswith(tok.decode(ids)) and len(lp["tokens"]) == len(ids) + 1
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        want = [float(ref[p, ids[p + 1]]) for p in range(len(ids) - 1)]
+        assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:len(ids)], want)) < 1e-3
+        for p in range(1, len(ids)):  # the token itself and the top-1, as lm-eval's is_greedy reads them
+            top = lp["top_logprobs"][p]
+            assert lp["token_logprobs"][p] in top.values()
+            assert max(top.values()) == pytest.approx(float(ref[p - 1].max()), abs=1e-3)
+    r = httpx.post(cluster.http + "/v1/completions", json={"model": MODEL, "prompt": batch[1], "max_tokens": 2,
+                                                             "temperature": 0, "prompt_logprobs": 2}, timeout=120)
+    scored = r.json()["choices"][0]["prompt_logprobs"]
+    ids = batch[1]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert scored[0] is None and len(scored) == len(ids)
+    for p in range(1, len(ids)):
+        entry = scored[p][str(ids[p])]
+        assert entry["logprob"] == pytest.approx(float(ref[p - 1, ids[p]]), abs=1e-3)
+        row, at = ref[p - 1], ref[p - 1, ids[p]]
+        assert int((row > at + 1e-4).sum()) + 1 <= entry["rank"] <= int((row > at - 1e-4).sum()) + 1
+        assert {int(t) for t in scored[p]} >= set(ref[p - 1].topk(2).indices.tolist())
+
+
+def test_structured_outputs_through_the_openai_client(cluster):
+    """A Pydantic model through the client's parse(); JSON mode, and vLLM's structured_outputs
+    (choice, regex), streamed or not: the output always matches."""
+    import jsonschema
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=16)
+        country: str = Field(max_length=16)
+        population_millions: int = Field(ge=0, le=100)
+
+    c = client(cluster)
+    r = c.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Describe Paris as JSON."}],
+                                 response_format=City, max_tokens=96, temperature=0)
+    city = r.choices[0].message.parsed
+    assert isinstance(city, City) and r.choices[0].finish_reason == "stop"
+    r = c.completions.create(model=MODEL, prompt="A small JSON object:", max_tokens=256, temperature=0,
+                             extra_body={"response_format": {"type": "json_object"}})
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].text), dict)
+    r = c.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0,
+                             extra_body={"structured_outputs": {"choice": ["Paris", "Lyon"]}})
+    assert r.choices[0].text in ("Paris", "Lyon")
+    schema = {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                                                  "maximum": 99}, "maxItems": 3}},
+              "required": ["ids"], "additionalProperties": False}
+    text = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Three numbers"}], max_tokens=64, temperature=1.0, seed=5,
+        stream=True, response_format={"type": "json_schema", "json_schema": {"name": "ids", "schema": schema}})
+        if ch.choices)
+    jsonschema.validate(json.loads(text), schema)
+    r = c.completions.create(model=MODEL, prompt="Code:", max_tokens=12, temperature=1.0, seed=1, n=2,
+                             extra_body={"structured_outputs": {"regex": "[A-Z]{2}-[0-9]{4}"}})
+    assert all(re.fullmatch("[A-Z]{2}-[0-9]{4}", ch.text) for ch in r.choices)

@@ -103,9 +103,14 @@ class BlockManager:
             prev = h
         return found
 
+    def reads_cache(self, seq: Sequence) -> bool:
+        """A request that asks for its prompt's logprobs runs every prompt position (their logits
+        are the answer), so it takes nothing from the cache; its blocks are still cached for others."""
+        return self.enable_prefix_caching and seq.params.prompt_logprobs is None
+
     def cached_prefix_tokens(self, seq: Sequence) -> int:
         """Tokens a prefix match would serve from the cache now (nothing is taken)."""
-        if not self.enable_prefix_caching:
+        if not self.reads_cache(seq):
             return 0
         usable = (seq.num_tokens - 1) // self.block_size
         return len(self._lookup(seq.all_token_ids, usable, self.keyer.root(seq.params.cache_salt))) * self.block_size
@@ -119,7 +124,7 @@ class BlockManager:
         tokens = seq.all_token_ids
         usable = (len(tokens) - 1) // self.block_size
         self.stats.prefix_queried_tokens += len(seq.prompt_token_ids)
-        if self.enable_prefix_caching:
+        if self.reads_cache(seq):
             for bid, h in self._lookup(tokens, usable, self.keyer.root(seq.params.cache_salt)):
                 self._ref(bid)
                 seq.block_table.append(bid)

@@ -58,6 +58,7 @@ class Completion:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict | None] | None = None
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     computed_prompt_tokens: int = 0
@@ -68,6 +69,8 @@ class Completion:
         self.token_ids += out.new_token_ids
         self.text += out.new_text
         self.logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.num_deltas += 1
         self.prompt_tokens = out.prompt_tokens
         self.cached_prompt_tokens = out.cached_prompt_tokens

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as futures_wait
 
 from dataclasses import dataclass, field
 
@@ -20,11 +22,12 @@ from workers.engine.detokenizer import DetokState, Detokenizer
 from workers.engine.executor import Executor
 from workers.engine.messages import EngineLoad, KVDigest
 from workers.engine.outputs import EngineStats, RequestOutput
-from workers.engine.sampler import SampleError, SampleResult
+from workers.engine.sampler import PromptRow, SampleError, SampleResult
 from workers.engine.sampling_params import SamplingError, SamplingParams
 from workers.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from workers.engine.sequence import FinishReason, Sequence
 from workers.engine.speculative import NgramProposer, SpeculativeConfig, Speculator, SpecRow
+from workers.engine.structured import Grammars
 from workers.errors import ConfigError
 from workers.paged_cache import PagedSeq
 from workers.step_plan import PlanOp, StepPlan
@@ -70,6 +73,10 @@ class _Live:
     seq: Sequence
     detok: DetokState
     pending_logprobs: list
+    # SamplingParams.prompt_logprobs: entry p scores prompt token p + 1 (scored positions survive a
+    # preemption's recompute, so none is scored twice); sent once, with the first new token.
+    prompt_logprobs: list = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
 
 class EngineCore:
@@ -88,6 +95,10 @@ class EngineCore:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.block_manager)
         self.detok = Detokenizer(tokenizer) if tokenizer is not None else None
+        self._tokenizer = tokenizer
+        self.grammars = None  # workers/engine/structured.py, built at the first constrained request
+        # Constrained requests whose grammar is still compiling: live, outside the scheduler.
+        self.awaiting_grammar: dict[str, Future] = {}
         self.live: dict[str, _Live] = {}
         self.stats = EngineStats(num_blocks=executor.num_blocks)
         self._rng = random.Random(0x7E5E)
@@ -142,6 +153,14 @@ class EngineCore:
         if detok is not None and prefix:
             self.detok.replay(detok, seq.all_token_ids, len(seq.prompt_token_ids))
         seq.expected_cached_tokens = self.block_manager.cached_prefix_tokens(seq)
+        if params.structured is not None:
+            if self._tokenizer is None:
+                raise ConfigError("structured_outputs", "needs the engine's tokenizer")
+            if self.grammars is None:
+                self.grammars = Grammars(self._tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+            self.awaiting_grammar[request_id] = self.grammars.compile(params.structured)
+            self.live[request_id] = _Live(seq, detok, [])
+            return
         self.live[request_id] = _Live(seq, detok, [])
         self.scheduler.add(seq)
 
@@ -150,27 +169,55 @@ class EngineCore:
         live = self.live.pop(request_id, None)
         if live is None:
             return None
-        self.scheduler.finish(live.seq)
+        if self.awaiting_grammar.pop(request_id, None) is None:
+            self.scheduler.finish(live.seq)
         self._forget(request_id)
         self.stats.aborted += 1
         live.seq.finish_reason = FinishReason.ABORT
         return self._output(live, [], final=True)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.awaiting_grammar)
 
     # ---- one step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        proposals = self.speculator.propose(self.scheduler.running, self.max_model_len) if self.speculator else None
+        admitted = self._admit_compiled() if self.awaiting_grammar else []
+        # A grammar's matcher cannot take back a rejected proposal: constrained requests decode plainly.
+        proposals = self.speculator.propose([s for s in self.scheduler.running if s.matcher is None],
+                                            self.max_model_len) if self.speculator else None
         sched = self.scheduler.schedule(proposals)
         if not sched.chunks:
-            return []
+            return admitted
         if self._failpoint_salt is not None and any(c.seq.params.cache_salt == self._failpoint_salt
                                                     for c in sched.chunks):
             raise RuntimeError("injected fault (TPSERVE_FAILPOINT_SALT)")
         plan, sampling = self._plan(sched)
         results = self.executor.execute(plan, sampling)
-        return self._commit(sched, sampling, results)
+        return admitted + self._commit(sched, sampling, results)
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Requests whose grammar has compiled go to the scheduler; one that failed to compile
+        ends with its error. With nothing else to run, wait a moment for a compile (no spin)."""
+        if not self.scheduler.has_work():
+            futures_wait(list(self.awaiting_grammar.values()), timeout=0.01, return_when=FIRST_COMPLETED)
+        outputs = []
+        for rid, fut in list(self.awaiting_grammar.items()):
+            if not fut.done():
+                continue
+            del self.awaiting_grammar[rid]
+            live = self.live[rid]
+            try:
+                live.seq.matcher = self.grammars.matcher(fut.result(), live.seq.output_token_ids)
+            except Exception as e:  # the spec's own fault: this request ends, naming the field
+                self.live.pop(rid, None)
+                live.seq.finish_reason = FinishReason.ERROR
+                self.stats.failed += 1
+                outputs.append(RequestOutput(rid, finished=True, finish_reason="error",
+                                             error=str(e), error_field=getattr(e, "field", None) or "structured_outputs",
+                                             prompt_tokens=len(live.seq.prompt_token_ids)))
+                continue
+            self.scheduler.add(live.seq)
+        return outputs
 
     def _plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list[Sequence]]:
         """The step for every rank (each chunk's position, tokens and block table, the rows that
@@ -190,6 +237,12 @@ class EngineCore:
                 n_decode += 1
                 continue
             ids += s.all_token_ids[start:start + c.num_tokens]
+            if s.params.prompt_logprobs is not None:  # rows that score the chunk's next prompt tokens
+                first = len(ids) - c.num_tokens
+                done = len(self.live[s.request_id].prompt_logprobs)
+                for p in range(max(start, done), min(start + c.num_tokens, len(s.prompt_token_ids) - 1)):
+                    logits_rows.append(first + p - start)
+                    sampling.append(PromptRow(s, p, s.prompt_token_ids[p + 1]))
             if c.samples:
                 logits_rows.append(len(ids) - 1)
                 sampling.append(s)
@@ -224,6 +277,17 @@ class EngineCore:
         rows = iter(zip(sampling, results))
         spec_of = {c.seq.request_id: c.spec for c in sched.chunks if c.spec}
         for s, r in rows:
+            if isinstance(s, PromptRow):
+                live = self.live.get(s.request_id)
+                if s.request_id in failed or live is None:
+                    continue
+                if isinstance(r, SampleError):
+                    outputs.append(self.fail_request(s.request_id, r.cause))
+                    failed.add(s.request_id)
+                elif s.position == len(live.prompt_logprobs):
+                    live.prompt_logprobs.append({"token_id": r.token_id, "logprob": r.logprob,
+                                                 "top": r.top_logprobs or [], "rank": r.rank})
+                continue
             spec = spec_of.get(s.request_id, ())
             got = [r] + [next(rows)[1] for _ in spec]  # a verified chunk's rows are consecutive
             if s.request_id in failed:
@@ -244,7 +308,7 @@ class EngineCore:
         log.error("request %s failed in the engine; finishing it alone", request_id, exc_info=exc)
         live = self.live.pop(request_id, None)
         seq = live.seq if live is not None else None
-        if seq is not None:
+        if seq is not None and self.awaiting_grammar.pop(request_id, None) is None:
             try:
                 self.scheduler.finish(seq)
             except Exception:  # its blocks may leak; the replica stays up for the others
@@ -306,6 +370,13 @@ class EngineCore:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, r.token_id
         elif r.token_id in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, r.token_id
+        if seq.matcher is not None and seq.finish_reason is None:
+            # The mask allowed only this grammar's tokens; the end of the grammar ends the request
+            # (at its stop token, even with ignore_eos: nothing may follow a complete answer).
+            if not seq.matcher.accept_token(r.token_id):
+                raise RuntimeError(f"token {r.token_id} was sampled against the request's grammar")
+            if seq.matcher.is_terminated():
+                seq.finish_reason, seq.stop_reason = FinishReason.STOP, r.token_id
         if live.detok is not None and seq.finish_reason is None:
             hit = self.detok.add_token(live.detok, seq.all_token_ids)
             if hit is not None:
@@ -319,10 +390,13 @@ class EngineCore:
         seq = live.seq
         text = self.detok.take_delta(live.detok, final) if live.detok is not None else ""
         logprobs, live.pending_logprobs = (live.pending_logprobs or None), []
+        prompt_logprobs = None
+        if seq.params.prompt_logprobs is not None and not live.prompt_logprobs_sent and (new_ids or final):
+            prompt_logprobs, live.prompt_logprobs_sent = [None] + live.prompt_logprobs, True
         return RequestOutput(
             request_id=seq.request_id, new_token_ids=new_ids, new_text=text, finished=final,
             finish_reason=seq.finish_reason.value if final and seq.finish_reason else None,
-            stop_reason=seq.stop_reason if final else None, logprobs=logprobs,
+            stop_reason=seq.stop_reason if final else None, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             prompt_tokens=len(seq.prompt_token_ids), output_tokens=len(seq.output_token_ids),
             cached_prompt_tokens=seq.num_prefix_cached_tokens,
             computed_prompt_tokens=seq.num_computed_prefill_tokens, num_preemptions=seq.num_preemptions)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from workers.engine.sampler import SampleError, SampleResult, sample_each
+from workers.engine.sampler import SampleError, SampleResult, score_and_sample
 from workers.engine.sequence import Sequence
 from workers.step_plan import StepPlan
 
@@ -59,7 +59,7 @@ class WorkerExecutor:
         if not sampling:
             return []
         with torch.profiler.record_function("tpserve.sample"):
-            return sample_each(logits, sampling)
+            return score_and_sample(logits, sampling)
 
     def idle(self) -> None:
         self.worker.heartbeat(self.heartbeat_s)

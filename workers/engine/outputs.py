@@ -15,6 +15,9 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None
     logprobs: list[dict] | None = None  # per new token: {"token_id", "logprob", "top": [(id, logprob)]}
+    # Once, with the first new token: per prompt token the same dict, None for the first (nothing
+    # precedes it); only for requests with SamplingParams.prompt_logprobs.
+    prompt_logprobs: list[dict | None] | None = None
     prompt_tokens: int = 0
     output_tokens: int = 0  # total so far
     cached_prompt_tokens: int = 0

@@ -32,6 +32,70 @@ class SampleResult:
     token_id: int
     logprob: float | None = None  # of the chosen token under the model's (unprocessed) distribution
     top_logprobs: list[tuple[int, float]] | None = None
+    rank: int | None = None  # a scored prompt token's rank in its row (1: the most likely)
+
+
+class SeqRow:
+    """A logits row of a sequence other than its own next-token row (a verify row, a prompt row):
+    the request and its parameters are the sequence's."""
+
+    __slots__ = ("seq",)
+
+    @property
+    def request_id(self) -> str:
+        return self.seq.request_id
+
+    @property
+    def params(self):
+        return self.seq.params
+
+
+class PromptRow(SeqRow):
+    """A logits row that scores a prompt token instead of drawing one: the row at prompt position
+    p gives the logprob of prompt token p + 1 and the top-n there (SamplingParams.prompt_logprobs)."""
+
+    __slots__ = ("position", "target")
+
+    def __init__(self, seq: Sequence, position: int, target: int):
+        self.seq, self.position, self.target = seq, position, target
+
+
+def score_prompt(logits: torch.Tensor, rows: list[PromptRow]) -> list[SampleResult]:
+    """logits [R, V] at prompt positions -> each row's target logprob and top-n, unprocessed (no
+    temperature or penalties: the model's distribution, as vLLM reports prompt logprobs)."""
+    logprobs = logits.float().log_softmax(-1)
+    targets = torch.tensor([r.target for r in rows], device=logits.device)
+    at = logprobs.gather(1, targets.unsqueeze(1))
+    ranks = ((logprobs > at).sum(-1) + 1).tolist()
+    chosen = at.squeeze(1).tolist()
+    width = max(r.params.prompt_logprobs for r in rows)
+    top_vals, top_idx = logprobs.topk(width, dim=-1) if width else (None, None)
+    out = []
+    for i, r in enumerate(rows):
+        n = r.params.prompt_logprobs
+        top = list(zip(top_idx[i, :n].tolist(), top_vals[i, :n].tolist())) if n else []
+        out.append(SampleResult(r.target, chosen[i], top, ranks[i]))
+    return out
+
+
+def score_and_sample(logits: torch.Tensor, rows: list) -> list[SampleResult | SampleError]:
+    """One result per row: prompt rows (`PromptRow`) scored, the others sampled (`sample_each`)."""
+    scored = [i for i, r in enumerate(rows) if isinstance(r, PromptRow)]
+    if not scored:
+        return sample_each(logits, rows)
+    drawn = [i for i, r in enumerate(rows) if not isinstance(r, PromptRow)]
+    results: list = [None] * len(rows)
+    if drawn:
+        for i, r in zip(drawn, sample_each(logits[drawn], [rows[i] for i in drawn])):
+            results[i] = r
+    try:
+        for i, r in zip(scored, score_prompt(logits[scored], [rows[i] for i in scored])):
+            results[i] = r
+    except Exception as e:  # scoring is per request: a failure costs only the requests that asked
+        log.exception("scoring %d prompt rows failed", len(scored))
+        for i in scored:
+            results[i] = SampleError(rows[i].request_id, e)
+    return results
 
 
 def token_seed(seed: int, index: int) -> int:
@@ -110,8 +174,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
     """logits [B, V] float32 (rank 0's gathered logits) -> one SampleResult per sequence."""
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
     raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
-    if any(s.params.needs_penalties for s in seqs):
+    constrained = [i for i, s in enumerate(seqs) if getattr(s, "matcher", None) is not None]
+    if constrained or any(s.params.needs_penalties for s in seqs):
         logits = logits.clone()
+    if constrained:  # the grammar's mask first: logprobs above stay the model's own
+        from workers.engine.structured import apply_grammars
+
+        apply_grammars(logits, constrained, [seqs[i].matcher for i in constrained])
+    if any(s.params.needs_penalties for s in seqs):
         apply_penalties(logits, seqs)
     chosen = logits.argmax(-1)
     sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]

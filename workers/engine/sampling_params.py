@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from workers.engine.structured import StructuredSpec
 from workers.errors import ConfigError
 
 MAX_LOGPROBS = 20
@@ -55,6 +56,11 @@ class SamplingParams:
     stop_token_ids: list[int] | frozenset[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs of each chosen token (0: only the chosen one)
+    # Top-n logprobs of each prompt token after the first (0: only the prompt token's own), from
+    # the prefill's logits; such a request does not read the prefix cache (its positions must run).
+    prompt_logprobs: int | None = None
+    # The output held to a JSON schema, JSON, a regex, a choice or a grammar (workers/engine/structured.py).
+    structured: StructuredSpec | None = None
     skip_special_tokens: bool = True
     # Not a sampling knob, but it travels with them: requests with different salts never share
     # prefix-cache blocks (a tenant's cached prompt cannot show in another's time to first token).
@@ -126,4 +132,11 @@ class SamplingParams:
             check_text("cache_salt", self.cache_salt, SamplingError)
         if self.logprobs is not None and not 0 <= integer("logprobs", self.logprobs) <= MAX_LOGPROBS:
             raise SamplingError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredSpec):
+                raise SamplingError("structured_outputs", "must be a StructuredSpec")
+            self.structured.validate()
+        if self.prompt_logprobs is not None and not 0 <= integer("prompt_logprobs", self.prompt_logprobs) \
+                <= MAX_LOGPROBS:
+            raise SamplingError("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         return self

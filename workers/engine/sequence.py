@@ -48,6 +48,8 @@ class Sequence:
     expected_cached_tokens: int = 0
     # Sampling seed for unseeded requests, fixed at admission so a recompute draws the same.
     seed: int = 0
+    # Its grammar's matcher (SamplingParams.structured; workers/engine/structured.py), rank 0's.
+    matcher: object = None
     # prompt + output, kept as one list so the per-token paths (detokenizer, hashing) copy nothing.
     _tokens: list[int] = field(default_factory=list)
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from workers.engine.sampler import SeqRow
 from workers.errors import ConfigError
 
 METHODS = ("ngram", "draft_model")
@@ -116,22 +117,14 @@ class SpeculativeConfig:
         return self
 
 
-class SpecRow:
+class SpecRow(SeqRow):
     """What the sampler reads of a sequence, for the verify row after proposals[:j]: its token
     index (the seeded draw), penalties and logprobs see the proposals as output."""
 
-    __slots__ = ("seq", "spec")
+    __slots__ = ("spec",)
 
     def __init__(self, seq, spec: list[int]):
         self.seq, self.spec = seq, spec
-
-    @property
-    def request_id(self) -> str:
-        return self.seq.request_id
-
-    @property
-    def params(self):
-        return self.seq.params
 
     @property
     def seed(self) -> int:

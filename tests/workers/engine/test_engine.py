@@ -120,6 +120,29 @@ def test_logprobs_are_the_models_log_softmax(group, sharp_llama_dir):
         assert [t for t, _ in lp["top"]] == ref[n - 1 + i].topk(3).indices.tolist()
 
 
+def test_prompt_logprobs_are_the_models_log_softmax_over_chunks_and_cached_prefixes(group, sharp_llama_dir):
+    """Every prompt token after the first is scored from the prefill's logits, also when the
+    prompt's prefill is split over steps (two 200-token prompts in a 256-token budget) and when
+    its prefix is cached (the request runs it anyway: the logits are the answer)."""
+    model = AutoModelForCausalLM.from_pretrained(str(sharp_llama_dir), dtype=torch.float32).eval()
+    prompts = make_prompts(2, seed=11, lo=200, hi=201)
+    params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3)
+    group.engine.generate([prompts[1][:160]], GREEDY16)  # caches most of the second prompt's prefix
+    outs = group.engine.generate(prompts, params)
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+        assert out.computed_prompt_tokens == len(prompt) and len(out.prompt_logprobs) == len(prompt)
+        assert out.prompt_logprobs[0] is None
+        for p, lp in enumerate(out.prompt_logprobs[1:]):
+            assert lp["token_id"] == prompt[p + 1]
+            assert abs(lp["logprob"] - float(ref[p, prompt[p + 1]])) < 1e-4
+            assert [t for t, _ in lp["top"]] == ref[p].topk(3).indices.tolist()
+    # Without the field: nothing is scored, and the cached prefix serves as before.
+    plain = group.engine.generate([prompts[1]], SamplingParams(max_tokens=2, temperature=0))[0]
+    assert plain.prompt_logprobs is None and plain.cached_prompt_tokens >= 144
+
+
 @pytest.mark.parametrize(("params", "field"), [
     (SamplingParams(temperature=-1.0), "temperature"),
     (SamplingParams(top_p=0.0), "top_p"),
