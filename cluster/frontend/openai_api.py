@@ -36,6 +36,7 @@ from cluster.frontend.http_server import answered, parse, unless_disconnected
 from cluster.frontend.fanout import FanOut
 from cluster.frontend.openai_reply import Choice, Echo, Reply
 from cluster.frontend.openai_structured import structured_spec
+from cluster.frontend.openai_tools import tool_spec
 from cluster.frontend.openai_schema import ChatBody, CompletionBody, DetokenizeBody, Message, RequestBody, TokenizeBody
 from cluster.frontend.request import FrontendRequest
 from cluster.frontend.tokenize import PromptInput
@@ -183,16 +184,16 @@ class OpenAIApi:
 
     def _chat_prompts(self, body: ChatBody) -> list[PromptInput]:
         self._check_common(body)
-        for name in ("tools", "tool_choice", "functions"):
-            if getattr(body, name) is not None:
-                raise ApiError(400, f"{name}: not implemented", param=name)
-        prompt = PromptInput("messages", messages=self._messages(body.messages))
+        if body.functions is not None:
+            raise ApiError(400, "functions: not implemented (the deprecated form; use tools)", param="functions")
+        offered = body.tools if body.tools is not None and body.tool_choice != "none" else None
+        prompt = PromptInput("messages", messages=self._messages(body.messages), tools=offered)
         self.fe.encoder.check(prompt, self.fe.limits.max_model_len)
         return [prompt]
 
     @staticmethod
-    def _messages(messages: list[Message]) -> list[tuple[str, str]]:
-        """(role, text) per message; content parts other than text are refused naming them."""
+    def _messages(messages: list[Message]) -> list[tuple]:
+        """(role, text[, tool fields]) per message; content parts other than text are refused naming them."""
         out = []
         for i, m in enumerate(messages):
             if isinstance(m.content, list):
@@ -205,7 +206,10 @@ class OpenAIApi:
                 content = "".join(parts)
             else:
                 content = m.content or ""
-            out.append((ROLE_ALIASES.get(m.role, m.role), content))
+            extra = {k: v for k, v in (("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id),
+                                        ("name", m.name)) if v is not None}
+            out.append((ROLE_ALIASES.get(m.role, m.role), content, extra) if extra else
+                       (ROLE_ALIASES.get(m.role, m.role), content))
         return out
 
     def _model_card(self) -> dict:
@@ -250,6 +254,11 @@ class OpenAIApi:
     async def _serve(self, request: Request, body: RequestBody, prompts: list[PromptInput], chat: bool):
         params, fill = self._params(body, chat)
         structured = structured_spec(body)
+        tools = tool_spec(body) if chat else None
+        if tools is not None:
+            if structured is not None:
+                raise InvalidArgument("tool_choice", f"a tool choice constrains the output; {structured[1]} too")
+            structured = (tools[0], "tool_choice")
         if structured is not None:  # parsed off the loop (a large schema takes milliseconds)
             await self.fe.encoder.run(check_spec, *structured)
             params.structured = structured[0]
@@ -273,7 +282,7 @@ class OpenAIApi:
                 requests.append(FrontendRequest(prompt, child, request_id=rid if len(prompts) * n == 1 else
                                                 f"{rid}-{index}", fill_max_tokens=fill))
                 choices.append(Choice(index, echoes[i]))
-        reply = Reply(self, rid, chat, body, choices, n)
+        reply = Reply(self, rid, chat, body, choices, n, tools=tools[1] if tools is not None else None)
         fan = FanOut(self.fe, requests, n)
         merged = fan.merged()
         if not body.stream:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from cluster.frontend.http_body import ApiError
 from cluster.frontend.http_server import api_error
 from cluster.frontend.openai_schema import RequestBody
+from cluster.frontend.openai_tools import ToolMode, call
 from workers.engine.outputs import RequestOutput
 
 
@@ -52,9 +53,12 @@ class Choice:
 class Reply:
     """Builds one response's objects from the deltas of its choices."""
 
-    def __init__(self, api, rid: str, chat: bool, body: RequestBody, choices: list[Choice], n: int):
+    def __init__(self, api, rid: str, chat: bool, body: RequestBody, choices: list[Choice], n: int,
+                 tools: ToolMode | None = None):
         self.api, self.rid, self.chat, self.body = api, rid, chat, body
         self.choices, self.n = choices, n
+        self.tools = tools  # chat's tool_choice: the output becomes message.tool_calls (openai_tools)
+        self._call_ids: dict[int, str] = {}  # a streamed named call's id, per choice
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
 
@@ -131,6 +135,10 @@ class Reply:
                       "finish_reason": c.finish_reason}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
+                calls = self.tools.calls(c.text) if self.tools is not None and c.finish_reason == "stop" else None
+                if calls:
+                    choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                    choice["finish_reason"] = "tool_calls"
             else:
                 choice["text"] = (c.echo.text if echo else "") + c.text
                 if self.body.prompt_logprobs is not None:
@@ -149,7 +157,10 @@ class Reply:
         echo = first and choice.echo is not None
         entries = (out.logprobs or []) if out is not None else []
         logprobs = self._logprobs(choice, entries, echo=echo) if out is not None else None
-        if self.chat:
+        if self.chat and self.tools is not None:
+            delta, finish = self._tool_delta(choice, delta_text, first, finish)
+            body = {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        elif self.chat:
             delta: dict = {"role": "assistant", "content": ""} if first else {}
             if delta_text:
                 delta["content"] = delta_text
@@ -164,6 +175,29 @@ class Reply:
         if usage:
             chunk["usage"] = None
         return chunk
+
+    def _tool_delta(self, choice: Choice, delta_text: str, first: bool, finish: str | None) -> tuple[dict, str | None]:
+        """Streamed tool calls as the `openai` client assembles them (by `index`): a named call's
+        id and name first, then its arguments as they are generated; "required"'s array of calls
+        (known only once it parses) whole, in the last chunk."""
+        delta: dict = {"role": "assistant", "content": None} if first else {}
+        if self.tools.named is not None:
+            part: dict = {"index": 0, "function": {"arguments": delta_text or ""}}
+            if choice.index not in self._call_ids:
+                self._call_ids[choice.index] = call(self.tools.named, "")["id"]
+                part.update(id=self._call_ids[choice.index], type="function")
+                part["function"]["name"] = self.tools.named
+            if delta_text or "id" in part:
+                delta["tool_calls"] = [part]
+        elif finish is not None:
+            calls = self.tools.calls(choice.text) if choice.finish_reason == "stop" else None
+            if calls:
+                delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+            elif choice.text:
+                delta["content"] = choice.text  # cut short: what there is, as text
+        if finish == "stop" and (self.tools.named is not None or "tool_calls" in delta):
+            finish = "tool_calls"
+        return delta, finish
 
     async def events(self, merged: AsyncIterator[tuple[int, RequestOutput]], include_usage: bool,
                      close) -> AsyncIterator[bytes]:

@@ -61,6 +61,9 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: str | list[ContentPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls, back through the template
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
 
 
 class TokenizeBody(BaseModel):
@@ -87,4 +90,5 @@ class ChatBody(RequestBody):
     top_logprobs: int | None = None
     tools: Any = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     functions: Any = None

@@ -16,7 +16,7 @@ from cluster.frontend.validate import MAX_PROMPT_CHARS, InvalidArgument
 from cluster.router import Overloaded
 from workers.engine.sampling_params import check_text
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(slots=True)
@@ -25,7 +25,9 @@ class PromptInput:
 
     field: str
     text: str | None = None
-    messages: list[tuple[str, str]] | None = None
+    # (role, content) or (role, content, {"tool_calls" | "tool_call_id" | "name": ...})
+    messages: list[tuple] | None = None
+    tools: list[dict] | None = None  # offered to the chat template (where it renders them)
     token_ids: list[int] | None = None
 
 
@@ -64,7 +66,7 @@ class PromptEncoder:
         if not messages:
             raise InvalidArgument(field, "is empty")
         total = 0
-        for i, (role, content) in enumerate(messages):
+        for i, (role, content, *_) in enumerate(messages):
             if role not in ROLES:
                 raise InvalidArgument(f"{field}[{i}].role", f"{role!r} is not one of {', '.join(ROLES)}")
             total += len(content)
@@ -101,8 +103,9 @@ class PromptEncoder:
         from jinja2 import TemplateError
 
         try:
-            ids = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in prompt.messages],
-                                                     add_generation_prompt=True, tokenize=True, return_dict=False)
+            messages = [{"role": m[0], "content": m[1], **(m[2] if len(m) > 2 else {})} for m in prompt.messages]
+            ids = self.tokenizer.apply_chat_template(messages, tools=prompt.tools, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False)
         except TemplateError as e:  # a template's own rule (roles must alternate, no system role...)
             raise InvalidArgument(prompt.field, f"the model's chat template refused them: {e}") from None
         return list(ids)

@@ -113,7 +113,11 @@ BAD = [  # (endpoint, body change, status, the field the error must name)
     ("completions", {"prompt": None}, 400, "prompt"),
     ("chat", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
     ("chat", {"messages": []}, 400, "messages"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool_choice"),  # auto
+    ("chat", {"tools": [{"type": "nope"}], "tool_choice": "required"}, 400, "tools[0]"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}],
+              "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
+    ("chat", {"tool_choice": "required"}, 400, "tool_choice"),
     ("chat", {"response_format": {"type": "xml"}}, 400, "response_format.type"),
     ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
      400, "response_format"),
@@ -363,3 +367,59 @@ def test_structured_outputs_through_the_openai_client(cluster):
     r = c.completions.create(model=MODEL, prompt="Code:", max_tokens=12, temperature=1.0, seed=1, n=2,
                              extra_body={"structured_outputs": {"regex": "[A-Z]{2}-[0-9]{4}"}})
     assert all(re.fullmatch("[A-Z]{2}-[0-9]{4}", ch.text) for ch in r.choices)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+
+
+def test_tool_calls_named_and_required_streamed_or_not_as_the_openai_client_reads_them(cluster):
+    import jsonschema
+
+    c = client(cluster)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = c.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, TIME], tool_choice=named,
+                                  max_tokens=64, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (tc,) = choice.message.tool_calls
+    assert tc.type == "function" and tc.function.name == "get_weather" and tc.id.startswith("call_")
+    jsonschema.validate(json.loads(tc.function.arguments), WEATHER["function"]["parameters"])
+
+    r = c.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, TIME], tool_choice="required",
+                                  max_tokens=96, temperature=0.7, seed=2, parallel_tool_calls=False)
+    calls = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and len(calls) == 1
+    tool = {"get_weather": WEATHER, "get_time": TIME}[calls[0].function.name]
+    jsonschema.validate(json.loads(calls[0].function.arguments), tool["function"]["parameters"])
+
+    # Streamed: assembled by index as the client's examples do; the same call as unstreamed.
+    for choice_arg, tokens in ((named, 64), ("required", 96)):
+        ref = c.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, TIME],
+                                        tool_choice=choice_arg, max_tokens=tokens, temperature=0)
+        parts: dict[int, dict] = {}
+        finish = None
+        for ch in c.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, TIME],
+                                            tool_choice=choice_arg, max_tokens=tokens, temperature=0, stream=True):
+            for d in ch.choices[0].delta.tool_calls or []:
+                p = parts.setdefault(d.index, {"name": "", "arguments": ""})
+                p["name"] += (d.function.name or "") if d.function else ""
+                p["arguments"] += (d.function.arguments or "") if d.function else ""
+            finish = ch.choices[0].finish_reason or finish
+        assert finish == "tool_calls"
+        assert [(p["name"], json.loads(p["arguments"])) for _, p in sorted(parts.items())] == \
+            [(t.function.name, json.loads(t.function.arguments)) for t in ref.choices[0].message.tool_calls]
+
+    # The call and its result go back through the chat template; "none" answers in text.
+    follow = messages + [{"role": "assistant", "content": None, "tool_calls": [tc.model_dump()]},
+                         {"role": "tool", "tool_call_id": tc.id, "content": "18 C, sunny"}]
+    r = c.chat.completions.create(model=MODEL, messages=follow, tools=[WEATHER], tool_choice="none",
+                                  max_tokens=8, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content
