@@ -26,8 +26,10 @@ from cluster.frontend.interceptors import Undecodable
 from cluster.frontend.core import Frontend, abort_on_error, deadline_of, status_of
 from cluster.frontend.request import FrontendRequest
 from cluster.frontend.tokenize import PromptInput
+from cluster.frontend.openai_structured import structured_fields
 from cluster.frontend.validate import SAMPLING_FIELDS, InvalidArgument, NotFound, build_params, check_model, check_request_id
 from workers.engine.sampling_params import SamplingParams
+from workers.engine.structured import check_spec
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,7 @@ def sampling_params(values: dict[str, list], limits) -> SamplingParams:
     if "max_tokens" not in values:
         raise InvalidArgument("max_tokens", "is required")
     fields: dict[str, object] = {"max_tokens": int(values["max_tokens"][0])}  # the JSON object may override it
+    structured = None
     if "sampling_parameters" in values:
         blob = values["sampling_parameters"][0]
         if len(blob) > MAX_SAMPLING_JSON_BYTES:
@@ -130,6 +133,7 @@ def sampling_params(values: dict[str, list], limits) -> SamplingParams:
             raise InvalidArgument("sampling_parameters", f"not valid JSON ({e})") from None
         if not isinstance(obj, dict):
             raise InvalidArgument("sampling_parameters", "must be a JSON object")
+        structured = structured_fields(obj, "sampling_parameters.")
         for k, v in obj.items():
             if k not in SAMPLING_FIELDS:
                 raise InvalidArgument(f"sampling_parameters.{k}", f"unknown; accepted: {', '.join(SAMPLING_FIELDS)}")
@@ -144,7 +148,11 @@ def sampling_params(values: dict[str, list], limits) -> SamplingParams:
             fields[name] = values[tensor][0]
     if "stop_words" in values:
         fields["stop"] = [_text("stop_words", b) for b in values["stop_words"]]
-    return build_params(fields, limits)
+    params = build_params(fields, limits)
+    if structured is not None:
+        check_spec(*structured)  # parsed here: a bad one is INVALID_ARGUMENT before admission
+        params.structured = structured[0]
+    return params
 
 
 def _bytes_tensor(name: str, text: str) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:

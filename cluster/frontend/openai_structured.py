@@ -4,7 +4,7 @@
   "json_schema": {"name", "schema", "strict"}}`;
 - vLLM: `structured_outputs` `{"json": schema, "regex": str, "choice": [str], "grammar": str,
   "json_object": true}` (one of them), and its older `guided_json`, `guided_regex`,
-  `guided_choice`, `guided_grammar`.
+  `guided_choice`, `guided_grammar` (also in KServe's `sampling_parameters`).
 At most one of them per request; a malformed one is a 400 naming the field it came in.
 """
 from __future__ import annotations
@@ -35,6 +35,21 @@ def structured_spec(body) -> tuple[StructuredSpec, str] | None:
             found.append((_vllm({key: value}, name), name))
     if len(found) > 1:
         raise InvalidArgument(found[1][1], f"give one of {', '.join(f for _, f in found)}, not several")
+    return found[0] if found else None
+
+
+def structured_fields(obj: dict, prefix: str) -> tuple[StructuredSpec, str] | None:
+    """KServe's `sampling_parameters` JSON: vLLM's `structured_outputs` or a `guided_*` key,
+    taken out of `obj` (the rest are sampling fields), as (spec, field)."""
+    found = []
+    if "structured_outputs" in obj:
+        found.append((_vllm(obj.pop("structured_outputs"), prefix + "structured_outputs"),
+                      prefix + "structured_outputs"))
+    for name, key in GUIDED.items():
+        if name in obj:
+            found.append((_vllm({key: obj.pop(name)}, prefix + name), prefix + name))
+    if len(found) > 1:
+        raise InvalidArgument(found[1][1], "give one structured-output field, not several")
     return found[0] if found else None
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +15,7 @@ from cluster.frontend.tokenize import PromptInput
 from cluster.frontend.validate import InvalidArgument, build_params, check_model, check_request_id
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
+from workers.engine.structured import StructuredSpec, check_spec
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 STATE = {"starting": pb.REPLICA_STATE_STARTING, "ready": pb.REPLICA_STATE_READY,
@@ -27,7 +29,23 @@ OPTIONAL = ("max_tokens", "top_k", "seed", "logprobs", "temperature", "top_p", "
 def sampling_params(sp: pb.SamplingParameters, limits, cache_salt: str = "") -> SamplingParams:
     values = {name: getattr(sp, name) for name in OPTIONAL if sp.HasField(name)}
     values.update(stop=sp.stop, stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos, cache_salt=cache_salt or None)
-    return build_params(values, limits, "sampling.", {"cache_salt": "cache_salt"})
+    params = build_params(values, limits, "sampling.", {"cache_salt": "cache_salt"})
+    if sp.HasField("structured"):
+        params.structured = structured_of(sp.structured)
+    return params
+
+
+def structured_of(so: pb.StructuredOutput) -> StructuredSpec:
+    """The proto's oneof as a spec, parsed here (a schema is milliseconds; a bad one is
+    INVALID_ARGUMENT naming sampling.structured before admission)."""
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument("sampling.structured", "set one of json_schema, json_object, regex, choice, grammar")
+    value = json.dumps(list(so.choice.choices)) if kind == "choice" else "" if kind == "json_object" else \
+        getattr(so, kind)
+    spec = StructuredSpec(kind, value)
+    check_spec(spec, "sampling.structured")
+    return spec
 
 
 def messages_of(m: pb.ChatMessages) -> list[tuple[str, str]]:

@@ -181,3 +181,43 @@ def test_client_cli_streams_the_completion(cluster):
     bad = subprocess.run([sys.executable, "-m", "cluster.cli", "client", "--target", cluster.target,
                           "--prompt", "hi", "--temperature", "-1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.temperature" in bad.stderr
+
+
+def test_structured_outputs_through_tpserve_v1_and_kserve(cluster):
+    """The same constraint through the gRPC APIs: tpserve.v1's `sampling.structured` oneof and
+    KServe's `sampling_parameters` (vLLM's structured_outputs shape); a bad one is
+    INVALID_ARGUMENT naming the field."""
+    import json
+    import re
+
+    def request(**structured):
+        return pb.GenerateRequest(prompt="The capital of France is", sampling=pb.SamplingParameters(
+            max_tokens=16, temperature=0, structured=pb.StructuredOutput(**structured)))
+
+    r = stub(cluster).Complete(request(choice=pb.ChoiceList(choices=["Paris", "Lyon"])), timeout=120)
+    assert r.text in ("Paris", "Lyon") and r.finish_reason == pb.FINISH_REASON_STOP
+    r = stub(cluster).Complete(request(regex="[0-9]{3}"), timeout=120)
+    assert re.fullmatch("[0-9]{3}", r.text)
+    for bad in (request(regex="(open"), request()):
+        with pytest.raises(grpc.RpcError) as info:
+            stub(cluster).Complete(bad, timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.structured" in info.value.details()
+
+    client = triton.InferenceServerClient(url=cluster.target)
+
+    def infer(sampling: dict):
+        text = triton.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"A JSON object:"], dtype=object))
+        mt = triton.InferInput("max_tokens", [1], "INT32")
+        mt.set_data_from_numpy(np.array([64], dtype=np.int32))
+        sp = triton.InferInput("sampling_parameters", [1], "BYTES")
+        sp.set_data_from_numpy(np.array([json.dumps(sampling).encode()], dtype=object))
+        return client.infer("smollm2-135m", [text, mt, sp])
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    out = infer({"temperature": 0.0, "structured_outputs": {"json": schema}}).as_numpy("text_output")[0].decode()
+    assert isinstance(json.loads(out)["ok"], bool)
+    with pytest.raises(triton.InferenceServerException) as info:
+        infer({"guided_regex": "(open"})
+    assert "sampling_parameters.guided_regex" in str(info.value)
