@@ -18,7 +18,7 @@ PORT     ?= 50051
 IMAGE    ?= tpserve:0.1.0
 VARIANT  ?= cpu
 
-.PHONY: serve test setup model bench bench-peers reliability proto image clean
+.PHONY: serve test setup model bench bench-peers bench-clients reliability proto image clean
 
 # Structured outputs' grammar engine, without its dependencies: the rest are ours already, and its
 # `triton` (a GPU compiler, ~200 MB) is imported only for CUDA masks, inside a try.
@@ -72,6 +72,18 @@ $(PEERS_VENV)/.stamp:
 
 bench-peers: model $(PEERS_VENV)/.stamp
 	$(PY) -m benchmarks.peers --write docs/benchmarks.md
+
+# Outside clients of the OpenAI API in a venv of their own (never in make test): lm-eval-harness on
+# the two tasks in benchmarks/lm_eval, its loglikelihoods checked against transformers.
+CLIENTS_VENV := .venv-clients
+$(CLIENTS_VENV)/.stamp:
+	test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip --disable-pip-version-check -q install torch==2.13.0
+	$(CLIENTS_VENV)/bin/python -m pip --disable-pip-version-check -q install lm-eval==0.4.13
+	touch $@
+
+bench-clients: model $(CLIENTS_VENV)/.stamp
+	$(PY) -m benchmarks.lm_eval_check
 
 # The fault, fuzz, soak, overload and security tests, run for their figures (docs/reliability.md).
 reliability: model
