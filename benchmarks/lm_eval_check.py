@@ -55,7 +55,7 @@ def main() -> None:
     folder = str(resolve_model(args.model))
     tok = AutoTokenizer.from_pretrained(folder)
     with tempfile.TemporaryDirectory() as tmp, running_server("--model", args.model, "--tp", str(args.tp)) as srv:
-        cmd = [str(LM_EVAL), "--model", "local-completions", "--model_args",
+        cmd = [str(LM_EVAL), "run", "--model", "local-completions", "--model_args",
                f"model={args.model},base_url=http://{srv.http_target}/v1/completions,tokenizer={folder},"
                f"tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=4,max_retries=1",
                "--tasks", "tpserve_mc,tpserve_gen", "--include_path", str(ROOT / "benchmarks" / "lm_eval"),

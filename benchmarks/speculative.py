@@ -8,7 +8,8 @@
 2. Sampling: the 1st and 10th token of one prompt over 256 requests, each run with its own
    seeds, with and without ngram: total variation between them beside two honest runs without.
 3. Speed: output tokens/s, without against ngram (and the draft), at batch 1 on the repetitive
-   workload and on random-token prompts (nothing to look up), and at each --concurrency on the
+   workload and on random-token prompts, greedy (whose output loops) and sampled at temperature 1
+   (nothing to look up), and at each --concurrency on the
    repetitive workload with speculation allowed at every batch size (max_batch lifted): where the
    ratio falls below 1 is the cross-over the engine's max_batch default comes from. Then the
    same at concurrency 16 with the default rule. --repeats runs each, median and min-max shown.
@@ -149,7 +150,12 @@ def main() -> None:
         rep = tokenized(tok, max(conc), seed=3)
         rnd = random_prompts(8, len(tok), seed=4)
         params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-        rows = [("repetitive", 1, rep[:3], None), ("random tokens", 1, rnd[:3], None)]
+        # Sampled at temperature 1 the output of random-token prompts does not loop (greedy, it
+        # does: its 100% acceptance above), so the lookup has nothing to find: speculation's floor.
+        sampled = SamplingParams(max_tokens=args.output_len, temperature=1.0, ignore_eos=True, seed=11)
+        row_params = {"random tokens, sampled": sampled}
+        rows = [("repetitive", 1, rep[:3], None), ("random tokens", 1, rnd[:3], None),
+                ("random tokens, sampled", 1, rnd[:3], None)]
         rows += [("repetitive", c, rep[:c], UNLIMITED) for c in conc if c > 1]
         if max(conc) > 1:
             rows += [("repetitive, default max_batch", max(conc), rep[:max(conc)], None)]
@@ -165,7 +171,7 @@ def main() -> None:
                     for label, c, prompts, want_mb in rows:
                         if (name == "none" and label.endswith("max_batch")) or (name != "none" and want_mb != mb):
                             continue  # without speculation max_batch means nothing: one baseline
-                        got = [timed(g, prompts, params, c) for _ in range(args.repeats)]
+                        got = [timed(g, prompts, row_params.get(label, params), c) for _ in range(args.repeats)]
                         tps[(name, label, c)] = [n / s for s, n, _, _ in got]
                         sp = got[-1][2]
                         tps[(name, label, c, "acc")] = (sp["spec_accepted_tokens"] / max(sp["spec_draft_tokens"], 1),
