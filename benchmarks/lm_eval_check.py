@@ -72,9 +72,11 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     diffs = []
     for s in samples.get("tpserve_mc", []):
-        for (context, continuation), resp in zip(s["arguments"], s["resps"]):
-            ctx, cont = encode_pair(tok, context["arg_0"] if isinstance(context, dict) else context, continuation) \
-                if not isinstance(context, dict) else encode_pair(tok, context["arg_0"], context["arg_1"])
+        # one (context, continuation) per choice: {"gen_args_0": {"arg_0", "arg_1"}, ...} or pairs
+        args_list = list(s["arguments"].values()) if isinstance(s["arguments"], dict) else s["arguments"]
+        for pair, resp in zip(args_list, s["resps"]):
+            context, continuation = (pair["arg_0"], pair["arg_1"]) if isinstance(pair, dict) else pair
+            ctx, cont = encode_pair(tok, context, continuation)
             with torch.no_grad():
                 lp = model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
             ref = sum(float(lp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
