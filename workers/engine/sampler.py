@@ -175,13 +175,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
     raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
     constrained = [i for i, s in enumerate(seqs) if getattr(s, "matcher", None) is not None]
-    if constrained or any(s.params.needs_penalties for s in seqs):
+    penalized = any(s.params.needs_penalties for s in seqs)
+    if constrained or penalized:
         logits = logits.clone()
     if constrained:  # the grammar's mask first: logprobs above stay the model's own
         from workers.engine.structured import apply_grammars
 
         apply_grammars(logits, constrained, [seqs[i].matcher for i in constrained])
-    if any(s.params.needs_penalties for s in seqs):
+    if penalized:
         apply_penalties(logits, seqs)
     chosen = logits.argmax(-1)
     sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
