@@ -90,7 +90,8 @@ def cmd_serve(args) -> int:
                         routing_prefill_weight=args.routing_prefill_weight, balance_rel=args.balance_rel,
                         balance_abs_tokens=args.balance_abs_tokens, quantization=args.quantization,
                         quant_group_size=args.quant_group_size, cpu_collectives=args.cpu_collectives,
-                        compile=args.compile == "on", speculative=SpeculativeConfig.parse(args.speculative_config))
+                        compile=args.compile == "on", speculative=SpeculativeConfig.parse(args.speculative_config),
+                        enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser)
     return serve(opts, ready_file=args.ready_file)
 
 
@@ -191,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a tensor-parallel collective may wait on a peer before the replica fails over")
     p.add_argument("--stall-timeout", type=float, default=30.0,
                    help="seconds a replica with work may go without an engine step before it is replaced")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='OpenAI tool_choice "auto": the model decides, its own tool-call format parsed (needs '
+                        "--tool-call-parser)")
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                   help="the model's tool-call format: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen) or "
+                        "llama3_json ({\"name\", \"parameters\"}: Llama 3.1+)")
     p.add_argument("--routing", default="kv-aware", choices=["kv-aware", "least-load", "round-robin"],
                    help="kv-aware: least prefill-weight x uncached prompt tokens + load (docs/routing.md); "
                         "least-load: least queued and running tokens; round-robin: in turn")

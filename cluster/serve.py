@@ -62,6 +62,8 @@ class ServeOptions:
     cpu_collectives: str = "shm"
     compile: bool = False  # the CLI's --compile ($TPSERVE_COMPILE, else off)
     speculative: SpeculativeConfig | None = None  # --speculative-config
+    enable_auto_tool_choice: bool = False  # OpenAI tool_choice "auto", parsed by tool_call_parser
+    tool_call_parser: str | None = None  # cluster/frontend/tool_parsers.py: hermes, llama3_json
     routing: str = "kv-aware"
     routing_prefill_weight: float = 4.0
     balance_rel: float = 1.5
@@ -82,6 +84,12 @@ class ServeOptions:
             raise ConfigError("device", f"{self.device!r} is not one of cpu, cuda")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ConfigError("tool-call-parser", "--enable-auto-tool-choice needs the model's format: hermes or llama3_json")
+        if self.tool_call_parser is not None and not self.enable_auto_tool_choice:
+            raise ConfigError("enable-auto-tool-choice", "--tool-call-parser is used only with --enable-auto-tool-choice")
+        if self.tool_call_parser not in (None, "hermes", "llama3_json"):
+            raise ConfigError("tool-call-parser", f"{self.tool_call_parser!r} is not one of hermes, llama3_json")
         self.routing_config.validate()
         self.tls.validate()
         read_token(self.auth_token_file)
@@ -197,8 +205,9 @@ async def run_frontend(opts: ServeOptions, controller, spec: WorkerSpec, cfg: Mo
         from cluster.frontend.http_server import HttpServer
         from cluster.frontend.openai_api import OpenAIApi
 
-        http = HttpServer(OpenAIApi(frontend, server.is_ready, read_token(opts.auth_token_file)), opts.host,
-                          opts.http_port, tls=opts.tls)
+        http = HttpServer(OpenAIApi(frontend, server.is_ready, read_token(opts.auth_token_file),
+                                    tool_parser=opts.tool_call_parser if opts.enable_auto_tool_choice else None),
+                          opts.host, opts.http_port, tls=opts.tls)
         await http.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -37,6 +37,7 @@ from cluster.frontend.fanout import FanOut
 from cluster.frontend.openai_reply import Choice, Echo, Reply
 from cluster.frontend.openai_structured import structured_spec
 from cluster.frontend.openai_tools import tool_spec
+from cluster.frontend.tool_parsers import PARSERS
 from cluster.frontend.openai_schema import ChatBody, CompletionBody, DetokenizeBody, Message, RequestBody, TokenizeBody
 from cluster.frontend.request import FrontendRequest
 from cluster.frontend.tokenize import PromptInput
@@ -56,8 +57,11 @@ ROLE_ALIASES = {"developer": "system"}
 
 # ---- the API ---------------------------------------------------------------------------------------
 class OpenAIApi:
-    def __init__(self, frontend: Frontend, is_ready, token: str | None = None):
+    def __init__(self, frontend: Frontend, is_ready, token: str | None = None, tool_parser: str | None = None):
+        """`tool_parser`: the model's tool-call format for `tool_choice: "auto"` (vLLM's
+        --enable-auto-tool-choice --tool-call-parser); None refuses "auto"."""
         self.fe, self.is_ready = frontend, is_ready
+        self.tool_parser = PARSERS[tool_parser]() if tool_parser is not None else None
         self._expected = f"Bearer {token}".encode() if token is not None else None
         self.created = int(time.time())
         self.parser = BodyParser()
@@ -238,6 +242,7 @@ class OpenAIApi:
         # chat's count of top logprobs is its own field
         p = build_params(values, self.fe.limits, names={"max_tokens": field,
                                                         "logprobs": "top_logprobs" if chat else "logprobs"})
+        p.skip_special_tokens = body.skip_special_tokens
         return p, max_tokens is None
 
     @staticmethod
@@ -254,11 +259,13 @@ class OpenAIApi:
     async def _serve(self, request: Request, body: RequestBody, prompts: list[PromptInput], chat: bool):
         params, fill = self._params(body, chat)
         structured = structured_spec(body)
-        tools = tool_spec(body) if chat else None
-        if tools is not None:
+        tools = tool_spec(body, self.tool_parser) if chat else None
+        if tools is not None and tools[0] is not None:
             if structured is not None:
                 raise InvalidArgument("tool_choice", f"a tool choice constrains the output; {structured[1]} too")
             structured = (tools[0], "tool_choice")
+        if tools is not None and tools[1].parser is not None and tools[1].parser.start_token is not None:
+            params.skip_special_tokens = False  # the format's start token must reach the parser
         if structured is not None:  # parsed off the loop (a large schema takes milliseconds)
             await self.fe.encoder.run(check_spec, *structured)
             params.structured = structured[0]

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from cluster.frontend.http_body import ApiError
 from cluster.frontend.http_server import api_error
 from cluster.frontend.openai_schema import RequestBody
-from cluster.frontend.openai_tools import ToolMode, call
+from cluster.frontend.openai_tools import ToolMode
+from cluster.frontend.tool_parsers import call
 from workers.engine.outputs import RequestOutput
 
 
@@ -59,6 +60,7 @@ class Reply:
         self.choices, self.n = choices, n
         self.tools = tools  # chat's tool_choice: the output becomes message.tool_calls (openai_tools)
         self._call_ids: dict[int, str] = {}  # a streamed named call's id, per choice
+        self._sent: dict[int, int] = {}  # "auto", streamed: characters of each choice's text sent as content
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
 
@@ -135,9 +137,10 @@ class Reply:
                       "finish_reason": c.finish_reason}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
-                calls = self.tools.calls(c.text) if self.tools is not None and c.finish_reason == "stop" else None
+                content, calls = self.tools.split(c.text) if self.tools is not None and c.finish_reason == "stop" \
+                    else (c.text, None)
                 if calls:
-                    choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                    choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
                     choice["finish_reason"] = "tool_calls"
             else:
                 choice["text"] = (c.echo.text if echo else "") + c.text
@@ -179,7 +182,10 @@ class Reply:
     def _tool_delta(self, choice: Choice, delta_text: str, first: bool, finish: str | None) -> tuple[dict, str | None]:
         """Streamed tool calls as the `openai` client assembles them (by `index`): a named call's
         id and name first, then its arguments as they are generated; "required"'s array of calls
-        (known only once it parses) whole, in the last chunk."""
+        (known only once it parses) whole, in the last chunk; "auto"'s text as content up to where a
+        call may start (the parser's `held_from`), the rest at the end as calls, or as content."""
+        if self.tools.parser is not None:
+            return self._auto_delta(choice, first, finish)
         delta: dict = {"role": "assistant", "content": None} if first else {}
         if self.tools.named is not None:
             part: dict = {"index": 0, "function": {"arguments": delta_text or ""}}
@@ -190,13 +196,29 @@ class Reply:
             if delta_text or "id" in part:
                 delta["tool_calls"] = [part]
         elif finish is not None:
-            calls = self.tools.calls(choice.text) if choice.finish_reason == "stop" else None
+            calls = self.tools.split(choice.text)[1] if choice.finish_reason == "stop" else None
             if calls:
                 delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
             elif choice.text:
                 delta["content"] = choice.text  # cut short: what there is, as text
         if finish == "stop" and (self.tools.named is not None or "tool_calls" in delta):
             finish = "tool_calls"
+        return delta, finish
+
+    def _auto_delta(self, choice: Choice, first: bool, finish: str | None) -> tuple[dict, str | None]:
+        delta: dict = {"role": "assistant", "content": ""} if first else {}
+        sent = self._sent.get(choice.index, 0)
+        if finish is None:
+            upto = self.tools.parser.held_from(choice.text)
+        else:
+            content, calls = self.tools.split(choice.text) if choice.finish_reason == "stop" else (choice.text, None)
+            upto = len(content or "") if calls else len(choice.text)
+            if calls:
+                delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+                finish = "tool_calls"
+        if upto > sent:
+            delta["content"] = choice.text[sent:upto]
+            self._sent[choice.index] = upto
         return delta, finish
 
     async def events(self, merged: AsyncIterator[tuple[int, RequestOutput]], include_usage: bool,

@@ -33,6 +33,7 @@ class RequestBody(BaseModel):
     ignore_eos: bool = False
     cache_salt: str | None = None
     prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs and top-n
+    skip_special_tokens: bool = True  # vLLM's: False keeps special tokens in the text
     # Structured outputs: OpenAI's response_format, and vLLM's structured_outputs (and its older
     # guided_* fields); `openai_structured` maps them onto one StructuredSpec.
     response_format: Any = None

@@ -94,7 +94,8 @@ def cluster(tmp_path_factory, smollm2_dir):
     tmp = tmp_path_factory.mktemp("cluster")
     server = ServeProcess(["--model", "smollm2-135m", "--tp", "2", "--replicas", "2", "--kv-cache-memory",
                            str(48 << 20), "--max-num-seqs", "8", "--max-queue-len", "8", "--max-model-len", "1024",
-                           "--ray-num-cpus", "6", "--expose-topology"], tmp)
+                           "--ray-num-cpus", "6", "--expose-topology",
+                           "--enable-auto-tool-choice", "--tool-call-parser", "hermes"], tmp)
     from tests.cluster.helpers import wait_replicas
 
     wait_replicas(server, 2)  # ready is announced at the first replica; the tests want both

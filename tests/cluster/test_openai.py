@@ -113,7 +113,8 @@ BAD = [  # (endpoint, body change, status, the field the error must name)
     ("completions", {"prompt": None}, 400, "prompt"),
     ("chat", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
     ("chat", {"messages": []}, 400, "messages"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool_choice"),  # auto
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"}, 400,
+     "tool_choice"),
     ("chat", {"tools": [{"type": "nope"}], "tool_choice": "required"}, 400, "tools[0]"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}],
               "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
@@ -423,3 +424,39 @@ def test_tool_calls_named_and_required_streamed_or_not_as_the_openai_client_read
     r = c.chat.completions.create(model=MODEL, messages=follow, tools=[WEATHER], tool_choice="none",
                                   max_tokens=8, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content
+
+
+def test_tool_choice_auto_parses_the_models_own_hermes_calls_whole_and_streamed(cluster):
+    """The shared cluster runs with --enable-auto-tool-choice --tool-call-parser hermes. SmolLM2 was
+    not tuned to call tools, so a regex (a structured output, which "auto" leaves free) holds its
+    answer to a sentence and one hermes call: the parser must find the call in real model output,
+    return the sentence as content, and stream the same."""
+    c = client(cluster)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    regex = (r'Checking\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", '
+             r'"unit": "celsius"\}\}</tool_call>')
+    kw = dict(model=MODEL, messages=messages, tools=[WEATHER, TIME], tool_choice="auto", max_tokens=192,
+              temperature=0, extra_body={"structured_outputs": {"regex": regex}})
+    r = c.chat.completions.create(**kw)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking. ", choice
+    (tc,) = choice.message.tool_calls
+    args = json.loads(tc.function.arguments)
+    assert tc.function.name == "get_weather" and args["unit"] == "celsius" and args["city"] in ("Paris", "Rome")
+
+    content, parts, finish = "", {}, None
+    for ch in c.chat.completions.create(**kw, stream=True):
+        d = ch.choices[0].delta
+        content += d.content or ""
+        for t in d.tool_calls or []:
+            p = parts.setdefault(t.index, {"name": "", "arguments": ""})
+            p["name"] += t.function.name or ""
+            p["arguments"] += t.function.arguments or ""
+        finish = ch.choices[0].finish_reason or finish
+    assert content == "Checking. " and finish == "tool_calls"
+    assert [(p["name"], json.loads(p["arguments"])) for p in parts.values()] == [("get_weather", args)]
+
+    # Tools offered, "auto" by default, an answer in text: content, no calls.
+    r = c.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], max_tokens=8, temperature=0)
+    assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason in ("stop", "length")

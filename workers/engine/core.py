@@ -149,7 +149,7 @@ class EngineCore:
             raise ConfigError("output_prefix", f"token id {bad[0]} is outside the vocabulary")
         seq = Sequence(request_id, list(prompt_token_ids), params, output_token_ids=prefix)
         seq.seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        detok = self.detok.start(seq.prompt_token_ids, params.stop) if self.detok else None
+        detok = self.detok.start(seq.prompt_token_ids, params.stop, params.skip_special_tokens) if self.detok else None
         if detok is not None and prefix:
             self.detok.replay(detok, seq.all_token_ids, len(seq.prompt_token_ids))
         seq.expected_cached_tokens = self.block_manager.cached_prefix_tokens(seq)

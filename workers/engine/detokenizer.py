@@ -23,24 +23,24 @@ class DetokState:
     text: str = ""  # all output text decoded so far (truncated at a stop string)
     emitted: int = 0  # characters of `text` already streamed
     stops: list[str] = field(default_factory=list)
+    skip_special: bool = True  # the request's skip_special_tokens
 
 
 class Detokenizer:
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer):
         self.tok = backend(tokenizer)
-        self.skip = skip_special_tokens
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=self.skip)
+    def _decode(self, st: DetokState, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=st.skip_special)
 
-    def start(self, prompt_ids: list[int], stops: list[str]) -> DetokState:
+    def start(self, prompt_ids: list[int], stops: list[str], skip_special_tokens: bool = True) -> DetokState:
         n = len(prompt_ids)
-        return DetokState(prefix_offset=max(0, n - 6), read_offset=n, stops=stops)
+        return DetokState(prefix_offset=max(0, n - 6), read_offset=n, stops=stops, skip_special=skip_special_tokens)
 
     def add_token(self, st: DetokState, all_ids: list[int]) -> str | None:
         """Append the newest token's text. Returns the stop string if one now appears in the text."""
-        prefix = self._decode(all_ids[st.prefix_offset:st.read_offset])
-        full = self._decode(all_ids[st.prefix_offset:])
+        prefix = self._decode(st, all_ids[st.prefix_offset:st.read_offset])
+        full = self._decode(st, all_ids[st.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             st.text += full[len(prefix):]
             st.prefix_offset, st.read_offset = st.read_offset, len(all_ids)

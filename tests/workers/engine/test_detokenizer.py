@@ -45,3 +45,18 @@ def test_stop_string_ends_text_and_never_leaks(tok):
 def test_partial_stop_prefix_is_held_then_released(tok):
     deltas, hit = stream(tok, "Q:", " a ##b ##c", stops=["###"])
     assert hit is None and "".join(deltas) == " a ##b ##c"
+
+
+def test_special_tokens_are_kept_only_for_a_request_that_asks(tok):
+    """skip_special_tokens is per request (vLLM's field; a tool-call format whose start tag is a
+    special token needs it off): the same ids stream with or without <|im_end|>."""
+    d = Detokenizer(tok)
+    prompt = tok.encode("Hi").ids
+    ids = tok.encode(" ok").ids + [tok.token_to_id("<|im_end|>")]
+    texts = []
+    for skip in (True, False):
+        st = d.start(prompt, [], skip_special_tokens=skip)
+        for n in range(1, len(ids) + 1):
+            d.add_token(st, prompt + ids[:n])
+        texts.append(d.take_delta(st, final=True))
+    assert texts == [" ok", " ok<|im_end|>"]
