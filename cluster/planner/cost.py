@@ -15,7 +15,7 @@ planner. Per step, on the slowest (largest) rank:
                poll, detokenizing, a client on the same cores): the step alone over this
                model's price of it in the same quantization scales every step's price (what
                the terms above miss of a real model's step), and served minus alone is added
-               (what serving costs); both linear between the measured points (the step alone at 1,
+               (what serving costs); both linear between the measured points (the step alone at 1, 4,
                16 and 64 sequences, keyed by the step's tokens; served at 1 and 16, keyed by
                its sequences), flat outside them
 """

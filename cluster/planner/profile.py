@@ -16,7 +16,8 @@ What it measures (each figure the median of --repeats, its min-max kept in `spre
 - the served path: `--model` (SmolLM2 by default) served by `tpserve serve` (one replica, the
   smallest tp) and streamed by `tpserve bench` from this host: its decode step at 1 and 16 sequences,
   with the frontend's streaming, the Ray poll, detokenizing and the client on the same cores,
-  and the same worker group stepped alone, unquantized and int8, at 1, 16 and 64. Prompts are
+  and the model's worker groups (each tp, unquantized and int8) stepped alone at 1, 4, 16 and 64
+  sequences, sampled once per repeat so the median spans the profile's run. Prompts are
   synthetic.
 Nothing here reads a benchmark result: the planner is calibrated from this file alone.
 """
@@ -198,8 +199,9 @@ def _tiny_model(folder: str, layers: int) -> None:
 
 
 SERVED_CONCURRENCY = (1, 16)  # served: 16 x 16 prompt tokens still prefill in one chunk of the default 512
-ALONE_CONCURRENCY = (1, 16, 64)  # alone: timed from the token arrivals after the last prefill
-SERVED_TOKENS = 16  # decode steps timed per request
+ALONE_CONCURRENCY = (1, 4, 16, 64)  # alone: timed from the token arrivals after the last prefill
+SERVED_TOKENS = 16  # decode steps timed per served request
+ALONE_TOKENS = 9  # per sample alone: 8 steps, sampled once per repeat
 SERVED_PROMPT = 16  # tokens: the timed steps decode at contexts 17-32
 SERVED_CONTEXT = SERVED_PROMPT + SERVED_TOKENS // 2 + 1  # their mean, as the planner prices them
 ALONE_QUANTS = ("none", "int8")  # int4 takes int8's calibration (the same kernel family)
@@ -220,20 +222,69 @@ def decode_step(engine, prompt: list[int], sequences: int, tokens: int) -> float
     return (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
 
 
-def served_path(model: str, tps: list[int], progress=print,
-                quants: tuple[str, ...] = ALONE_QUANTS) -> dict[str, dict[str, dict]]:
-    """str(tp) -> {"alone": {str(sequences): s}, "alone_by_quantization": {q: {str(sequences): s}},
-    "served": {str(sequences): s}}: a decode step of `model` (context SERVED_CONTEXT), its worker
-    group stepped alone in each of `quants` at 1, 16 and 64 sequences ("alone" is the unquantized
-    one), and, at the smallest tp only, served unquantized by `tpserve serve` (one replica) and
-    streamed by `tpserve bench` from this host at 1 and 16 (at 64 the prompts' prefill would take a second chunk inside the
-    bench's TPOT window, a prefill the simulator prices apart).
+class AloneSteps:
+    """`model`'s worker groups, one per tp x quantization, open through the profile's repeats so
+    that each decode step alone is sampled once per repeat, spread over the whole profile: this
+    machine's speed drifts by ~10% within minutes, and a single sample of a step carried that
+    drift into every prediction of its configuration (the 2026-12-04 validation: every tp 2 and
+    int8 point pessimistic by 12-34%). Each group has its own processes even at tp 1, as a served
+    replica's ranks are (this process runs the matmul tables and holds their weights).
 
-    The step alone per quantization: a quantized step is not the unquantized step's price times
-    the same ratio, since its kernels change at the probe's row cut-over (int8 in bf16 up to it,
-    dequantize-and-multiply past it), and the scale is taken at 64 sequences too so nothing is held
-    flat past 16. The model's own shapes, because what serving adds is not the frontend's CPU time
-    alone: while a step's OpenMP threads hold every core, each wake-up of the frontend, the Ray
+    Per quantization, because a quantized step is not the unquantized step's price times the same
+    ratio: its kernels change at the probe's row cut-over (int8 in bf16 up to it,
+    dequantize-and-multiply past it); at 4 and 64 sequences too, so the scale is neither
+    interpolated across 1-16 nor held flat past 16."""
+
+    def __init__(self, model: str, tps: list[int], quants: tuple[str, ...] = ALONE_QUANTS):
+        import contextlib
+
+        from workers.launcher import LocalWorkerGroup
+        from workers.worker import WorkerSpec
+
+        self.prompt = list(range(100, 100 + SERVED_PROMPT))
+        self._stack = contextlib.ExitStack()
+        self.groups = {}
+        try:
+            for tp in tps:
+                for q in quants:
+                    g = self._stack.enter_context(LocalWorkerGroup(WorkerSpec(model, tp_size=tp, quantization=q)))
+                    decode_step(g.engine, self.prompt, 2, 2)  # warm
+                    self.groups[(tp, q)] = g
+        except BaseException:
+            self._stack.close()
+            raise
+        self.samples: dict[tuple[int, str, int], list[float]] = {}
+
+    def sample(self) -> None:
+        for (tp, q), g in self.groups.items():
+            for c in ALONE_CONCURRENCY:
+                self.samples.setdefault((tp, q, c), []).append(decode_step(g.engine, self.prompt, c, ALONE_TOKENS))
+
+    def medians(self) -> dict[int, dict[str, dict[str, float]]]:
+        """tp -> quantization -> {str(sequences): seconds}"""
+        out: dict = {}
+        for (tp, q, c), v in self.samples.items():
+            out.setdefault(tp, {}).setdefault(q, {})[str(c)] = statistics.median(v)
+        return out
+
+    def spread(self) -> dict[str, list[float]]:
+        return {f"alone tp {tp} {q} {c}": [min(v), max(v)] for (tp, q, c), v in self.samples.items()}
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]], progress=print) -> dict[str, dict[str, dict]]:
+    """str(tp) -> {"alone": {str(sequences): s}, "alone_by_quantization": {q: {str(sequences): s}},
+    "served": {str(sequences): s}}: `alone` (AloneSteps.medians: "alone" is the unquantized one)
+    and, at the smallest tp only, `model` served unquantized by `tpserve serve` (one replica) and
+    streamed by `tpserve bench` from this host at 1 and 16 sequences, decode steps at context
+    SERVED_CONTEXT (at 64 the prompts' prefill would take a second chunk inside the bench's TPOT
+    window, a prefill the simulator prices apart). One tp served (hardware.served_points): a
+    server start costs seconds.
+
+    What serving adds is measured on the model's own shapes, because it is not the frontend's CPU
+    time alone: while a step's OpenMP threads hold every core, each wake-up of the frontend, the Ray
     poll or the client stalls a thread the others wait for, so the added time grows with the step
     (a tiny model's 3 ms steps measured a tenth of it)."""
     import contextlib
@@ -242,44 +293,30 @@ def served_path(model: str, tps: list[int], progress=print,
 
     from cluster.bench.local_server import running_server
     from cluster.bench.main import main as bench_main
-    from workers.launcher import LocalWorkerGroup
-    from workers.worker import WorkerSpec
 
-    out = {}
-    t0 = time.perf_counter()
+    out = {str(tp): {"alone": by_q["none"], "served": {},
+                     "alone_by_quantization": {q: v for q, v in by_q.items() if q != "none"}}
+           for tp, by_q in alone.items()}
+    tp = min(alone)
     prompt = list(range(100, 100 + SERVED_PROMPT))
-    with tempfile.TemporaryDirectory() as tmp:
-        for tp in tps:
-            alone: dict[str, dict[str, float]] = {}
-            for q in quants:
-                # Its own processes even at tp 1, as a served replica's ranks are (this process has
-                # run the matmul tables and holds their weights).
-                with LocalWorkerGroup(WorkerSpec(model, tp_size=tp, quantization=q)) as g:
-                    decode_step(g.engine, prompt, 2, 2)
-                    alone[q] = {str(c): decode_step(g.engine, prompt, c, SERVED_TOKENS + 1) for c in ALONE_CONCURRENCY}
-            served = {}
-            if tp != min(tps):  # one tp served (hardware.served_points): a server start costs seconds
-                out[str(tp)] = {"alone": alone["none"], "served": {},
-                                "alone_by_quantization": {q: v for q, v in alone.items() if q != "none"}}
-                progress(f"  step alone at tp {tp} ({time.perf_counter() - t0:.0f} s): " + "; ".join(
-                    f"{q} " + ", ".join(f"{v * 1e3:.1f}" for v in a.values()) + " ms" for q, a in alone.items()))
-                continue
-            with running_server("--model", model, "--tp", str(tp), "--replicas", "1") as srv:
-                for c in SERVED_CONCURRENCY:
-                    report = os.path.join(tmp, f"bench-{tp}-{c}.json")
-                    with contextlib.redirect_stdout(io.StringIO()):  # its report table is not ours to print
-                        bench_main(["--target", srv.target, "--concurrency", str(c), "--num-requests", str(c),
-                                    "--warmup", "1", "--workload", "fixed", "--input-len", str(len(prompt)),
-                                    "--output-len", str(SERVED_TOKENS + 1), "--out", report, "--no-progress"])
-                    with open(report) as f:
-                        served[str(c)] = json.load(f)["runs"][0]["summary"]["tpot"]["median_ms"] / 1e3
-            out[str(tp)] = {"alone": alone["none"], "served": served,
-                            "alone_by_quantization": {q: v for q, v in alone.items() if q != "none"}}
-            progress(f"  served path at tp {tp} ({time.perf_counter() - t0:.0f} s): " + ", ".join(
-                f"{c} sequences +{(served[c] - alone['none'][c]) * 1e3:.1f} ms per step "
-                f"({alone['none'][c] * 1e3:.1f} alone, {served[c] * 1e3:.1f} served)" for c in served)
-                + "".join(f"; {q} alone " + ", ".join(f"{v * 1e3:.1f}" for v in a.values()) + " ms"
-                          for q, a in alone.items() if q != "none"))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, running_server("--model", model, "--tp", str(tp), "--replicas", "1") as srv:
+        served = out[str(tp)]["served"]
+        for c in SERVED_CONCURRENCY:
+            report = os.path.join(tmp, f"bench-{tp}-{c}.json")
+            with contextlib.redirect_stdout(io.StringIO()):  # its report table is not ours to print
+                bench_main(["--target", srv.target, "--concurrency", str(c), "--num-requests", str(c),
+                            "--warmup", "1", "--workload", "fixed", "--input-len", str(len(prompt)),
+                            "--output-len", str(SERVED_TOKENS + 1), "--out", report, "--no-progress"])
+            with open(report) as f:
+                served[str(c)] = json.load(f)["runs"][0]["summary"]["tpot"]["median_ms"] / 1e3
+    none = alone[tp]["none"]
+    progress(f"  served path at tp {tp} ({time.perf_counter() - t0:.0f} s): " + ", ".join(
+        f"{c} sequences +{(served[c] - none[c]) * 1e3:.1f} ms per step ({none[c] * 1e3:.1f} alone, "
+        f"{served[c] * 1e3:.1f} served)" for c in served))
+    for t, by_q in sorted(alone.items()):
+        progress(f"  step alone at tp {t}, ms at {', '.join(map(str, ALONE_CONCURRENCY))} sequences: " + "; ".join(
+            f"{q} " + " / ".join(f"{v * 1e3:.1f}" for v in a.values()) for q, a in by_q.items()))
     return out
 
 
@@ -298,7 +335,16 @@ def profile(repeats: int = 3, progress=print, model: str | None = "smollm2-135m"
         samples.setdefault(key, []).append(value)
 
     t0 = time.perf_counter()
+    alone = None
+    if model is not None:
+        from workers.model_source import resolve_model
+
+        folder = str(resolve_model(model))
+        alone = AloneSteps(folder, sorted({1, min(2, cores)}))
+        progress(f"  worker groups for the steps alone started at {time.perf_counter() - t0:.0f} s")
     for rep in range(repeats):
+        if alone is not None:
+            alone.sample()
         for threads in thread_counts:
             torch.set_num_threads(threads)
             if threads == max(thread_counts):
@@ -322,13 +368,13 @@ def profile(repeats: int = 3, progress=print, model: str | None = "smollm2-135m"
             for t in measure_collectives(tp, list(COLLECTIVE_SIZES), iters=100):
                 keep(("coll", t.op, tp, t.numel), t.median_us)
         progress(f"  repeat {rep + 1}/{repeats} done at {time.perf_counter() - t0:.0f} s")
-    # Once, not per repeat: a server start costs seconds, and the figure is a difference of two
-    # medians over many tokens already.
+    # Served once, not per repeat: a server start costs seconds, and the figure is a difference of
+    # two medians over many tokens already.
     served = {}
-    if model is not None:
-        from workers.model_source import resolve_model
-
-        served = served_path(str(resolve_model(model)), sorted({1, min(2, cores)}), progress)
+    if alone is not None:
+        medians, alone_spread = alone.medians(), alone.spread()
+        alone.close()
+        served = served_path(folder, medians, progress)
 
     med = {k: statistics.median(v) for k, v in samples.items()}
     linear: dict = {}
@@ -339,6 +385,8 @@ def profile(repeats: int = 3, progress=print, model: str | None = "smollm2-135m"
         if isinstance(k, tuple) and k[0] == "coll":
             coll.setdefault(k[1], {}).setdefault(str(k[2]), {})[str(k[3])] = v
     spread = {str(k): [min(v), max(v)] for k, v in samples.items() if len(v) > 1}
+    if alone is not None:
+        spread.update(alone_spread)
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return HardwareProfile(
         name=f"{platform.node() or 'this machine'} ({cores} cores)",
