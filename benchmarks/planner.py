@@ -4,8 +4,9 @@
                                  [--repeats 3] [--plot docs/planner.png]
 
 1. `tpserve profile` (the same function), --repeats times: the hardware profile, with its spread.
-2. For each tp x quantization: `tpserve serve` (one replica), then `tpserve bench` (the random
-   workload, closed loop) at each concurrency, --repeats times.
+2. --repeats times, the tp x quantization configurations in a rotated order each time:
+   `tpserve serve` (one replica), then `tpserve bench` (the random workload, closed loop) at each
+   concurrency (interleaved so the machine's drift shows as spread, not as one half's bias).
 3. `tpserve plan`'s prediction for each point, calibrated from the profile alone (never from the
    measurements), on the bench's own request lengths (same generator, same seed; each repeat
    its own seed, so no repeat reuses another's prefix cache; the prediction is the median over
@@ -69,31 +70,40 @@ def main() -> None:
         hw.save(args.hardware_out)
     print(f"profile: {hw.source}; read {hw.read_gbs:.1f} GB/s (spread {hw.spread.get('read_gbs')})", flush=True)
     model = ModelShape(load_config(args.model), args.model)
-    rows = []
+    configs = [(q, int(tp)) for q in args.quantizations.split(",") for tp in args.tps.split(",")]
+    got: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for q in args.quantizations.split(","):
-            for tp in [int(t) for t in args.tps.split(",")]:
-                planner = Planner(model, hw, q)
+        # Repeats outermost, the configurations' order rotated each time: this machine's speed
+        # drifts within the hour, and a configuration measured only in one stretch of it carried
+        # that stretch's speed as a bias (the 2026-12-04 third run: every int8 point, measured in
+        # the second half, pessimistic). Interleaved, drift shows as spread.
+        for rep in range(args.repeats):
+            for q, tp in configs[rep % len(configs):] + configs[:rep % len(configs)]:
                 with running_server("--model", args.model, "--tp", str(tp), "--replicas", "1",
                                     "--quantization", q) as served:
                     for c in conc:
-                        n = REQUESTS.get(c, 2 * c)
                         # A fresh seed per repeat: the same prompts again would hit the prefix cache.
-                        seeds = [1000 * (i + 1) + c for i in range(args.repeats)]
-                        got = [measure(served.target, c, n, seed, Path(tmp) / f"{q}-{tp}-{c}-{seed}.json")
-                               for seed in seeds]
-                        preds = []
-                        for seed in seeds:
-                            lengths = workload_lengths("random", n + WARMUP, 128, 64, INPUT_RANGE, OUTPUT_RANGE,
-                                                       None, seed)[WARMUP:]
-                            preds.append(planner.evaluate(tp, 1, 64, Workload(lengths, concurrency=c, seed=seed), {}))
-                        row = {"tp": tp, "quantization": q, "concurrency": c,
-                               "measured": {k: [g[k] for g in got] for k, _ in FIGURES},
-                               "predicted": {k: statistics.median(getattr(p, k) for p in preds) for k, _ in FIGURES}}
-                        rows.append(row)
-                        print(f"  tp {tp} {q} c {c}: " + ", ".join(
-                            f"{label} {row['predicted'][k]:.1f} pred / {statistics.median(row['measured'][k]):.1f} "
-                            f"meas" for k, label in FIGURES), flush=True)
+                        seed = 1000 * (rep + 1) + c
+                        got.setdefault((q, tp, c), []).append(
+                            measure(served.target, c, REQUESTS.get(c, 2 * c), seed, Path(tmp) / f"{q}-{tp}-{c}-{seed}.json"))
+                print(f"  repeat {rep + 1}: tp {tp} {q} measured at {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    for q, tp in configs:
+        planner = Planner(model, hw, q)
+        for c in conc:
+            n = REQUESTS.get(c, 2 * c)
+            preds = []
+            for rep in range(args.repeats):
+                seed = 1000 * (rep + 1) + c
+                lengths = workload_lengths("random", n + WARMUP, 128, 64, INPUT_RANGE, OUTPUT_RANGE, None, seed)[WARMUP:]
+                preds.append(planner.evaluate(tp, 1, 64, Workload(lengths, concurrency=c, seed=seed), {}))
+            row = {"tp": tp, "quantization": q, "concurrency": c,
+                   "measured": {k: [g[k] for g in got[(q, tp, c)]] for k, _ in FIGURES},
+                   "predicted": {k: statistics.median(getattr(p, k) for p in preds) for k, _ in FIGURES}}
+            rows.append(row)
+            print(f"  tp {tp} {q} c {c}: " + ", ".join(
+                f"{label} {row['predicted'][k]:.1f} pred / {statistics.median(row['measured'][k]):.1f} "
+                f"meas" for k, label in FIGURES), flush=True)
     print(f"\n`python -m benchmarks.planner --repeats {args.repeats}`, {time.strftime('%Y-%m-%d')}, "
           f"{time.perf_counter() - t0:.0f} s. Measured: median of {args.repeats} (min-max).\n")
     print("| tp | quantization | concurrency | " + " | ".join(f"{label} pred / meas" for _, label in FIGURES) + " |")
