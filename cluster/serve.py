@@ -85,11 +85,13 @@ class ServeOptions:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
-            raise ConfigError("tool-call-parser", "--enable-auto-tool-choice needs the model's format: hermes or llama3_json")
+            raise ConfigError("tool-call-parser", "--enable-auto-tool-choice needs the model's tool-call format")
         if self.tool_call_parser is not None and not self.enable_auto_tool_choice:
             raise ConfigError("enable-auto-tool-choice", "--tool-call-parser is used only with --enable-auto-tool-choice")
-        if self.tool_call_parser not in (None, "hermes", "llama3_json"):
-            raise ConfigError("tool-call-parser", f"{self.tool_call_parser!r} is not one of hermes, llama3_json")
+        from cluster.frontend.tool_parsers import PARSERS
+
+        if self.tool_call_parser not in (None, *PARSERS):
+            raise ConfigError("tool-call-parser", f"{self.tool_call_parser!r} is not one of {', '.join(PARSERS)}")
         self.routing_config.validate()
         self.tls.validate()
         read_token(self.auth_token_file)

@@ -62,6 +62,10 @@ class OpenAIApi:
         --enable-auto-tool-choice --tool-call-parser); None refuses "auto"."""
         self.fe, self.is_ready = frontend, is_ready
         self.tool_parser = PARSERS[tool_parser]() if tool_parser is not None else None
+        # Decoding drops special tokens; a format whose start tag this tokenizer marks special
+        # (some Hermes tunes) needs it kept for the parser to see the call.
+        start = self.tool_parser.start_token if self.tool_parser is not None else None
+        self._keep_special = start is not None and start in getattr(frontend.encoder.tokenizer, "all_special_tokens", ())
         self._expected = f"Bearer {token}".encode() if token is not None else None
         self.created = int(time.time())
         self.parser = BodyParser()
@@ -264,8 +268,8 @@ class OpenAIApi:
             if structured is not None:
                 raise InvalidArgument("tool_choice", f"a tool choice constrains the output; {structured[1]} too")
             structured = (tools[0], "tool_choice")
-        if tools is not None and tools[1].parser is not None and tools[1].parser.start_token is not None:
-            params.skip_special_tokens = False  # the format's start token must reach the parser
+        if tools is not None and tools[1].parser is not None and self._keep_special:
+            params.skip_special_tokens = False  # the format's start tag must reach the parser
         if structured is not None:  # parsed off the loop (a large schema takes milliseconds)
             await self.fe.encoder.run(check_spec, *structured)
             params.structured = structured[0]

@@ -203,6 +203,7 @@ ALONE_CONCURRENCY = (1, 4, 16, 64)  # alone: timed from the token arrivals after
 SERVED_TOKENS = 16  # decode steps timed per served request
 ALONE_TOKENS = 9  # per sample alone: 8 steps, sampled once per repeat
 SERVED_PROMPT = 16  # tokens: the timed steps decode at contexts 17-32
+PROMPT = list(range(100, 100 + SERVED_PROMPT))  # the steps alone; the served bench sends its own of this length
 SERVED_CONTEXT = SERVED_PROMPT + SERVED_TOKENS // 2 + 1  # their mean, as the planner prices them
 ALONE_QUANTS = ("none", "int8")  # int4 takes int8's calibration (the same kernel family)
 
@@ -241,14 +242,13 @@ class AloneSteps:
         from workers.launcher import LocalWorkerGroup
         from workers.worker import WorkerSpec
 
-        self.prompt = list(range(100, 100 + SERVED_PROMPT))
         self._stack = contextlib.ExitStack()
         self.groups = {}
         try:
             for tp in tps:
                 for q in quants:
                     g = self._stack.enter_context(LocalWorkerGroup(WorkerSpec(model, tp_size=tp, quantization=q)))
-                    decode_step(g.engine, self.prompt, 2, 2)  # warm
+                    decode_step(g.engine, PROMPT, 2, 2)  # warm
                     self.groups[(tp, q)] = g
         except BaseException:
             self._stack.close()
@@ -258,7 +258,7 @@ class AloneSteps:
     def sample(self) -> None:
         for (tp, q), g in self.groups.items():
             for c in ALONE_CONCURRENCY:
-                self.samples.setdefault((tp, q, c), []).append(decode_step(g.engine, self.prompt, c, ALONE_TOKENS))
+                self.samples.setdefault((tp, q, c), []).append(decode_step(g.engine, PROMPT, c, ALONE_TOKENS))
 
     def medians(self) -> dict[int, dict[str, dict[str, float]]]:
         """tp -> quantization -> {str(sequences): seconds}"""
@@ -298,7 +298,6 @@ def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]], progr
                      "alone_by_quantization": {q: v for q, v in by_q.items() if q != "none"}}
            for tp, by_q in alone.items()}
     tp = min(alone)
-    prompt = list(range(100, 100 + SERVED_PROMPT))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, running_server("--model", model, "--tp", str(tp), "--replicas", "1") as srv:
         served = out[str(tp)]["served"]
@@ -306,7 +305,7 @@ def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]], progr
             report = os.path.join(tmp, f"bench-{tp}-{c}.json")
             with contextlib.redirect_stdout(io.StringIO()):  # its report table is not ours to print
                 bench_main(["--target", srv.target, "--concurrency", str(c), "--num-requests", str(c),
-                            "--warmup", "1", "--workload", "fixed", "--input-len", str(len(prompt)),
+                            "--warmup", "1", "--workload", "fixed", "--input-len", str(len(PROMPT)),
                             "--output-len", str(SERVED_TOKENS + 1), "--out", report, "--no-progress"])
             with open(report) as f:
                 served[str(c)] = json.load(f)["runs"][0]["summary"]["tpot"]["median_ms"] / 1e3
