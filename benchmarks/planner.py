@@ -3,14 +3,19 @@
     python -m benchmarks.planner [--tps 1,2] [--quantizations none,int8] [--concurrency 1,4,16,64]
                                  [--repeats 3] [--plot docs/planner.png]
 
-1. `tpserve profile` (the same function), --repeats times: the hardware profile, with its spread.
-2. --repeats times, the tp x quantization configurations in a rotated order each time:
-   `tpserve serve` (one replica), then `tpserve bench` (the random workload, closed loop) at each
-   concurrency (interleaved so the machine's drift shows as spread, not as one half's bias).
-3. `tpserve plan`'s prediction for each point, calibrated from the profile alone (never from the
-   measurements), on the bench's own request lengths (same generator, same seed; each repeat
-   its own seed, so no repeat reuses another's prefix cache; the prediction is the median over
-   the repeats' seeds).
+--repeats times:
+1. `tpserve profile --repeats 1` (the same function; `--profile once` instead profiles once, with
+   --repeats, before everything);
+2. the tp x quantization configurations, in a rotated order each time: `tpserve serve` (one
+   replica), then `tpserve bench` (the random workload, closed loop) at each concurrency;
+3. `tpserve plan`'s prediction for each point from that repeat's profile alone (never from the
+   measurements), on the bench's own request lengths (same generator, same seed; each repeat its
+   own seed, so no repeat reuses another's prefix cache).
+A point's prediction is the median over the repeats' predictions, its measurement the median over
+the repeats' measurements. Profiling each repeat keeps calibration and measurement within ~20
+minutes of each other: this machine's speed moves by 10-40% within the hour (the same step alone
+measured 66-106 ms within one profile), and one profile an hour before the last bench carried
+the difference into every prediction as bias.
 Prints predicted against measured (median over repeats, min-max) for TPOT (median over requests),
 output tokens/s and TTFT p90, the median absolute error of each, and the worst point; plots
 predicted against measured.
@@ -61,14 +66,22 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--plot", default=None)
-    ap.add_argument("--hardware-out", default=None, help="also save the profile here")
+    ap.add_argument("--profile", choices=("each-repeat", "once"), default="each-repeat",
+                    help="profile before each repeat (--repeats 1), or once before all (--repeats N)")
+    ap.add_argument("--hardware-out", default=None, help="also save the (first) profile here")
     args = ap.parse_args()
     conc = [int(c) for c in args.concurrency.split(",")]
     t0 = time.perf_counter()
-    hw = profile(args.repeats, model=args.model)
-    if args.hardware_out:
-        hw.save(args.hardware_out)
-    print(f"profile: {hw.source}; read {hw.read_gbs:.1f} GB/s (spread {hw.spread.get('read_gbs')})", flush=True)
+    hws = []  # the profile each repeat's predictions come from
+
+    def new_profile(repeats: int) -> None:
+        hws.append(profile(repeats, model=args.model))
+        if args.hardware_out and len(hws) == 1:
+            hws[0].save(args.hardware_out)
+        print(f"profile: {hws[-1].source}; read {hws[-1].read_gbs:.1f} GB/s", flush=True)
+
+    if args.profile == "once":
+        new_profile(args.repeats)
     model = ModelShape(load_config(args.model), args.model)
     configs = [(q, int(tp)) for q in args.quantizations.split(",") for tp in args.tps.split(",")]
     got: dict[tuple, list[dict]] = {}
@@ -78,6 +91,8 @@ def main() -> None:
         # that stretch's speed as a bias (the 2026-12-04 third run: every int8 point, measured in
         # the second half, pessimistic). Interleaved, drift shows as spread.
         for rep in range(args.repeats):
+            if args.profile == "each-repeat":
+                new_profile(1)
             for q, tp in configs[rep % len(configs):] + configs[:rep % len(configs)]:
                 with running_server("--model", args.model, "--tp", str(tp), "--replicas", "1",
                                     "--quantization", q) as served:
@@ -89,13 +104,14 @@ def main() -> None:
                 print(f"  repeat {rep + 1}: tp {tp} {q} measured at {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     for q, tp in configs:
-        planner = Planner(model, hw, q)
+        planners = [Planner(model, hw, q) for hw in hws]
         for c in conc:
             n = REQUESTS.get(c, 2 * c)
             preds = []
             for rep in range(args.repeats):
                 seed = 1000 * (rep + 1) + c
                 lengths = workload_lengths("random", n + WARMUP, 128, 64, INPUT_RANGE, OUTPUT_RANGE, None, seed)[WARMUP:]
+                planner = planners[rep if len(planners) > 1 else 0]
                 preds.append(planner.evaluate(tp, 1, 64, Workload(lengths, concurrency=c, seed=seed), {}))
             row = {"tp": tp, "quantization": q, "concurrency": c,
                    "measured": {k: [g[k] for g in got[(q, tp, c)]] for k, _ in FIGURES},
@@ -104,8 +120,10 @@ def main() -> None:
             print(f"  tp {tp} {q} c {c}: " + ", ".join(
                 f"{label} {row['predicted'][k]:.1f} pred / {statistics.median(row['measured'][k]):.1f} "
                 f"meas" for k, label in FIGURES), flush=True)
-    print(f"\n`python -m benchmarks.planner --repeats {args.repeats}`, {time.strftime('%Y-%m-%d')}, "
-          f"{time.perf_counter() - t0:.0f} s. Measured: median of {args.repeats} (min-max).\n")
+    print(f"\n`python -m benchmarks.planner --repeats {args.repeats} --profile {args.profile}`, "
+          f"{time.strftime('%Y-%m-%d')}, {time.perf_counter() - t0:.0f} s; profiles: "
+          + "; ".join(hw.source.split(', ', 1)[-1] for hw in hws)
+          + f". Measured: median of {args.repeats} (min-max).\n")
     print("| tp | quantization | concurrency | " + " | ".join(f"{label} pred / meas" for _, label in FIGURES) + " |")
     print("|---:|---|---:|" + "---:|" * len(FIGURES))
     errors: dict[str, list] = {k: [] for k, _ in FIGURES}

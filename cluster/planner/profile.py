@@ -201,7 +201,10 @@ def _tiny_model(folder: str, layers: int) -> None:
 SERVED_CONCURRENCY = (1, 16)  # served: 16 x 16 prompt tokens still prefill in one chunk of the default 512
 ALONE_CONCURRENCY = (1, 4, 16, 64)  # alone: timed from the token arrivals after the last prefill
 SERVED_TOKENS = 16  # decode steps timed per served request
-ALONE_TOKENS = 9  # per sample alone: 8 steps, sampled once per repeat
+# Tokens per sample alone (the steps after the first token are timed), sampled once per repeat:
+# more where a step is cheap, since one 8-step sample at one sequence (0.8 s here) moved by 15%
+# between samples a second apart.
+ALONE_TOKENS = {1: 25, 4: 17, 16: 9, 64: 9}
 SERVED_PROMPT = 16  # tokens: the timed steps decode at contexts 17-32
 PROMPT = list(range(100, 100 + SERVED_PROMPT))  # the steps alone; the served bench sends its own of this length
 SERVED_CONTEXT = SERVED_PROMPT + SERVED_TOKENS // 2 + 1  # their mean, as the planner prices them
@@ -255,10 +258,19 @@ class AloneSteps:
             raise
         self.samples: dict[tuple[int, str, int], list[float]] = {}
 
-    def sample(self) -> None:
-        for (tp, q), g in self.groups.items():
-            for c in ALONE_CONCURRENCY:
-                self.samples.setdefault((tp, q, c), []).append(decode_step(g.engine, PROMPT, c, ALONE_TOKENS))
+    def sample(self, turn: int = 0) -> None:
+        """One sample of every group's step at each sequence count: sequence counts outermost, the
+        groups' order reversed on odd turns. What the planner takes from these is mostly each
+        group's step against the others' (int8 against unquantized, tp 2 against tp 1); run group
+        by group, one group's four counts took ~20 s, and the same step sampled in two such blocks
+        measured int8/unquantized 0.65-0.95 at one sequence (2026-12-04), the machine's speed
+        moving between them. Samples of one count a second apart see the same machine."""
+        order = list(self.groups.items())
+        if turn % 2:
+            order.reverse()
+        for c in ALONE_CONCURRENCY:
+            for (tp, q), g in order:
+                self.samples.setdefault((tp, q, c), []).append(decode_step(g.engine, PROMPT, c, ALONE_TOKENS[c]))
 
     def medians(self) -> dict[int, dict[str, dict[str, float]]]:
         """tp -> quantization -> {str(sequences): seconds}"""
@@ -343,7 +355,7 @@ def profile(repeats: int = 3, progress=print, model: str | None = "smollm2-135m"
         progress(f"  worker groups for the steps alone started at {time.perf_counter() - t0:.0f} s")
     for rep in range(repeats):
         if alone is not None:
-            alone.sample()
+            alone.sample(rep)
         for threads in thread_counts:
             torch.set_num_threads(threads)
             if threads == max(thread_counts):

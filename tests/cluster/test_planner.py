@@ -187,3 +187,23 @@ def test_tpserve_plan_json_reports_the_given_configuration_and_errors_are_one_li
     bad = subprocess.run(cmd[:-2] + ["--slo", "ttft=soon"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("tpserve: error: slo:")
     assert "Traceback" not in bad.stderr
+
+
+def test_steps_alone_are_sampled_count_by_count_across_groups_in_a_turned_order(monkeypatch):
+    """Each group's step is compared with the others' (int8 against unquantized): samples of one
+    sequence count are taken back to back across the groups, not group by group minutes apart,
+    and the groups' order turns each repeat so a drift does not always favour the first."""
+    from cluster.planner import profile as prof
+
+    calls = []
+    monkeypatch.setattr(prof, "decode_step", lambda engine, prompt, c, tokens: calls.append((engine, c, tokens)) or 0.1)
+    alone = object.__new__(prof.AloneSteps)
+    alone.groups = {(1, "none"): type("G", (), {"engine": "none"})(), (1, "int8"): type("G", (), {"engine": "int8"})()}
+    alone.samples = {}
+    alone.sample(0)
+    alone.sample(1)
+    counts = list(prof.ALONE_CONCURRENCY)
+    assert [(e, c) for e, c, _ in calls] == (
+        [(g, c) for c in counts for g in ("none", "int8")] + [(g, c) for c in counts for g in ("int8", "none")])
+    assert all(t == prof.ALONE_TOKENS[c] for _, c, t in calls)
+    assert all(len(v) == 2 for v in alone.samples.values()) and len(alone.samples) == 2 * len(counts)
