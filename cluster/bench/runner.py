@@ -44,7 +44,7 @@ class TpserveProtocol:
         pb = self.pb
         out_ids: list[int] = []
         msg = pb.GenerateRequest(model=self.model, sampling=pb.SamplingParameters(
-            max_tokens=req.output_len, temperature=0.0, ignore_eos=True))
+            max_tokens=req.output_len, temperature=0.0, ignore_eos=True), cache_salt=req.cache_salt or "")
         if req.prompt_ids is not None:
             msg.prompt_token_ids.ids.extend(req.prompt_ids)
         else:
@@ -125,6 +125,8 @@ class OpenAIProtocol:
         body = {"model": self.model, "prompt": req.prompt_ids if req.prompt_ids is not None else req.prompt_text,
                 "max_tokens": req.output_len, "temperature": 0.0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
+        if req.cache_salt:
+            body["cache_salt"] = req.cache_salt
         start = last = time.perf_counter()
         async with self.client.stream("POST", "/v1/completions", json=body, timeout=timeout) as r:
             if r.status_code != 200:

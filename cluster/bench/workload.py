@@ -33,6 +33,9 @@ class BenchRequest:
     # conversation: the questions of the later turns (each turn = previous prompt + answer + question)
     follow_ups: list[list[int]] | None = None
     tenant: int | None = None  # multi-tenant: whose system prompt this is
+    # Keeps this request's KV blocks apart from any other salt's (vLLM's `cache_salt`): the same
+    # prompts sent twice, by two clients compared on them, then both prefill in full.
+    cache_salt: str | None = None
 
 
 @dataclass(slots=True)

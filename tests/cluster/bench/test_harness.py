@@ -110,3 +110,34 @@ def test_a_conversation_sends_each_turn_as_the_previous_prompt_plus_its_answer_p
         assert turns[0] == session.prompt_ids
         assert turns[1] == turns[0] + answer + session.follow_ups[0]
         assert turns[2] == turns[1] + answer + session.follow_ups[1]
+
+
+def test_a_salted_request_carries_its_cache_salt_in_the_openai_body_and_an_unsalted_one_none():
+    """Two clients compared on the same requests each send their own salt, so neither reuses the
+    other's prefix cache: the salt must reach the server's body (vLLM's `cache_salt` field)."""
+    import json
+
+    import httpx
+
+    from cluster.bench.metrics import RequestRecord
+    from cluster.bench.runner import OpenAIProtocol
+
+    bodies = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        chunks = [{"choices": [{"text": "a"}]}, {"choices": [], "usage": {"completion_tokens": 1, "prompt_tokens": 3}}]
+        sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://test") as client:
+            proto = OpenAIProtocol(client, "m")
+            for salt in ("aiperf-0", None):
+                rec = RequestRecord()
+                await proto.send(BenchRequest(None, "a b c", 1, cache_salt=salt), rec, 5.0)
+                assert rec.output_tokens == 1 and rec.ttft is not None
+
+    asyncio.run(go())
+    assert bodies[0]["cache_salt"] == "aiperf-0" and bodies[0]["prompt"] == "a b c"
+    assert "cache_salt" not in bodies[1]
