@@ -80,7 +80,7 @@ CLIENTS_VENV := .venv-clients
 $(CLIENTS_VENV)/.stamp:
 	test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
 	$(CLIENTS_VENV)/bin/python -m pip --disable-pip-version-check -q install torch==2.13.0
-	$(CLIENTS_VENV)/bin/python -m pip --disable-pip-version-check -q install lm-eval==0.4.13 aiperf==0.13.0
+	$(CLIENTS_VENV)/bin/python -m pip --disable-pip-version-check -q install "lm-eval[api]==0.4.13" aiperf==0.13.0
 	touch $@
 
 bench-clients: model $(CLIENTS_VENV)/.stamp

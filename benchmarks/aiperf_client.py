@@ -5,6 +5,13 @@ in `make test`) and is run as its users run it: `aiperf profile`, streaming comp
 tokenizer, the requests from a single-turn JSONL file (aiperf's `custom` dataset: text and
 output length per line), sent in file order at a fixed concurrency. Its figures come from the
 profile_export_aiperf.json it writes.
+
+On a 2-core machine shared with the server, aiperf measures the client as much as the server: its
+timing manager waits for a free concurrency slot by yielding in a loop (`yield_to_event_loop` in
+timing/strategies/request_rate.py), 77-86% of a core for the whole run (`ps`), beside its workers,
+record processor and controller processes, while the engine's Ray rank actors run at nice 15
+(Ray's worker niceness). See docs/benchmarks.md for the figures; the comparison is meant for a
+client on its own machine.
 """
 from __future__ import annotations
 
@@ -30,7 +37,8 @@ def version(binary: Path = DEFAULT_BIN) -> str:
 def run_aiperf(http_target: str, model: str, tokenizer: str, requests: list[BenchRequest], concurrency: int,
                binary: Path = DEFAULT_BIN, cache_salt: str | None = None, timeout_s: float = 1800) -> dict:
     """Sends `requests` (text prompts; greedy, `ignore_eos` so each output has its asked length)
-    and returns {"output_tok_s", "ttft_p50_ms", "itl_p50_ms", "requests"} from aiperf's export."""
+    and returns {"output_tok_s", "ttft_p50_ms", "itl_p50_ms", "requests", "output_len_mean"} from
+    aiperf's export (the last: its own count of output tokens, to check the asked lengths arrived)."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "requests.jsonl"
         data.write_text("".join(json.dumps({"text": r.prompt_text, "output_length": r.output_len}) + "\n"
@@ -40,7 +48,7 @@ def run_aiperf(http_target: str, model: str, tokenizer: str, requests: list[Benc
                "--endpoint-type", "completions", "--streaming", "--tokenizer", tokenizer,
                "--input-file", str(data), "--custom-dataset-type", "single_turn",
                "--dataset-sampling-strategy", "sequential", "--request-count", str(len(requests)),
-               "--concurrency", str(concurrency), "--warmup-request-count", "0",
+               "--concurrency", str(concurrency),
                "--artifact-dir", str(Path(tmp) / "out"), "--ui-type", "none",
                "--no-server-metrics", "--no-gpu-telemetry"]
         for e in extra:
@@ -65,4 +73,5 @@ def run_aiperf(http_target: str, model: str, tokenizer: str, requests: list[Benc
     return {"output_tok_s": figure("output_token_throughput", "avg"),
             "ttft_p50_ms": figure("time_to_first_token", "p50"),
             "itl_p50_ms": figure("inter_token_latency", "p50"),
-            "requests": figure("request_count", "avg")}
+            "requests": figure("request_count", "avg"),
+            "output_len_mean": figure("output_sequence_length", "avg")}

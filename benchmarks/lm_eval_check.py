@@ -7,7 +7,9 @@ loglikelihoods checked against transformers' log-softmax on the same tokens.
 lm-eval's `local-completions` sends each (context, choice) as a token-id prompt with `echo`,
 `logprobs: 1` and `max_tokens: 1`, and sums the choice tokens' prompt logprobs; this script
 recomputes every such sum with transformers (the same tokenization, lm-eval's `_encode_pair`
-split) and prints the largest difference, beside each task's metric.
+split) and prints the largest difference, beside each task's metric. The generate-until task runs
+twice: through `local-completions` and through `local-chat-completions` (the chat template
+applied, as lm-eval's users run chat models); the first answers of each are printed.
 """
 from __future__ import annotations
 
@@ -42,6 +44,21 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
     return ctx, whole[len(ctx):]
 
 
+def lm_eval(args: list[str], out: Path) -> dict:
+    """One `lm_eval run` on the repo's tasks: {"table": its result lines, "samples": task -> logged samples}."""
+    cmd = [str(LM_EVAL), "run", *args, "--include_path", str(ROOT / "benchmarks" / "lm_eval"),
+           "--output_path", str(out), "--log_samples"]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": "none"}
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    if run.returncode != 0:
+        raise SystemExit(f"lm_eval failed ({run.returncode}):\n{run.stderr[-4000:]}")
+    samples = {}
+    for path in glob.glob(f"{out}/**/samples_*.jsonl", recursive=True):
+        task = Path(path).name.split("_", 1)[1].rsplit("_", 1)[0]
+        samples[task] = [json.loads(line) for line in open(path)]
+    return {"table": [line for line in run.stdout.splitlines() if line.startswith("|")], "samples": samples}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -55,20 +72,15 @@ def main() -> None:
     folder = str(resolve_model(args.model))
     tok = AutoTokenizer.from_pretrained(folder)
     with tempfile.TemporaryDirectory() as tmp, running_server("--model", args.model, "--tp", str(args.tp)) as srv:
-        cmd = [str(LM_EVAL), "run", "--model", "local-completions", "--model_args",
-               f"model={args.model},base_url=http://{srv.http_target}/v1/completions,tokenizer={folder},"
-               f"tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=4,max_retries=1",
-               "--tasks", "tpserve_mc,tpserve_gen", "--include_path", str(ROOT / "benchmarks" / "lm_eval"),
-               "--output_path", tmp, "--log_samples"]
-        env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": "none"}
-        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-        if run.returncode != 0:
-            raise SystemExit(f"lm_eval failed ({run.returncode}):\n{run.stderr[-4000:]}")
-        table = [line for line in run.stdout.splitlines() if line.startswith("|")]
-        samples = {}
-        for path in glob.glob(f"{tmp}/**/samples_*.jsonl", recursive=True):
-            task = Path(path).name.split("_", 1)[1].rsplit("_", 1)[0]
-            samples[task] = [json.loads(line) for line in open(path)]
+        completions = lm_eval(["--model", "local-completions", "--model_args",
+                               f"model={args.model},base_url=http://{srv.http_target}/v1/completions,"
+                               f"tokenizer={folder},tokenizer_backend=huggingface,tokenized_requests=True,"
+                               "num_concurrent=4,max_retries=1", "--tasks", "tpserve_mc,tpserve_gen"], Path(tmp) / "c")
+        chat = lm_eval(["--model", "local-chat-completions", "--model_args",
+                        f"model={args.model},base_url=http://{srv.http_target}/v1/chat/completions,"
+                        "num_concurrent=4,max_retries=1", "--apply_chat_template", "--tasks", "tpserve_gen"],
+                       Path(tmp) / "chat")
+    samples = completions["samples"]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     diffs = []
     for s in samples.get("tpserve_mc", []):
@@ -81,7 +93,11 @@ def main() -> None:
                 lp = model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
             ref = sum(float(lp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
             diffs.append(abs(ref - float(resp[0][0])))
-    print("\n".join(table))
+    for name, run in (("local-completions", completions), ("local-chat-completions", chat)):
+        print(f"lm-eval {name}:")
+        print("\n".join(run["table"]))
+        for sample in run["samples"].get("tpserve_gen", [])[:3]:
+            print(f"  {sample['target']!r} -> {sample['filtered_resps'][0]!r}")
     print(f"\nloglikelihoods checked: {len(diffs)}; largest |tpserve - transformers| = "
           f"{max(diffs) if diffs else float('nan'):.2e} (target <= 1e-3)")
     if not diffs:

@@ -120,6 +120,10 @@ def same_requests(args, spec, rep: int, target: str, http: str, load, clients: d
         if c == "aiperf":
             got = run_aiperf(http, args.model, str(resolve_model(args.model)), salted, args.concurrency,
                              cache_salt=f"{c}-{rep}")
+            asked = statistics.mean(r.output_len for r in reqs)
+            if abs(got["output_len_mean"] - asked) > 0.5:  # then the two did not run the same requests
+                raise SystemExit(f"aiperf counted {got['output_len_mean']:.1f} output tokens per request, "
+                                 f"{asked:.1f} were asked")
         else:
             records, duration = asyncio.run(run_load(target, "openai", args.model, salted, load, http_target=http))
             s = summarize(records, duration, {})
