@@ -11,7 +11,9 @@ the ratio to the first of --protocols (tpserve.v1 by default).
 --aiperf: also NVIDIA's aiperf (from the benchmark venv, `make bench-clients`) against the OpenAI
 API, beside `tpserve bench`'s OpenAI client on the *same* requests each repeat (text prompts, each
 client its own `cache_salt`, so neither reuses the other's prefix cache; the two take turns going
-first). The two clients should agree within the repeats' spread.
+first). With the client on a machine of its own the two should agree within the repeats' spread;
+on 2 cores shared with the server aiperf's own processes take about half the machine
+(docs/benchmarks.md, 2026-12-04: aiperf 0.44-0.48x of tpserve bench).
 """
 from __future__ import annotations
 
