@@ -67,9 +67,9 @@ def run_aiperf(http_target: str, model: str, tokenizer: str, requests: list[Benc
             raise AiperfError(f"aiperf's export has no {tag}.{stat}: {sorted(metrics)[:20]}")
         return float(m[stat])
 
-    errors = metrics.get("error_request_count", {}).get("avg", 0) if isinstance(metrics.get("error_request_count"), dict) else 0
-    if errors:
-        raise AiperfError(f"aiperf: {errors:.0f} requests failed")
+    errors = metrics.get("error_request_count")
+    if isinstance(errors, dict) and errors.get("avg"):
+        raise AiperfError(f"aiperf: {errors['avg']:.0f} requests failed")
     return {"output_tok_s": figure("output_token_throughput", "avg"),
             "ttft_p50_ms": figure("time_to_first_token", "p50"),
             "itl_p50_ms": figure("inter_token_latency", "p50"),
