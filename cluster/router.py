@@ -18,7 +18,7 @@ import ray
 
 from cluster.kv_index import KVIndex
 from cluster.replica import engine_client
-from cluster.routing import ReplicaBook, RoutingConfig, RoutingPolicy
+from cluster.routing import LoadBoard, ReplicaBook, RoutingConfig, RoutingPolicy
 from workers.defaults import BLOCK_SIZE
 from workers.engine.block_keys import BlockKeyer
 from workers.engine.client import EngineClient, RequestStream
@@ -47,12 +47,12 @@ class ReplicaHandle:
     client: EngineClient
     workers: list[dict]
     tp_size: int
-    slot: int = 0  # its bit in the KVIndex
-    book: ReplicaBook = field(default_factory=ReplicaBook)
+    slot: int = 0  # its bit in the KVIndex, and its entry on the router's LoadBoard
+    book: ReplicaBook = field(default_factory=ReplicaBook)  # the router gives it one on its board
 
     def load(self) -> int:
         """The engine's own load plus this frontend's placements it has not yet counted."""
-        return self.book.load(self.client.load, self.client.client_id)
+        return self.book.load
 
 
 class Placement:
@@ -94,6 +94,7 @@ class Router:
         self.routing = (routing or RoutingConfig()).validate()
         self.keyer, self.block_size = keyer, block_size
         self.index = KVIndex()
+        self.board = LoadBoard()
         self.policy = RoutingPolicy(self.routing, self.index)
         self.replicas: dict[str, ReplicaHandle] = {}
         self.active: set[str] = set()  # ids of the admitted requests: unique per frontend
@@ -115,6 +116,7 @@ class Router:
         for rid in list(self.replicas):
             if rid not in ready:  # replaced or stopped: its open streams end now and resume elsewhere
                 h = self.replicas.pop(rid)
+                h.book.retire()
                 h.client.fail(f"replica {rid} was taken out of service")
                 h.client.close(timeout_s=0.1)  # (no detach: the replica is gone)  # a reader stuck on a hung actor ends at its own timeout
                 self.index.forget(rid)
@@ -130,6 +132,7 @@ class Router:
                 with contextlib.suppress(Exception):
                     old.client.detach()
                 old.client.close(timeout_s=0.1)
+                old.book.retire()
                 self.reconnects += 1
                 old = None
             if old is None:
@@ -138,11 +141,16 @@ class Router:
 
     def add_replica(self, h: ReplicaHandle) -> None:
         h.slot = self.index.slot(h.replica_id)
+        h.book = self.board.book(h.slot)
         h.client.on_kv_events = lambda ev, h=h: self._on_kv_events(h, ev)
+        # What the engine reported before the listener was set (reports follow each busy step).
+        h.book.report(h.client.load, h.client.client_id)
         self.replicas[h.replica_id] = h
 
     def _on_kv_events(self, h: ReplicaHandle, ev: KVEvents) -> None:
-        """On the replica's reader thread: index the events; fetch a digest when they have a gap."""
+        """On the replica's reader thread: book the load; index the events; fetch a digest when
+        they have a gap."""
+        h.book.report(ev.load, h.client.client_id)
         if not self.index.apply(h.replica_id, ev):
             return
 
@@ -199,8 +207,9 @@ class Router:
         ready = self.ready
         if not ready:
             raise Unavailable("no replica is ready")
-        decision = self.policy.choose([h.slot for h in ready], [h.load() for h in ready], keys, len(prompt_ids),
-                                      self.block_size)
+        slots = [h.slot for h in ready]
+        board = self.board.loads
+        decision = self.policy.choose(slots, [board[s] for s in slots], keys, len(prompt_ids), self.block_size)
         h = ready[decision.index]
         stream = h.client.add_request(prompt_ids, params, request_id=request_id, loop=loop,
                                       output_prefix=output_prefix)

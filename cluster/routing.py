@@ -32,6 +32,7 @@ least-load: the least load(r). round-robin: in turn. Both ignore the cache.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,11 +77,11 @@ class RoutingPolicy:
         self._turn = itertools.count()
 
     def choose(self, slots: Sequence[int], loads: Sequence[int], keys: Sequence[bytes], prompt_len: int,
-               block_size: int) -> Decision:
+               block_size: int, among: int | None = None) -> Decision:
         """Among the ready replicas, given as their KVIndex slots and loads (tokens, as defined
         above), in one order; `keys`: the prompt's block keys (computed off the event loop, with
-        tokenizing). The decision's index is into that order; ties go round robin from a start
-        that turns with each decision."""
+        tokenizing); `among`: `slot_mask(slots)`, if the caller keeps it. The decision's index is
+        into that order; ties go round robin from a start that turns with each decision."""
         n = len(slots)
         turn = next(self._turn)
         if self.config.policy == "round-robin":
@@ -98,10 +99,7 @@ class RoutingPolicy:
         usable = (prompt_len - 1) // block_size if block_size else 0
         hits: dict[int, int] = {}
         if usable and keys:
-            among = 0
-            for slot in slots:
-                among |= 1 << slot
-            hits = self.index.match(keys[:usable], among)
+            hits = self.index.match(keys[:usable], slot_mask(slots) if among is None else among)
         # score(r) - prefill_weight x prompt = load(r) - saved x cached blocks. A replica holding
         # none of the prompt scores its load, so `idle` beats or ties (and precedes in the
         # rotation) every other such replica: only it and the replicas in `hits` can win.
@@ -124,44 +122,99 @@ class RoutingPolicy:
         return Decision(best, "cache" if cached else "load", cached)
 
 
-class ReplicaBook:
-    """One frontend's books on one replica: what it placed there that the engine has not yet
-    counted. The engine's load (EngineLoad, the same figure for every frontend) names the highest
-    AddRequest number it has taken from each client; a placement numbered above that is work the
-    frontend adds on its own, or the next request would see an idle replica that is not. Ray-free:
-    the router and the simulator keep the same books."""
+class LoadBoard:
+    """The loads of one router's replicas in one list, indexed by KVIndex slot. Each replica's book
+    writes its entry when its engine reports and when the router places work there, so a routing
+    decision reads a list instead of asking every replica for its load: over 64 replicas that read
+    was the floor of the decision's time (docs/routing.md)."""
 
-    __slots__ = ("_unacked", "_unacked_tokens", "in_flight", "routed")
+    __slots__ = ("loads",)
 
     def __init__(self):
+        self.loads: list[int] = []
+
+    def book(self, slot: int) -> "ReplicaBook":
+        """A new book for the replica at `slot` (a freed slot is reused: its entry starts at 0)."""
+        if slot >= len(self.loads):
+            self.loads.extend([0] * (slot + 1 - len(self.loads)))
+        self.loads[slot] = 0
+        return ReplicaBook(self, slot)
+
+
+def slot_mask(slots: Sequence[int]) -> int:
+    """The KVIndex bits of these replicas."""
+    mask = 0
+    for slot in slots:
+        mask |= 1 << slot
+    return mask
+
+
+class ReplicaBook:
+    """One router's books on one replica: the engine's load as last reported, plus what this
+    router placed there that the engine has not yet counted. The engine's report (EngineLoad, the
+    same figure for every frontend) names the highest AddRequest number it has taken from each
+    client; a placement numbered above that is work the router adds on its own, or the next request
+    would see an idle replica that is not. Ray-free: the router and the simulator keep the same
+    books. Reports arrive on the replica's reader thread and placements on the router's, hence the
+    lock."""
+
+    __slots__ = ("_board", "_slot", "_lock", "_unacked", "_unacked_tokens", "_engine_tokens", "_taken", "_retired",
+                 "in_flight", "routed")
+
+    def __init__(self, board: LoadBoard | None = None, slot: int = 0):
+        if board is None:  # a book of its own (tests, one replica)
+            board = LoadBoard()
+            board.loads.append(0)
+        self._board, self._slot = board, slot
+        self._lock = threading.Lock()
         self._unacked: deque[tuple[int, int]] = deque()  # (AddRequest number, tokens of work)
         self._unacked_tokens = 0
+        self._engine_tokens = 0  # the engine's load as last reported
+        self._taken = 0  # the highest AddRequest number of this router the engine has reported taken
+        self._retired = False
         self.in_flight = 0  # placements not yet closed
         self.routed = 0  # placements since start
 
+    def report(self, engine: EngineLoad, client_id: str) -> None:
+        """The engine reported its load (`client_id`: this router's client of the engine)."""
+        with self._lock:
+            self._taken = taken = engine.added_by(client_id)
+            u = self._unacked
+            while u and u[0][0] <= taken:
+                self._unacked_tokens -= u.popleft()[1]
+            # EngineLoad.tokens spelled out: this runs on every step of every replica.
+            self._engine_tokens = engine.prefill_tokens + engine.decode_tokens
+            self._publish()
+
     def placed(self, number: int, work: int) -> None:
         """AddRequest `number` carries `work` tokens (uncached prompt + tokens it may generate)."""
-        self._unacked.append((number, work))
-        self._unacked_tokens += work
-        self.in_flight += 1
-        self.routed += 1
+        with self._lock:
+            # Its engine may have reported taking it already (a report can overtake this call).
+            if number > self._taken:
+                self._unacked.append((number, work))
+                self._unacked_tokens += work
+                self._publish()
+            self.in_flight += 1
+            self.routed += 1
+
+    def _publish(self) -> None:
+        if not self._retired:
+            self._board.loads[self._slot] = self._engine_tokens + self._unacked_tokens
+
+    def retire(self) -> None:
+        """The replica left the router: its slot may go to another replica, so write no more."""
+        with self._lock:
+            self._retired = True
 
     def closed(self) -> None:
         self.in_flight -= 1
 
-    def load(self, engine: EngineLoad, client_id: str) -> int:
-        """The engine's own load plus the placements of this frontend (`client_id`, its client of
-        the engine) that it has not yet counted."""
-        if self._unacked:
-            taken = engine.added_by(client_id)
-            u = self._unacked
-            while u and u[0][0] <= taken:
-                self._unacked_tokens -= u.popleft()[1]
-            return engine.prefill_tokens + engine.decode_tokens + self._unacked_tokens
-        # EngineLoad.tokens spelled out: this runs per replica per routing decision.
-        return engine.prefill_tokens + engine.decode_tokens
+    @property
+    def load(self) -> int:
+        """The engine's load plus the placements it has not yet counted."""
+        return self._engine_tokens + self._unacked_tokens
 
     @property
     def unacked(self) -> int:
-        """Placements the engine has not yet taken (as of the last `load`)."""
+        """Placements the engine has not yet counted."""
         return len(self._unacked)

@@ -38,7 +38,7 @@ import numpy as np
 
 from cluster.kv_index import KVIndex
 from cluster.modelled_executor import CostModel, ModelledExecutor, ReplicaModel, StepCost, StepShape
-from cluster.routing import POLICIES, ReplicaBook, RoutingConfig, RoutingPolicy
+from cluster.routing import POLICIES, LoadBoard, ReplicaBook, RoutingConfig, RoutingPolicy, slot_mask
 from workers.engine.block_keys import BlockKeyer, new_salt
 from workers.engine.core import EngineConfig, EngineCore
 from workers.engine.messages import EngineLoad, KVDigest, KVEvents
@@ -78,12 +78,12 @@ class SimReplica:
 
     CLIENT = "router"  # the one client of every modelled replica
 
-    def __init__(self, rid: str, model: ReplicaModel, salt: bytes, cost: StepCost):
+    def __init__(self, rid: str, model: ReplicaModel, salt: bytes, cost: StepCost, book: ReplicaBook | None = None):
         self.rid = rid
         self.executor = ModelledExecutor(cost, model)
         self.engine = EngineCore(self.executor, None, EngineConfig(model.max_num_seqs, model.max_num_batched_tokens,
                                                                    True, salt))
-        self.book = ReplicaBook()
+        self.book = book or ReplicaBook()
         self.inbox: list[SimRequest] = []
         self.live: dict[str, SimRequest] = {}
         self.sent = self.taken = 0  # AddRequest numbers: sent by the router, taken by the engine
@@ -128,6 +128,7 @@ class SimReplica:
         self._outputs = []
         stored, removed = self.engine.block_manager.events.take()
         self.load = self.engine.load(((self.CLIENT, self.taken),))
+        self.book.report(self.load, self.CLIENT)
         self.kv_seq += 1
         return KVEvents(self.kv_seq, stored, removed, self.load)
 
@@ -174,8 +175,12 @@ def simulate(requests: list[SimRequest], policy: str, replicas: int, model: Repl
     base = routing or RoutingConfig()
     cfg = RoutingConfig(policy, base.prefill_weight, base.balance_rel, base.balance_abs_tokens)
     router = RoutingPolicy(cfg, index)
-    reps = [SimReplica(f"replica-{i}", model, keyer.salt, cost) for i in range(replicas)]
-    slots = [index.slot(r.rid) for r in reps]
+    board = LoadBoard()
+    slots = [index.slot(f"replica-{i}") for i in range(replicas)]
+    if slots != list(range(replicas)):
+        raise SimulationError(f"a new KVIndex gave slots {slots[:4]}...: the board's loads would not be in replica order")
+    reps = [SimReplica(f"replica-{i}", model, keyer.salt, cost, board.book(i)) for i in range(replicas)]
+    among = slot_mask(slots)
     events: list = []  # (time, order, kind, payload)
     order = itertools.count()
     pending = deque(requests)
@@ -204,8 +209,8 @@ def simulate(requests: list[SimRequest], policy: str, replicas: int, model: Repl
         if kind == 0:  # an arrival: the routing decision, timed
             req = payload
             t = time.perf_counter()
-            loads = [r.book.load(r.load, SimReplica.CLIENT) for r in reps]
-            dec = router.choose(slots, loads, req.keys, len(req.prompt), model.block_size)
+            # The board's list is the replicas' loads in replica order (slot i is replica i).
+            dec = router.choose(slots, board.loads, req.keys, len(req.prompt), model.block_size, among)
             decisions.append((time.perf_counter() - t) * 1e6)
             if cfg.policy == "kv-aware":
                 index.expect(reps[dec.index].rid, req.keys[:(len(req.prompt) - 1) // model.block_size])

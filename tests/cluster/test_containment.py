@@ -20,6 +20,7 @@ from cluster.kv_index import KVIndex
 from cluster.metrics import Metrics
 from cluster.replica import ActorOutbox, ClientOutboxes
 from cluster.router import Placement, ReplicaHandle, Router
+from cluster.routing import LoadBoard
 from workers.config import ModelConfig
 from workers.engine.client import EngineClient, ReplicaLost, RequestStream
 from workers.engine.messages import EngineLoad, KVEvents, StepOutputs
@@ -211,16 +212,41 @@ def test_load_drains_after_the_engine_forgot_the_client():
     """The engine reports the highest AddRequest number it took, not a count it may reset (a
     Detach of a client silent for 30 s did), so placements never look unacked forever."""
     client = EngineClient(_QueueInbox(), _EmptyOutbox(), is_alive=lambda: True, client_id="c")
+    router = Router(None, max_num_seqs=4, max_queue_len=0)
     h = ReplicaHandle("a", None, client, [], 1)
+    router.add_replica(h)
     for _ in range(5):
         client.add_request([1, 2], SamplingParams(max_tokens=4))
         h.book.placed(client.sent, 6)
     assert [m.seq for m in client._inbox.sent] == [1, 2, 3, 4, 5]
-    client.load = EngineLoad(decode_tokens=10, added=(("c", 3),))
+    # As the reader thread delivers a report: the listener the router set books it.
+    client.on_kv_events(KVEvents(1, [], [], EngineLoad(decode_tokens=10, added=(("c", 3),))))
     assert h.load() == 10 + 2 * 6 and h.book.unacked == 2  # the engine has not counted the last two
-    client.load = EngineLoad(decode_tokens=10, added=(("c", 5),))  # after a detach, the 5th add re-creates it
-    assert h.load() == 10 and h.book.unacked == 0
+    assert router.board.loads[h.slot] == h.load()
+    # After a detach, the 5th add re-creates it.
+    client.on_kv_events(KVEvents(2, [], [], EngineLoad(decode_tokens=10, added=(("c", 5),))))
+    assert h.load() == 10 and h.book.unacked == 0 and router.board.loads[h.slot] == 10
     client.close()
+
+
+def test_the_load_board_holds_each_replica_s_load_and_a_report_may_overtake_its_placement():
+    board = LoadBoard()
+    a, b = board.book(0), board.book(1)
+    a.placed(1, 100)
+    b.report(EngineLoad(prefill_tokens=7, decode_tokens=3), "r")
+    assert board.loads == [100, 10] and (a.load, b.load) == (100, 10)
+    # The engine took AddRequest 2 and reported it before the router booked the placement:
+    # booked late, it is not counted again.
+    b.report(EngineLoad(prefill_tokens=40, decode_tokens=3, added=(("r", 2),)), "r")
+    b.placed(2, 40)
+    assert board.loads[1] == 43 and b.unacked == 0 and b.in_flight == 1
+    a.report(EngineLoad(decode_tokens=100, added=(("r", 1),)), "r")
+    assert board.loads[0] == 100 and a.unacked == 0
+    # A replica that left writes no more: its slot goes to the next replica, from 0.
+    a.retire()
+    c = board.book(0)
+    a.report(EngineLoad(decode_tokens=999), "r")
+    assert board.loads[0] == 0 and c.load == 0
 
 
 def test_late_kv_events_of_a_forgotten_replica_make_no_ghost_slot():

@@ -158,6 +158,30 @@ def test_kv_aware_choice_equals_the_formula_over_every_replica(data):
     assert ll.choose(slots, loads, prompt, prompt_len, block_size).index == least
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_match_counts_each_replica_s_leading_blocks_whatever_else_it_holds(data):
+    """Any holdings, not only whole prefixes (an eviction may take a chain's middle block): a
+    replica's count stops at its first missing block, and replicas outside `among` never count."""
+    n = data.draw(st.integers(1, 10), label="replicas")
+    blocks = data.draw(st.integers(0, 12), label="prompt blocks")
+    prompt = keys(list(range(blocks * 4)), 4)
+    idx = KVIndex()
+    held = {}
+    for i in range(n):
+        which = data.draw(st.lists(st.booleans(), min_size=blocks, max_size=blocks), label=f"r{i} holds")
+        idx.slot(f"r{i}")
+        idx.apply(f"r{i}", ev(1, [k for k, h in zip(prompt, which) if h]))
+        held[idx.slot(f"r{i}")] = which
+    among = data.draw(st.integers(0, 2 ** n - 1), label="among")
+    expected = {}
+    for slot, which in held.items():
+        lead = next((j for j, h in enumerate(which) if not h), blocks)
+        if among >> slot & 1 and lead:
+            expected[slot] = lead
+    assert idx.match(prompt, among) == expected
+
+
 def hot_prefix(n=120, rate=12.0, prefix=512, seed=0):
     """One tenant: every request shares a 512-token system prompt."""
     rng = np.random.default_rng(seed)
