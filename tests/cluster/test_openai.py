@@ -173,13 +173,24 @@ def test_overload_gets_429_and_the_admitted_finish(cluster):
         async with httpx.AsyncClient(timeout=120) as h:
             flood = asyncio.gather(*(h.post(cluster.http + "/v1/completions", json={
                 "model": MODEL, "prompt": "x", "max_tokens": 16, "ignore_eos": True}) for _ in range(30)))
-            await asyncio.sleep(0.5)
+            # Full once the admission bound (2 replicas x 8 + a queue of 8) is in flight: waited
+            # for on the frontend's own gauge, since a fixed wait missed it on a busy CI machine.
+            deadline = time.monotonic() + 30
+            while (now := await asyncio.to_thread(running, cluster)) < 24:
+                assert time.monotonic() < deadline, f"the server never filled: {now:.0f} running"
+                await asyncio.sleep(0.05)
             with pytest.raises(openai.RateLimitError):
                 await asyncio.to_thread(client(cluster).completions.create, model=MODEL, prompt="y", max_tokens=2)
             await flood
 
     asyncio.run(saturated_call())
     assert all(r.kv_blocks_free == r.kv_blocks_total for r in wait_blocks_free(cluster).replicas)
+
+
+def running(cluster) -> float:
+    """The frontend's tpserve_requests_running gauge: requests admitted and not finished."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("tpserve_requests_running "))
 
 
 def aborted(cluster) -> float:
