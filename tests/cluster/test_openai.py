@@ -187,15 +187,19 @@ def test_overload_gets_429_and_the_admitted_finish(cluster):
     assert all(r.kv_blocks_free == r.kv_blocks_total for r in wait_blocks_free(cluster).replicas)
 
 
-def running(cluster) -> float:
-    """The frontend's tpserve_requests_running gauge: requests admitted and not finished."""
+def metric(cluster, name: str) -> float:
+    """One unlabelled series of the frontend's /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).read().decode()
-    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("tpserve_requests_running "))
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def running(cluster) -> float:
+    """Requests admitted and not finished."""
+    return metric(cluster, "tpserve_requests_running")
 
 
 def aborted(cluster) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).read().decode()
-    return float(re.search(r"^tpserve_requests_aborted_total (\S+)$", text, re.M).group(1))
+    return metric(cluster, "tpserve_requests_aborted_total")
 
 
 def test_a_client_that_disconnects_frees_its_blocks_streamed_or_not(cluster):
