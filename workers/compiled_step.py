@@ -29,6 +29,7 @@ import time
 import torch
 
 from workers.models import llama
+from workers.parallel import TPGroup
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ _REGIONS: dict[str, object] = {}
 def _regions():
     """The two compiled functions, made once per process."""
     if not _REGIONS:
+        # The collective stays outside the graph (it is the shared-memory ring or gloo, nothing
+        # inductor fuses). Applied here rather than as a decorator: see TPGroup._all_reduce.
+        TPGroup._all_reduce = torch.compiler.disable(TPGroup._all_reduce)
         _REGIONS["before"] = torch.compile(llama._before_attention, dynamic=True)
         _REGIONS["after"] = torch.compile(llama._after_attention, dynamic=True)
     return _REGIONS["before"], _REGIONS["after"]

@@ -104,7 +104,9 @@ class TPGroup:
             return x
         return self._all_reduce(x)
 
-    @torch.compiler.disable  # a compiled region (workers/compiled_step.py) breaks its graph here
+    # A compiled region breaks its graph here: workers/compiled_step.py wraps this in
+    # torch.compiler.disable when it first compiles (as a decorator it imported torch._dynamo,
+    # 1.8 s of every rank's start, eager or not).
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.local_only:
             return x

@@ -192,12 +192,17 @@ def fixed_costs(threads: int, lm_head_s) -> tuple[float, float, float]:
 def _tiny_model(folder: str, layers: int) -> None:
     """The fixed-cost model: a tiny random Llama with SmolLM2's vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=True)
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar, four times per repeat
+    try:
+        LlamaForCausalLM(cfg).save_pretrained(folder)
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 SERVED_CONCURRENCY = (1, 16)  # served: 16 x 17 prompt tokens still prefill in one chunk of the default 512
@@ -340,7 +345,7 @@ def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]], progr
                 served[str(c)] = json.load(f)["runs"][0]["summary"]["tpot"]["median_ms"] / 1e3
     none = alone[tp]["none"]
     progress(f"  served path at tp {tp} ({time.perf_counter() - t0:.0f} s): " + ", ".join(
-        f"{c} sequences +{(served[c] - none[c]) * 1e3:.1f} ms per step ({none[c] * 1e3:.1f} alone, "
+        f"{c} sequences {(served[c] - none[c]) * 1e3:+.1f} ms per step ({none[c] * 1e3:.1f} alone, "
         f"{served[c] * 1e3:.1f} served)" for c in served))
     for t, by_q in sorted(alone.items()):
         progress(f"  step alone at tp {t}, ms at {', '.join(map(str, ALONE_CONCURRENCY))} sequences: " + "; ".join(
