@@ -16,8 +16,8 @@ planner. Per step, on the slowest (largest) rank:
                model's price of it in the same quantization scales every step's price (what
                the terms above miss of a real model's step), and served minus alone is added
                (what serving costs); both linear between the measured points (the step alone at 1, 4,
-               16 and 64 sequences, keyed by the step's tokens; served at 1 and 16, keyed by
-               its sequences), flat outside them
+               16 and 64 sequences and a 256-token prefill, keyed by the step's tokens; served at
+               1 and 16, keyed by its sequences), flat outside them
 """
 from __future__ import annotations
 
@@ -70,6 +70,10 @@ class RooflineCost:
         priced = self if measured_as else RooflineCost(self.model, self.hw, self.tp, measured_q, self.dtype, self.tp)
         ctx = self.hw.served_context
         scale = {n: t / sum(priced.engine_parts(StepShape((), (ctx,) * int(n))).values()) for n, t in alone.items()}
+        # A prefill step alone (a profile may lack one), at its tokens: past the decode steps'
+        # 64 tokens the steps are mostly prefill chunks, which that scale priced 10-25% off.
+        for n, t in points.get("prefill", {}).get(measured_q, {}).items():
+            scale[n] = t / sum(priced.engine_parts(StepShape(((int(n), 0),), ())).values())
         return scale, added
 
     def parts(self, shape: StepShape) -> dict[str, float]:

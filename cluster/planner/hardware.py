@@ -66,8 +66,9 @@ class HardwareProfile:
     seq_s_per_kvocab: float = 0.0
     # The served path (CPU, measured): str(tp) -> {"alone" | "served": {str(sequences): s}}, a
     # decode step of `served_model` at `served_context` tokens, its worker group stepped alone
-    # (every tp), and as `tpserve serve` runs it with a `tpserve bench` client on this host (one tp). Empty for GPU
-    # profiles: there the frontend runs on host cores the GPUs do not need.
+    # (every tp), and as `tpserve serve` runs it with a `tpserve bench` client on this host (one tp);
+    # "alone_by_quantization" {q: {str(sequences): s}} and "prefill" {q: {str(tokens): s}}, a prefill
+    # step alone. Empty for GPU profiles: there the frontend runs on host cores the GPUs do not need.
     served_s: dict = field(default_factory=dict)
     served_model: str = ""
     served_context: int = 0

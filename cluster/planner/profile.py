@@ -17,14 +17,15 @@ What it measures (each figure the median of --repeats, its min-max kept in `spre
   smallest tp) and streamed by `tpserve bench` from this host: its decode step at 1 and 16 sequences,
   with the frontend's streaming, the Ray poll, detokenizing and the client on the same cores,
   and the model's worker groups (each tp, unquantized and int8) stepped alone at 1, 4, 16 and 64
-  sequences, sampled once per repeat so the median spans the profile's run. Prompts are
-  synthetic.
+  sequences and through one 256-token prefill, sampled once per repeat so the median spans the
+  profile's run. Prompts are synthetic.
 Nothing here reads a benchmark result: the planner is calibrated from this file alone.
 """
 from __future__ import annotations
 
 import os
 import platform
+import itertools
 import statistics
 import tempfile
 import time
@@ -221,6 +222,11 @@ SERVED_PROMPT = BLOCK_SIZE + 1  # tokens: the timed steps decode at contexts 18-
 PROMPT = list(range(100, 100 + SERVED_PROMPT))  # the steps alone; the served bench sends its own of this length
 SERVED_CONTEXT = SERVED_PROMPT + SERVED_TOKENS // 2 + 1  # their mean, as the planner prices them
 ALONE_QUANTS = ("none", "int8")  # int4 takes int8's calibration (the same kernel family)
+# A prefill step alone, per group: the decode steps' scale at 64 tokens priced every longer step,
+# prefill chunks included, and tp 2 int8's TTFT p90 came out +22..+26% in one validation and
+# -9..-18% in the one before (docs/planner.md) with its decode steps within 12%. The top of the
+# validation's prompt lengths (32-256), so its TTFT p90 is a step near this one.
+PREFILL_TOKENS = 256
 
 
 def decode_step(engine, prompt: list[int], sequences: int, tokens: int) -> float:
@@ -236,6 +242,19 @@ def decode_step(engine, prompt: list[int], sequences: int, tokens: int) -> float
     for s in streams[:-1]:
         s.result()
     return (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
+
+
+def prefill_step(engine, first: int) -> float:
+    """Seconds from submitting a PREFILL_TOKENS-token prompt, nothing of it cached (`first`, its
+    first token, differs between calls), to its first token: one prefill step, the request's
+    hand-off to rank 0 and back included (a millisecond here)."""
+    from workers.engine.sampling_params import SamplingParams
+
+    prompt = [first] + list(range(1000, 1000 + PREFILL_TOKENS - 1))
+    t = time.perf_counter()
+    stream = engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    arrivals = [time.perf_counter() for out in stream if out.new_token_ids]  # one: max_tokens=1
+    return arrivals[0] - t
 
 
 class AloneSteps:
@@ -279,6 +298,8 @@ class AloneSteps:
             self._stack.close()
             raise
         self.samples: dict[tuple[int, str, int], list[float]] = {}
+        self.prefill_samples: dict[tuple[int, str], list[float]] = {}
+        self._prompts = itertools.count(3000)  # each prefill sample's first token: no prefix hit
 
     def sample(self, turn: int = 0) -> None:
         """One sample of every group's step at each sequence count: sequence counts outermost, the
@@ -293,6 +314,8 @@ class AloneSteps:
         for c in ALONE_CONCURRENCY:
             for (tp, q), g in order:
                 self.samples.setdefault((tp, q, c), []).append(decode_step(g.engine, PROMPT, c, ALONE_TOKENS[c]))
+        for (tp, q), g in order:
+            self.prefill_samples.setdefault((tp, q), []).append(prefill_step(g.engine, next(self._prompts)))
 
     def medians(self) -> dict[int, dict[str, dict[str, float]]]:
         """tp -> quantization -> {str(sequences): seconds}"""
@@ -301,17 +324,28 @@ class AloneSteps:
             out.setdefault(tp, {}).setdefault(q, {})[str(c)] = statistics.median(v)
         return out
 
+    def prefill_medians(self) -> dict[int, dict[str, dict[str, float]]]:
+        """tp -> quantization -> {str(PREFILL_TOKENS): seconds}"""
+        out: dict = {}
+        for (tp, q), v in self.prefill_samples.items():
+            out.setdefault(tp, {}).setdefault(q, {})[str(PREFILL_TOKENS)] = statistics.median(v)
+        return out
+
     def spread(self) -> dict[str, list[float]]:
-        return {f"alone tp {tp} {q} {c}": [min(v), max(v)] for (tp, q, c), v in self.samples.items()}
+        out = {f"alone tp {tp} {q} {c}": [min(v), max(v)] for (tp, q, c), v in self.samples.items()}
+        out.update({f"alone prefill tp {tp} {q} {PREFILL_TOKENS}": [min(v), max(v)]
+                    for (tp, q), v in self.prefill_samples.items()})
+        return out
 
     def close(self) -> None:
         self._stack.close()
 
 
-def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]], progress=print) -> dict[str, dict[str, dict]]:
+def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]],
+                prefill: dict[int, dict[str, dict[str, float]]], progress=print) -> dict[str, dict[str, dict]]:
     """str(tp) -> {"alone": {str(sequences): s}, "alone_by_quantization": {q: {str(sequences): s}},
-    "served": {str(sequences): s}}: `alone` (AloneSteps.medians: "alone" is the unquantized one)
-    and, at the smallest tp only, `model` served unquantized by `tpserve serve` (one replica) and
+    "prefill": {q: {str(tokens): s}}, "served": {str(sequences): s}}: `alone` (AloneSteps.medians:
+    "alone" is the unquantized one), `prefill` (AloneSteps.prefill_medians) and, at the smallest tp only, `model` served unquantized by `tpserve serve` (one replica) and
     streamed by `tpserve bench` from this host at 1 and 16 sequences, decode steps at context
     SERVED_CONTEXT (at 64 the prompts' prefill would take a second chunk inside the bench's TPOT
     window, a prefill the simulator prices apart). One tp served (hardware.served_points): a
@@ -329,17 +363,18 @@ def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]], progr
     from cluster.bench.main import main as bench_main
 
     out = {str(tp): {"alone": by_q["none"], "served": {},
-                     "alone_by_quantization": {q: v for q, v in by_q.items() if q != "none"}}
+                     "alone_by_quantization": {q: v for q, v in by_q.items() if q != "none"},
+                     "prefill": prefill.get(tp, {})}
            for tp, by_q in alone.items()}
     tp = min(alone)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, running_server("--model", model, "--tp", str(tp), "--replicas", "1") as srv:
         served = out[str(tp)]["served"]
-        for c in SERVED_CONCURRENCY:
+        for c in SERVED_CONCURRENCY:  # the first bench's warm-up request warms the server for both
             report = os.path.join(tmp, f"bench-{tp}-{c}.json")
             with contextlib.redirect_stdout(io.StringIO()):  # its report table is not ours to print
                 bench_main(["--target", srv.target, "--concurrency", str(c), "--num-requests", str(c),
-                            "--warmup", "1", "--workload", "fixed", "--input-len", str(len(PROMPT)),
+                            "--warmup", "1" if c == SERVED_CONCURRENCY[0] else "0", "--workload", "fixed", "--input-len", str(len(PROMPT)),
                             "--output-len", str(SERVED_TOKENS + 1), "--out", report, "--no-progress"])
             with open(report) as f:
                 served[str(c)] = json.load(f)["runs"][0]["summary"]["tpot"]["median_ms"] / 1e3
@@ -349,7 +384,9 @@ def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]], progr
         f"{served[c] * 1e3:.1f} served)" for c in served))
     for t, by_q in sorted(alone.items()):
         progress(f"  step alone at tp {t}, ms at {', '.join(map(str, ALONE_CONCURRENCY))} sequences: " + "; ".join(
-            f"{q} " + " / ".join(f"{v * 1e3:.1f}" for v in a.values()) for q, a in by_q.items()))
+            f"{q} " + " / ".join(f"{v * 1e3:.1f}" for v in a.values()) for q, a in by_q.items())
+            + f"; a {PREFILL_TOKENS}-token prefill " + ", ".join(
+                f"{q} {v[str(PREFILL_TOKENS)] * 1e3:.1f}" for q, v in prefill.get(t, {}).items()))
     return out
 
 
@@ -405,9 +442,9 @@ def profile(repeats: int = 3, progress=print, model: str | None = "smollm2-135m"
     # two medians over many tokens already.
     served = {}
     if alone is not None:
-        medians, alone_spread = alone.medians(), alone.spread()
+        medians, prefills, alone_spread = alone.medians(), alone.prefill_medians(), alone.spread()
         alone.close()
-        served = served_path(folder, medians, progress)
+        served = served_path(folder, medians, prefills, progress)
 
     med = {k: statistics.median(v) for k, v in samples.items()}
     linear: dict = {}

@@ -2,6 +2,7 @@
 cost, the roofline's terms, and `tpserve plan` / `tpserve profile` end to end."""
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -157,6 +158,36 @@ def test_a_quantized_step_alone_calibrates_its_own_quantization(smollm2_dir):
     assert RooflineCost(model, hw, 1, "none").step_time(at[16]) == pytest.approx(1.5 * price(plain, at[16]) + 0.01)
 
 
+def test_a_prefill_step_alone_calibrates_the_steps_at_its_tokens(smollm2_dir):
+    """Past the decode steps' 64 tokens the steps are mostly prefill chunks: the profile's prefill
+    alone, not the 64-sequence decode step, scales them (in the quantization measured)."""
+    model = ModelShape(load_config(str(smollm2_dir)), "smollm2")
+    hw = toy_cpu_profile()
+
+    def price(cost, shape):
+        return sum(cost.engine_parts(shape).values())
+
+    plain, q8 = RooflineCost(model, hw, 1), RooflineCost(model, hw, 1, "int8")
+    at = {n: StepShape((), (25,) * n) for n in (1, 64)}
+    fill = StepShape(((256, 0),), ())
+    hw.served_s = {"1": {"alone": {str(n): 1.5 * price(plain, at[n]) for n in at},
+                         "alone_by_quantization": {"int8": {str(n): 1.5 * price(q8, at[n]) for n in at}},
+                         "prefill": {"none": {"256": 0.9 * price(plain, fill)}, "int8": {"256": 1.2 * price(q8, fill)}},
+                         "served": {str(n): 1.5 * price(plain, at[n]) + 0.01 for n in at}}}
+    hw.served_context = 25
+    cost, int8 = RooflineCost(model, hw, 1), RooflineCost(model, hw, 1, "int8")
+    # The measured prefill comes back (plus one sequence's served time), in each quantization.
+    assert cost.step_time(fill) == pytest.approx(0.9 * price(plain, fill) + 0.01)
+    assert int8.step_time(fill) == pytest.approx(1.2 * price(q8, fill) + 0.01)
+    # Past it flat; between 64 and 256 tokens linear in tokens from the decode scale to it.
+    chunk = StepShape(((512, 0),), ())
+    assert cost.step_time(chunk) == pytest.approx(0.9 * price(plain, chunk) + 0.01)
+    mid = StepShape(((160, 0),), ())
+    assert cost.step_time(mid) == pytest.approx((1.5 - 0.6 * 96 / 192) * price(plain, mid) + 0.01)
+    # The decode steps keep their own scale.
+    assert cost.step_time(at[64]) == pytest.approx(1.5 * price(plain, at[64]) + 0.01)
+
+
 def test_bad_slo_names_the_field():
     assert parse_slo("ttft=500,tpot=40") == {"ttft": 500.0, "tpot": 40.0}
     for bad in ("ttft=abc", "latency=5", "tpot=-1"):
@@ -195,15 +226,20 @@ def test_steps_alone_are_sampled_count_by_count_across_groups_in_a_turned_order(
     and the groups' order turns each repeat so a drift does not always favour the first."""
     from cluster.planner import profile as prof
 
-    calls = []
+    calls, firsts = [], []
     monkeypatch.setattr(prof, "decode_step", lambda engine, prompt, c, tokens: calls.append((engine, c, tokens)) or 0.1)
+    monkeypatch.setattr(prof, "prefill_step", lambda engine, first: calls.append((engine, "prefill", 0))
+                        or firsts.append(first) or 0.3)
     alone = object.__new__(prof.AloneSteps)
     alone.groups = {(1, "none"): type("G", (), {"engine": "none"})(), (1, "int8"): type("G", (), {"engine": "int8"})()}
-    alone.samples = {}
+    alone.samples, alone.prefill_samples, alone._prompts = {}, {}, itertools.count(3000)
     alone.sample(0)
     alone.sample(1)
-    counts = list(prof.ALONE_CONCURRENCY)
+    counts = list(prof.ALONE_CONCURRENCY) + ["prefill"]
     assert [(e, c) for e, c, _ in calls] == (
         [(g, c) for c in counts for g in ("none", "int8")] + [(g, c) for c in counts for g in ("int8", "none")])
-    assert all(t == prof.ALONE_TOKENS[c] for _, c, t in calls)
-    assert all(len(v) == 2 for v in alone.samples.values()) and len(alone.samples) == 2 * len(counts)
+    assert all(t == prof.ALONE_TOKENS[c] for _, c, t in calls if c != "prefill")
+    assert all(len(v) == 2 for v in alone.samples.values()) and len(alone.samples) == 2 * len(prof.ALONE_CONCURRENCY)
+    # Every prefill sample is a prompt not seen before (no prefix-cache hit), one per group and turn.
+    assert len(set(firsts)) == 4 and all(len(v) == 2 for v in alone.prefill_samples.values())
+    assert alone.prefill_medians() == {1: {"none": {str(prof.PREFILL_TOKENS): 0.3}, "int8": {str(prof.PREFILL_TOKENS): 0.3}}}
