@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
@@ -19,6 +20,22 @@ def greedy_request(prompt=PROMPT, n=12, **kw):
 
 def status(cluster) -> pb.ClusterStatus:
     return stub(cluster).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
+
+
+def scrape(server) -> dict[str, float]:
+    """Every series of the frontend's /metrics, keyed as Prometheus prints it (`name{labels}`)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def series(server, name: str) -> list[float]:
+    """The values of metric `name`, one per label set."""
+    return [v for k, v in scrape(server).items() if k == name or k.startswith(name + "{")]
 
 
 def wait_blocks_free(cluster, timeout_s=20) -> pb.ClusterStatus:

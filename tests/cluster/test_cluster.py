@@ -16,7 +16,7 @@ from workers.engine.sampling_params import SamplingParams
 from workers.launcher import start_worker_group
 from workers.worker import WorkerSpec
 
-from tests.cluster.helpers import PROMPT, greedy_request, status, stub, wait_blocks_free
+from tests.cluster.helpers import PROMPT, greedy_request, scrape, status, stub, wait_blocks_free
 
 
 def test_streaming_generate_at_tp2_equals_offline_engine_and_transformers(cluster, smollm2_reference, smollm2_dir):
@@ -153,13 +153,9 @@ def test_cluster_status_reports_replicas_workers_and_kv(cluster):
 
 
 def test_prometheus_metrics_count_requests_and_kv_use(cluster):
-    import urllib.request
-
     stub(cluster).Complete(greedy_request(n=3), timeout=120)
     # No GetClusterStatus first: a Prometheus-only deployment sees the per-replica series too.
-    text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).read().decode()
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-              if line.startswith("tpserve_") and " " in line}
+    values = scrape(cluster)
     assert values["tpserve_time_to_first_token_seconds_count"] >= 1
     assert values["tpserve_inter_token_latency_seconds_count"] >= 2
     assert values["tpserve_e2e_request_latency_seconds_count"] >= 1

@@ -8,14 +8,13 @@ import re
 import shutil
 import subprocess
 import time
-import urllib.request
 
 import httpx
 import openai
 import pytest
 
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
-from tests.cluster.helpers import stub, wait_blocks_free
+from tests.cluster.helpers import scrape, stub, wait_blocks_free
 
 MODEL = "smollm2-135m"
 PROMPT = "The capital of France is"
@@ -189,8 +188,7 @@ def test_overload_gets_429_and_the_admitted_finish(cluster):
 
 def metric(cluster, name: str) -> float:
     """One unlabelled series of the frontend's /metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).read().decode()
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+    return scrape(cluster)[name]
 
 
 def running(cluster) -> float:

@@ -8,10 +8,8 @@ in seconds); each test shuts its controller down, so the next starts clean.
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -19,7 +17,7 @@ import pytest
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
 from tests.cluster.conftest import ServeProcess
-from tests.cluster.helpers import wait_replicas
+from tests.cluster.helpers import scrape, series, wait_replicas
 from tests.reliability import record
 
 STALL_S = 2.0
@@ -160,15 +158,10 @@ def two_frontends(gcs, tiny_text_model, tmp_path_factory):
     """)
 
 
-def metric(server, name: str) -> list[float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    return [float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, flags=re.M)]
-
-
 def index_blocks(server) -> list[float]:
     """The frontend's KV index size per replica (the gauge is set when cluster status is read)."""
     pb_grpc.TpserveServiceStub(server.channel()).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
-    return sorted(metric(server, "tpserve_routing_index_blocks"))
+    return sorted(series(server, "tpserve_routing_index_blocks"))
 
 
 def test_two_frontends_index_the_same_cache_and_route_a_shared_prefix_to_it(two_frontends):
@@ -188,9 +181,8 @@ def test_two_frontends_index_the_same_cache_and_route_a_shared_prefix_to_it(two_
         prompt_token_ids=pb.TokenIds(ids=prefix + [9, 10, 11]),
         sampling=pb.SamplingParameters(max_tokens=4, temperature=0, ignore_eos=True)), timeout=60)
     assert second.cached_prompt_tokens == 96
-    assert metric(b, "tpserve_routing_decisions_total") == [1.0]  # one decision, reason "cache"
-    text = urllib.request.urlopen(f"http://127.0.0.1:{b.metrics_port}/metrics", timeout=10).read().decode()
-    assert 'tpserve_routing_decisions_total{reason="cache"} 1.0' in text
+    assert series(b, "tpserve_routing_decisions_total") == [1.0]  # one decision, reason "cache"
+    assert scrape(b)['tpserve_routing_decisions_total{reason="cache"}'] == 1.0
 
 
 def test_two_frontends_share_replicas_and_one_dying_leaves_the_others_streams_whole(two_frontends):
@@ -242,5 +234,5 @@ def test_a_reused_request_id_is_refused_and_leaks_no_count_so_no_replica_restart
     after = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
     assert after.requests_in_flight == 0 and after.replica_restarts == before.replica_restarts
     assert {r.replica_id for r in after.replicas} == {r.replica_id for r in before.replicas}
-    assert metric(b, "tpserve_replica_requests_in_flight") == [0.0, 0.0]
-    assert metric(b, "tpserve_replica_load_tokens") == [0.0, 0.0]
+    assert series(b, "tpserve_replica_requests_in_flight") == [0.0, 0.0]
+    assert series(b, "tpserve_replica_load_tokens") == [0.0, 0.0]

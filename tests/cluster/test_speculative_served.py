@@ -3,13 +3,12 @@ gRPC, counted in GetClusterStatus and Prometheus, and reported by `tpserve bench
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import pytest
 
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from tests.cluster.conftest import ServeProcess
-from tests.cluster.helpers import stub
+from tests.cluster.helpers import scrape, stub
 from tests.workers.reference import reference_greedy
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
@@ -37,9 +36,7 @@ def test_greedy_stream_equals_transformers_and_proposals_were_accepted(served, s
     assert len(msgs) < 24  # some steps emitted several tokens
     st = stub(served).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30).replicas[0]
     assert 0 < st.spec_decode_num_accepted_tokens <= st.spec_decode_num_draft_tokens
-    text = urllib.request.urlopen(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10).read().decode()
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-              if line.startswith("tpserve_spec") and " " in line}
+    values = {k: v for k, v in scrape(served).items() if k.startswith("tpserve_spec")}
     accepted = [v for k, v in values.items() if k.startswith("tpserve_spec_decode_num_accepted_tokens_total")]
     assert accepted and accepted[0] >= st.spec_decode_num_accepted_tokens
     assert any(k.startswith("tpserve_spec_decode_mean_accepted_length") and v > 1 for k, v in values.items())
