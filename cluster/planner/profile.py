@@ -1,4 +1,4 @@
-"""`tpserve profile`: measure this machine for the planner (2-core VM, 2026-12-04: 126-154 s at --repeats 1).
+"""`tpserve profile`: measure this machine for the planner (2-core VM, 2026-12-05: 114-162 s at --repeats 1).
 
     tpserve profile --out hw.json [--repeats 3]
 
@@ -23,9 +23,9 @@ Nothing here reads a benchmark result: the planner is calibrated from this file 
 """
 from __future__ import annotations
 
+import itertools
 import os
 import platform
-import itertools
 import statistics
 import tempfile
 import time
@@ -345,8 +345,8 @@ def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]],
                 prefill: dict[int, dict[str, dict[str, float]]], progress=print) -> dict[str, dict[str, dict]]:
     """str(tp) -> {"alone": {str(sequences): s}, "alone_by_quantization": {q: {str(sequences): s}},
     "prefill": {q: {str(tokens): s}}, "served": {str(sequences): s}}: `alone` (AloneSteps.medians:
-    "alone" is the unquantized one), `prefill` (AloneSteps.prefill_medians) and, at the smallest tp only, `model` served unquantized by `tpserve serve` (one replica) and
-    streamed by `tpserve bench` from this host at 1 and 16 sequences, decode steps at context
+    "alone" is the unquantized one), `prefill` (AloneSteps.prefill_medians) and, at the smallest
+    tp only, `model` served unquantized by `tpserve serve` (one replica) and streamed by `tpserve bench` from this host at 1 and 16 sequences, decode steps at context
     SERVED_CONTEXT (at 64 the prompts' prefill would take a second chunk inside the bench's TPOT
     window, a prefill the simulator prices apart). One tp served (hardware.served_points): a
     server start costs seconds.
@@ -374,8 +374,9 @@ def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]],
             report = os.path.join(tmp, f"bench-{tp}-{c}.json")
             with contextlib.redirect_stdout(io.StringIO()):  # its report table is not ours to print
                 bench_main(["--target", srv.target, "--concurrency", str(c), "--num-requests", str(c),
-                            "--warmup", "1" if c == SERVED_CONCURRENCY[0] else "0", "--workload", "fixed", "--input-len", str(len(PROMPT)),
-                            "--output-len", str(SERVED_TOKENS + 1), "--out", report, "--no-progress"])
+                            "--warmup", "1" if c == SERVED_CONCURRENCY[0] else "0", "--workload", "fixed",
+                            "--input-len", str(len(PROMPT)), "--output-len", str(SERVED_TOKENS + 1), "--out", report,
+                            "--no-progress"])
             with open(report) as f:
                 served[str(c)] = json.load(f)["runs"][0]["summary"]["tpot"]["median_ms"] / 1e3
     none = alone[tp]["none"]
