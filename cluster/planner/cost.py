@@ -17,7 +17,8 @@ planner. Per step, on the slowest (largest) rank:
                the terms above miss of a real model's step), and served minus alone is added
                (what serving costs); both linear between the measured points (the step alone at 1, 4,
                16 and 64 sequences and a 256-token prefill, keyed by the step's tokens; served at
-               1 and 16, keyed by its sequences), flat outside them
+               one sequence since 2026-12-05, at 1 and 16 before, keyed by its sequences), flat
+               outside them
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ What it measures (each figure the median of --repeats, its min-max kept in `spre
 - fixed costs: a tiny random Llama (hidden 64, SmolLM2's 49,152-entry vocabulary) run by the
   engine core at 2 and 8 layers and at 1 and 16 sequences: per step, per layer, per sampled row;
 - the served path: `--model` (SmolLM2 by default) served by `tpserve serve` (one replica, the
-  smallest tp) and streamed by `tpserve bench` from this host: its decode step at 1 and 16 sequences,
+  smallest tp) and streamed by `tpserve bench` from this host: its decode step at one sequence,
   with the frontend's streaming, the Ray poll, detokenizing and the client on the same cores,
   and the model's worker groups (each tp, unquantized and int8) stepped alone at 1, 4, 16 and 64
   sequences and through one 256-token prefill, sampled once per repeat so the median spans the
@@ -206,7 +206,15 @@ def _tiny_model(folder: str, layers: int) -> None:
         hf_logging.enable_progress_bar()
 
 
-SERVED_CONCURRENCY = (1, 16)  # served: 16 x 17 prompt tokens still prefill in one chunk of the default 512
+# Served at one sequence only, over SERVED_REQUESTS requests one after the other: what serving
+# adds per step was measured at 16 sequences too until 2026-12-05, and there it was a difference of
+# two single ~300 ms samples (served minus alone) on a machine whose steps move 15% a second apart.
+# Six profiles that day measured +16.3, -25.1, +65.6, +32.9, +56.2 and -54.5 ms at 16 (mean +15,
+# standard deviation 47) against +18.6, +6.6, +20.9, +19.5, +22.7 and +15.2 at one (mean +17,
+# deviation 6): the same added time per step within noise, and the 16-sequence point contributed
+# only its noise to every prediction at 16 and more sequences.
+SERVED_CONCURRENCY = (1,)
+SERVED_REQUESTS = 3  # the TPOT median over three single-sequence requests (the bench's time of the 16's)
 ALONE_CONCURRENCY = (1, 4, 16, 64)  # alone: timed from the token arrivals after the last prefill
 SERVED_TOKENS = 16  # decode steps timed per served request
 # Tokens per sample alone (the steps after the first token are timed), sampled once per repeat:
@@ -346,9 +354,8 @@ def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]],
     """str(tp) -> {"alone": {str(sequences): s}, "alone_by_quantization": {q: {str(sequences): s}},
     "prefill": {q: {str(tokens): s}}, "served": {str(sequences): s}}: `alone` (AloneSteps.medians:
     "alone" is the unquantized one), `prefill` (AloneSteps.prefill_medians) and, at the smallest
-    tp only, `model` served unquantized by `tpserve serve` (one replica) and streamed by `tpserve bench` from this host at 1 and 16 sequences, decode steps at context
-    SERVED_CONTEXT (at 64 the prompts' prefill would take a second chunk inside the bench's TPOT
-    window, a prefill the simulator prices apart). One tp served (hardware.served_points): a
+    tp only, `model` served unquantized by `tpserve serve` (one replica) and streamed by `tpserve
+    bench` from this host at SERVED_CONCURRENCY, decode steps at context SERVED_CONTEXT. One tp served (hardware.served_points): a
     server start costs seconds.
 
     What serving adds is measured on the model's own shapes, because it is not the frontend's CPU
@@ -370,10 +377,10 @@ def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]],
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, running_server("--model", model, "--tp", str(tp), "--replicas", "1") as srv:
         served = out[str(tp)]["served"]
-        for c in SERVED_CONCURRENCY:  # the first bench's warm-up request warms the server for both
+        for c in SERVED_CONCURRENCY:  # the first bench's warm-up request warms the server for all
             report = os.path.join(tmp, f"bench-{tp}-{c}.json")
             with contextlib.redirect_stdout(io.StringIO()):  # its report table is not ours to print
-                bench_main(["--target", srv.target, "--concurrency", str(c), "--num-requests", str(c),
+                bench_main(["--target", srv.target, "--concurrency", str(c), "--num-requests", str(c * SERVED_REQUESTS),
                             "--warmup", "1" if c == SERVED_CONCURRENCY[0] else "0", "--workload", "fixed",
                             "--input-len", str(len(PROMPT)), "--output-len", str(SERVED_TOKENS + 1), "--out", report,
                             "--no-progress"])
