@@ -1,4 +1,5 @@
-"""llama.cpp as tpserve's CPU peer, driven through llama-cpp-python's low-level batch API.
+"""llama.cpp as tpserve's CPU peer, driven through llama-cpp-python's low-level batch API (its
+high-level `Llama` for lookup decoding, which only that layer has).
 
 Runs in the benchmark's own venv (`make bench-peers` builds `.venv-peers`), never in tpserve's:
     .venv-peers/bin/python benchmarks/llama_cpp_driver.py MODEL.gguf < job.json > result.json
@@ -14,6 +15,11 @@ tokenizer, the same vocabulary the GGUF carries), so every system sees the same 
 - {"op": "perplexity", "tokens": [...], "window": W, "stride": S}
   logits at every position (each batch entry asks for its logits: llama.cpp's logits_all),
   scored exactly as benchmarks.quality scores tpserve.
+- {"op": "lookup", "prompts": [[...], ...], "new_tokens": N, "num_pred_tokens": K, "repeats": R}
+  batch 1, greedy, N tokens per prompt (EOS not checked: `generate` never stops on its own), the
+  prompts one after another, through llama-cpp-python's own high-level `Llama.generate` with its
+  prompt lookup decoding (`LlamaPromptLookupDecoding`, K proposed tokens) or, with K = 0, without
+  it; output tokens / seconds (prefill included, as benchmarks.speculative times tpserve) per repeat.
 
 Only this file imports llama_cpp; it imports nothing from tpserve.
 """
@@ -127,6 +133,29 @@ def perplexity(llm: Llama, tokens: list[int], window: int, stride: int) -> float
     return math.exp(nll / n)
 
 
+def lookup(path: str, prompts: list[list[int]], n: int, k: int, repeats: int, threads: int) -> list[float]:
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                          draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k) if k else None, verbose=False)
+
+    def run(prompt: list[int], tokens: int) -> int:
+        got = 0
+        for _ in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, reset=True):
+            got += 1
+            if got == tokens:
+                break
+        return got
+
+    run(prompts[0], 4)  # warm-up
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        tokens = sum(run(p, n) for p in prompts)
+        out.append(tokens / (time.perf_counter() - t))
+    return out
+
+
 def main() -> None:
     path = sys.argv[1]
     job = json.load(sys.stdin)
@@ -152,6 +181,9 @@ def main() -> None:
     elif job["op"] == "perplexity":
         llm = Llama(path, 1, job["window"], threads)
         out = {"perplexity": perplexity(llm, job["tokens"], job["window"], job["stride"])}
+    elif job["op"] == "lookup":
+        out = {"tok_s": lookup(path, job["prompts"], job["new_tokens"], job["num_pred_tokens"], job.get("repeats", 3),
+                               threads)}
     else:
         raise SystemExit(f"unknown op {job['op']!r}")
     out["llama_cpp_python"] = llama_cpp.__version__

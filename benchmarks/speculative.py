@@ -13,6 +13,9 @@
    repetitive workload with speculation allowed at every batch size (max_batch lifted): where the
    ratio falls below 1 is the cross-over the engine's max_batch default comes from. Then the
    same at concurrency 16 with the default rule. --repeats runs each, median and min-max shown.
+4. With --llama-cpp (`make bench-peers` builds its venv): llama.cpp on the same GGUF that tpserve
+   converts (Q4_1), batch 1, the same repetitive prompts and token count, greedy, with
+   llama-cpp-python's prompt lookup decoding and without, beside tpserve's batch-1 rows.
 Every figure is measured in this run; the ratios are against this run's no-speculation engine.
 """
 from __future__ import annotations
@@ -95,6 +98,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,2,4,8,16")
     ap.add_argument("--output-len", type=int, default=128, help="tokens per request in the speed runs")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: equality,sampling,speed")
+    ap.add_argument("--llama-cpp", action="store_true", help="also llama.cpp's lookup decoding (needs .venv-peers)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from transformers import AutoTokenizer
@@ -147,7 +151,7 @@ def main() -> None:
 
     if "speed" not in skip:
         conc = [int(c) for c in args.concurrency.split(",")]
-        rep = tokenized(tok, max(conc), seed=3)
+        rep = tokenized(tok, max(*conc, 3), seed=3)  # three at least: the batch-1 rows take three
         rnd = random_prompts(8, len(tok), seed=4)
         params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
         # Sampled at temperature 1 the output of random-token prompts does not loop (greedy, it
@@ -190,7 +194,35 @@ def main() -> None:
                 cells += [fmt(x), f"{statistics.median(ratio):.2f}x ({min(ratio):.2f}-{max(ratio):.2f})",
                           f"{acc:.0%}, {length:.2f}"]
             print(f"| {label} | {c} | " + " | ".join(cells) + " |")
+        if args.llama_cpp:
+            llama_rows(args, rep[:3], {n: statistics.median(tps[(n, "repetitive", 1)]) for n in names})
     print(f"\n{time.perf_counter() - t0:.0f} s")
+
+
+def llama_rows(args, prompts: list[list[int]], ours: dict[str, float]) -> None:
+    """llama.cpp at batch 1 on `prompts`, without and with its lookup decoding, against `ours`
+    (tpserve's batch-1 repetitive tok/s by method, this run)."""
+    from benchmarks.peers import PEERS_PY, llama_cpp
+    from workers.model_source import builtin_gguf
+
+    if not PEERS_PY.exists():
+        raise SystemExit(f"{PEERS_PY} is missing: run `make bench-peers` (it builds llama-cpp-python once)")
+    gguf = builtin_gguf(args.model)
+    got = {}
+    # llama-cpp-python's default proposal length (10) and ours (--k).
+    for label, k in (("plain", 0), (f"lookup, {args.k} proposed", args.k), ("lookup, 10 proposed", 10)):
+        got[label] = llama_cpp(gguf, {"op": "lookup", "prompts": prompts, "new_tokens": args.output_len,
+                                      "num_pred_tokens": k, "repeats": args.repeats})["tok_s"]
+    best = max(ours, key=ours.get)
+    print(f"\nllama.cpp ({gguf.name}, llama-cpp-python's Llama.generate, 2 threads), batch 1, the repetitive "
+          f"workload's first {len(prompts)} prompts, {args.output_len} tokens each, greedy:\n")
+    print("| system | tok/s | vs llama.cpp plain | tpserve's best batch-1 setting vs it |\n|---|---:|---:|---:|")
+    plain = statistics.median(got["plain"])
+    for label, xs in got.items():
+        print(f"| llama.cpp {label} | {fmt(xs)} | {statistics.median(xs) / plain:.2f}x | "
+              f"{ours[best] / statistics.median(xs):.2f}x |")
+    for n, v in ours.items():
+        print(f"| tpserve {args.dtype} {args.quantization}, {n} | {v:.2f} | {v / plain:.2f}x | |")
 
 
 if __name__ == "__main__":
