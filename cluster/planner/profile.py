@@ -1,4 +1,4 @@
-"""`tpserve profile`: measure this machine for the planner (2-core VM, 2026-12-05: 114-162 s at --repeats 1).
+"""`tpserve profile`: measure this machine for the planner (2-core VM, 2026-12-05: 114-177 s at --repeats 1).
 
     tpserve profile --out hw.json [--repeats 3]
 
@@ -355,8 +355,8 @@ def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]],
     "prefill": {q: {str(tokens): s}}, "served": {str(sequences): s}}: `alone` (AloneSteps.medians:
     "alone" is the unquantized one), `prefill` (AloneSteps.prefill_medians) and, at the smallest
     tp only, `model` served unquantized by `tpserve serve` (one replica) and streamed by `tpserve
-    bench` from this host at SERVED_CONCURRENCY, decode steps at context SERVED_CONTEXT. One tp served (hardware.served_points): a
-    server start costs seconds.
+    bench` from this host at SERVED_CONCURRENCY, decode steps at context SERVED_CONTEXT. One tp
+    served (hardware.served_points): a server start costs seconds.
 
     What serving adds is measured on the model's own shapes, because it is not the frontend's CPU
     time alone: while a step's OpenMP threads hold every core, each wake-up of the frontend, the Ray
