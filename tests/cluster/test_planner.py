@@ -243,3 +243,27 @@ def test_steps_alone_are_sampled_count_by_count_across_groups_in_a_turned_order(
     # Every prefill sample is a prompt not seen before (no prefix-cache hit), one per group and turn.
     assert len(set(firsts)) == 4 and all(len(v) == 2 for v in alone.prefill_samples.values())
     assert alone.prefill_medians() == {1: {"none": {str(prof.PREFILL_TOKENS): 0.3}, "int8": {str(prof.PREFILL_TOKENS): 0.3}}}
+
+
+def test_each_repeat_keeps_the_faster_of_its_two_prefill_samples(monkeypatch):
+    """A prefill step alone is sampled twice per repeat, the second time in the other order, and the
+    repeat keeps the faster (a slow moment under one ~2 s sample set every TTFT past one sequence);
+    across repeats the median of those."""
+    from cluster.planner import profile as prof
+
+    times = iter([2.0, 1.0, 1.2, 3.0,   # turn 0: none, int8 by sample; int8, none again (reversed)
+                  1.5, 1.6, 1.4, 4.0,   # turn 1: int8, none; none, int8
+                  9.0, 9.0, 1.1, 1.3])  # turn 2 as turn 0
+    order = []
+    monkeypatch.setattr(prof, "decode_step", lambda engine, prompt, c, tokens: 0.1)
+    monkeypatch.setattr(prof, "prefill_step", lambda engine, first: order.append(engine) or next(times))
+    alone = object.__new__(prof.AloneSteps)
+    alone.groups = {(1, "none"): type("G", (), {"engine": "none"})(), (1, "int8"): type("G", (), {"engine": "int8"})()}
+    alone.samples, alone.prefill_samples, alone._prompts = {}, {}, itertools.count(3000)
+    for turn in range(3):
+        alone.sample(turn)
+        alone.sample_prefill_again(turn)
+    assert order == ["none", "int8", "int8", "none", "int8", "none", "none", "int8", "none", "int8", "int8", "none"]
+    # none: min(2.0, 3.0), min(1.6, 1.4), min(9.0, 1.3) -> median(2.0, 1.4, 1.3); int8: 1.0, 1.5, 1.1
+    assert alone.prefill_medians() == {1: {"none": {str(prof.PREFILL_TOKENS): 1.4}, "int8": {str(prof.PREFILL_TOKENS): 1.1}}}
+    assert alone.spread()[f"alone prefill tp 1 none {prof.PREFILL_TOKENS}"] == [1.3, 9.0]
