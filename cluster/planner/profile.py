@@ -1,4 +1,4 @@
-"""`tpserve profile`: measure this machine for the planner (2-core VM, 2026-12-05: 114-177 s at --repeats 1).
+"""`tpserve profile`: measure this machine for the planner (2-core VM, 2026-12-05: 60-177 s at --repeats 1).
 
     tpserve profile --out hw.json [--repeats 3]
 
