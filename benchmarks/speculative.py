@@ -10,9 +10,10 @@
 3. Speed: output tokens/s, without against ngram (and the draft), at batch 1 on the repetitive
    workload and on random-token prompts, greedy (whose output loops) and sampled at temperature 1
    (nothing to look up), and at each --concurrency on the
-   repetitive workload with speculation allowed at every batch size (max_batch lifted): where the
-   ratio falls below 1 is the cross-over the engine's max_batch default comes from. Then the
-   same at concurrency 16 with the default rule. --repeats runs each, median and min-max shown.
+   repetitive workload with speculation forced at every batch size (max_batch lifted, the cost
+   rule off): where the ratio falls below 1 is the cross-over the engine's max_batch default comes
+   from. Then the same at the top concurrency with the default rules, and with the cost rule alone
+   deciding (max_batch lifted). --repeats runs each, median and min-max shown.
 4. With --llama-cpp (`make bench-peers` builds its venv): llama.cpp on the same GGUF that tpserve
    converts (Q4_1), batch 1, the same repetitive prompts and token count, greedy, with
    llama-cpp-python's prompt lookup decoding and without, beside tpserve's batch-1 rows.
@@ -51,8 +52,15 @@ def random_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
             for _ in range(n)]
 
 
-def configs(args, max_batch: int | None = None) -> dict[str, SpeculativeConfig | None]:
-    extra = {} if max_batch is None else {"max_batch": max_batch}
+# The engine's rules for when to speculate, as the speed rows run them: its defaults; forced at any
+# batch (every proposal verified: where that stops paying is the cross-over); and the cost rule alone
+# deciding at any batch (max_batch lifted).
+MODES = {"default": {}, "forced": {"max_batch": UNLIMITED, "adaptive": False},
+         "adaptive": {"max_batch": UNLIMITED, "adaptive": True}}
+
+
+def configs(args, mode: str = "default") -> dict[str, SpeculativeConfig | None]:
+    extra = MODES[mode]
     out = {"none": None, "ngram": SpeculativeConfig("ngram", args.k, prompt_lookup_max=args.lookup_max,
                                                     prompt_lookup_min=args.lookup_min, **extra)}
     if args.draft:
@@ -77,6 +85,11 @@ def timed(g, prompts, params, concurrency: int) -> tuple[float, int, dict, list[
     after = g.engine.call("stats")
     return seconds, sum(map(len, outs)), {k: getattr(after, k) - getattr(before, k)
                                           for k in ("spec_drafts", "spec_draft_tokens", "spec_accepted_tokens")}, outs
+
+
+def base_of(label: str) -> str:
+    """The no-speculation row a speed row is compared with: the same workload, whatever the rule."""
+    return "repetitive" if label.startswith("repetitive") else label
 
 
 def fmt(xs: list[float]) -> str:
@@ -116,7 +129,7 @@ def main() -> None:
         print("| tp | method | greedy texts equal to no speculation | acceptance |\n|---:|---|---:|---:|")
         for tp in (int(t) for t in args.tps.split(",")):
             base = None
-            for name, spec in configs(args, UNLIMITED).items():
+            for name, spec in configs(args, "forced").items():
                 with group(args, tp, spec) as g:
                     _, _, sp, outs = timed(g, prompts, greedy, 64)
                 if base is None:
@@ -143,7 +156,7 @@ def main() -> None:
             return [0.5 * float(np.abs(x - y).sum()) for x, y in zip(a, b)]
 
         a, b = freqs(None, 0), freqs(None, 10_000)
-        s = freqs(configs(args, UNLIMITED)["ngram"], 20_000)
+        s = freqs(configs(args, "forced")["ngram"], 20_000)
         honest, spec_tv = tv(a, b), tv(s, a)
         print(f"sampling, {n} requests (independent seeds), temperature 1: total variation 1st token {spec_tv[0]:.3f} "
               f"(two runs without: {honest[0]:.3f}), 10th token {spec_tv[1]:.3f} (without: {honest[1]:.3f})\n",
@@ -158,23 +171,30 @@ def main() -> None:
         # does: its 100% acceptance above), so the lookup has nothing to find: speculation's floor.
         sampled = SamplingParams(max_tokens=args.output_len, temperature=1.0, ignore_eos=True, seed=11)
         row_params = {"random tokens, sampled": sampled}
-        rows = [("repetitive", 1, rep[:3], None), ("random tokens", 1, rnd[:3], None),
-                ("random tokens, sampled", 1, rnd[:3], None)]
-        rows += [("repetitive", c, rep[:c], UNLIMITED) for c in conc if c > 1]
+        rows = [("repetitive", 1, rep[:3], "default"), ("random tokens", 1, rnd[:3], "default"),
+                ("random tokens, sampled", 1, rnd[:3], "default")]
+        rows += [("repetitive, forced at any batch", c, rep[:c], "forced") for c in conc if c > 1]
         if max(conc) > 1:
-            rows += [("repetitive, default max_batch", max(conc), rep[:max(conc)], None)]
+            rows += [("repetitive, default rule", max(conc), rep[:max(conc)], "default"),
+                     ("repetitive, cost rule at any batch", max(conc), rep[:max(conc)], "adaptive")]
         tps = {}
-        specs = {mb: configs(args, mb) for mb in (None, UNLIMITED)}
-        names = list(specs[None])
+        specs = {mode: configs(args, mode) for mode in MODES}
+        names = list(specs["default"])
         for name in names:
-            for mb in (None, UNLIMITED):
-                if name == "none" and mb is not None:
+            for mode in MODES:
+                if name == "none" and mode != "default":
                     continue
-                with group(args, 1, specs[mb][name]) as g:
+                with group(args, 1, specs[mode][name]) as g:
                     g.engine.generate(rep[:2], SamplingParams(max_tokens=8, temperature=0.0))  # warm-up
-                    for label, c, prompts, want_mb in rows:
-                        if (name == "none" and label.endswith("max_batch")) or (name != "none" and want_mb != mb):
-                            continue  # without speculation max_batch means nothing: one baseline
+                    seen = set()
+                    for label, c, prompts, want in rows:
+                        if name == "none":  # without speculation the rule means nothing: one baseline per c
+                            label = base_of(label)
+                            if (label, c) in seen:
+                                continue
+                            seen.add((label, c))
+                        elif want != mode:
+                            continue
                         got = [timed(g, prompts, row_params.get(label, params), c) for _ in range(args.repeats)]
                         tps[(name, label, c)] = [n / s for s, n, _, _ in got]
                         sp = got[-1][2]
@@ -184,8 +204,7 @@ def main() -> None:
             f"{n} tok/s | {n} vs none | {n} acceptance, tokens per verify" for n in names[1:]) + " |"
         print(head + "\n|---|---:|---:|" + "---:|---:|---:|" * (len(names) - 1))
         for label, c, _, _ in rows:
-            base_label = "repetitive" if label.startswith("repetitive") else label
-            base = tps[("none", base_label, c)]
+            base = tps[("none", base_of(label), c)]
             cells = [fmt(base)]
             for n in names[1:]:
                 x = tps[(n, label, c)]

@@ -81,6 +81,9 @@ class ReplicaCollector(Collector):
         accepted = counter("tpserve_spec_decode_num_accepted_tokens", "Proposed tokens the target model accepted")
         paused = counter("tpserve_spec_decode_num_paused",
                          "Times a request's proposals were paused because too few were accepted")
+        declined = counter("tpserve_spec_decode_num_declined",
+                           "Sequence-steps left without proposals because verifying them was not expected "
+                           "to pay at this step's measured cost")
         mean_len = family("tpserve_spec_decode_mean_accepted_length",
                           "Tokens a verifying sequence-step emitted on average: 1 + accepted / drafts")
         waiting = 0
@@ -99,9 +102,11 @@ class ReplicaCollector(Collector):
             draft_tokens.add_metric([rid], st.spec_draft_tokens)
             accepted.add_metric([rid], st.spec_accepted_tokens)
             paused.add_metric([rid], st.spec_paused)
+            declined.add_metric([rid], st.spec_declined)
             if st.spec_drafts:
                 mean_len.add_metric([rid], 1 + st.spec_accepted_tokens / st.spec_drafts)
-        yield from (kv, hits, ratio, index, in_flight, load_tokens, drafts, draft_tokens, accepted, paused, mean_len)
+        yield from (kv, hits, ratio, index, in_flight, load_tokens, drafts, draft_tokens, accepted, paused, declined,
+                    mean_len)
         yield GaugeMetricFamily("tpserve_requests_waiting", "Requests queued in replica engines", value=waiting)
         yield GaugeMetricFamily("tpserve_replicas_ready", "Replicas this frontend can route to", value=len(r.ready))
         yield CounterMetricFamily("tpserve_replica_restarts", "Replicas the controller replaced (failed, hung "

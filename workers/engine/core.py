@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as futures_wait
 
@@ -192,7 +193,12 @@ class EngineCore:
                                                     for c in sched.chunks):
             raise RuntimeError("injected fault (TPSERVE_FAILPOINT_SALT)")
         plan, sampling = self._plan(sched)
+        t = time.perf_counter()
         results = self.executor.execute(plan, sampling)
+        if self.speculator is not None and all(c.spec or (c.num_tokens == 1 and c.seq.num_computed_tokens
+                                                          >= len(c.seq.prompt_token_ids)) for c in sched.chunks):
+            # A step that decodes only: what the speculation rule prices the next steps with.
+            self.speculator.timed(len(plan.input_ids), time.perf_counter() - t)
         return admitted + self._commit(sched, sampling, results)
 
     def _admit_compiled(self) -> list[RequestOutput]:
@@ -423,4 +429,5 @@ class EngineCore:
             sp = self.speculator.stats
             st.spec_drafts, st.spec_draft_tokens = sp.num_drafts, sp.num_draft_tokens
             st.spec_accepted_tokens, st.spec_paused = sp.num_accepted_tokens, sp.num_paused
+            st.spec_declined = sp.num_declined
         return EngineStats(**{k: getattr(st, k) for k in st.__slots__})

@@ -56,3 +56,4 @@ class EngineStats:
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_paused: int = 0  # times a request's proposals were paused for low acceptance
+    spec_declined: int = 0  # sequence-steps left unproposed because speculating was not expected to pay

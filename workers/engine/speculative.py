@@ -25,17 +25,26 @@ Proposers (vLLM's `--speculative-config` JSON, `method`):
 - `draft_model`: a smaller model with the same vocabulary (workers/engine/draft.py).
 
 Speculation must never cost much where it does not pay:
-- per request, acceptance is tracked; a request whose proposals keep being rejected stops being
-  proposed to for a while (`backoff_steps`, doubling each time it happens again);
+- each step, it speculates only where it is expected to pay on this machine: the step's rows are
+  priced by what decode steps of that many rows measured on this engine (workers/engine/
+  step_costs.py), each request's proposals by its acceptance so far, and the number of tokens
+  proposed (and to which sequences) is the one with the most expected tokens per second, none
+  if that is plain decoding. A 5-row verify step costs 1.1x a one-row step with the int kernels
+  fed bf16 and 2.4x in fp32 on the same machine, so a proposal accepted 9% of the time pays in
+  the first and costs 23% in the second (docs/benchmarks.md): no fixed rule holds for both;
+- per request, a request whose proposals keep being rejected stops being proposed to for a while
+  (`backoff_steps`, doubling each time it happens again), which also spares its lookups;
 - under load it stops: only while the step's decoding sequences are at most `max_batch` (a large
   batch is compute-bound here, so K extra rows per sequence cost nearly K times more).
 """
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 from workers.engine.sampler import SeqRow
+from workers.engine.step_costs import CostTable, StepCosts
 from workers.errors import ConfigError
 
 METHODS = ("ngram", "draft_model")
@@ -49,6 +58,7 @@ DEFAULT_MAX_BATCH = 4
 DEFAULT_MIN_ACCEPTANCE = 0.2
 MIN_PROPOSED = 16
 DEFAULT_BACKOFF_STEPS = 32
+PRIOR_DECAY = 0.995  # per verify: the engine-wide acceptance a new request starts from spans ~200
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +74,13 @@ class SpeculativeConfig:
     max_batch: int = DEFAULT_MAX_BATCH
     min_acceptance: float = DEFAULT_MIN_ACCEPTANCE
     backoff_steps: int = DEFAULT_BACKOFF_STEPS
+    # Speculate only where the step's measured cost says it pays (Speculator.worth); false proposes
+    # wherever a proposal is found within max_batch and the pause rule (equality tests, and a
+    # benchmark that measures speculation forced on).
+    adaptive: bool = True
 
     KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "quantization",
-            "max_batch", "min_acceptance", "backoff_steps")
+            "max_batch", "min_acceptance", "backoff_steps", "adaptive")
 
     @classmethod
     def parse(cls, text: str | None, flag: str = "speculative-config") -> "SpeculativeConfig | None":
@@ -112,6 +126,8 @@ class SpeculativeConfig:
                 raise ConfigError(f"{flag}.model", "draft_model needs the draft's folder, GGUF or name")
         elif self.model is not None:
             raise ConfigError(f"{flag}.model", f"only draft_model takes a model, not {self.method}")
+        if not isinstance(self.adaptive, bool):
+            raise ConfigError(f"{flag}.adaptive", f"must be true or false, got {self.adaptive!r}")
         if self.quantization not in ("none", "int8", "int4"):
             raise ConfigError(f"{flag}.quantization", f"{self.quantization!r} is not one of none, int8, int4")
         return self
@@ -167,13 +183,20 @@ class NgramIndex:
 
 @dataclass(slots=True)
 class SpecTrack:
-    """One request's acceptance, for the pause rule and the metrics."""
+    """One request's acceptance, for the pause rule, the cost rule and the metrics."""
 
     proposed: int = 0  # since the last pause
     accepted: int = 0
     paused_until: int = 0  # engine step
     pauses: int = 0
     index: NgramIndex | None = None
+    # For the cost rule: proposed tokens accepted, and verify steps that rejected one (each verify
+    # accepts a prefix of its proposals: hits / (hits + misses) estimates the chance that a proposed
+    # token is accepted given the ones before it were). Halved every `backoff_steps` steps the rule
+    # declines the request, so a text that turns repetitive later is tried again.
+    hits: float = 0.0
+    misses: float = 0.0
+    declined: int = 0
 
 
 @dataclass(slots=True)
@@ -184,6 +207,7 @@ class SpecStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_paused: int = 0  # times a request's proposals were paused for low acceptance
+    num_declined: int = 0  # sequence-steps the cost rule left unproposed (not expected to pay)
 
 
 class NgramProposer:
@@ -220,6 +244,8 @@ class Speculator:
         self.tracks: dict[str, SpecTrack] = {}
         self.stats = SpecStats()
         self.step_no = 0
+        self.costs = StepCosts()
+        self._hits = self._misses = 0.0  # the engine's, decayed: the prior of a request's acceptance
 
     def propose(self, running, max_model_len: int) -> dict[str, list[int]]:
         """request id -> proposal, for the running sequences that decode this step."""
@@ -231,23 +257,78 @@ class Speculator:
         for s in decoding:
             self.tracks.setdefault(s.request_id, SpecTrack())
 
-        def budget(s) -> int:
+        room = {}
+        for s in decoding:
             if self.tracks[s.request_id].paused_until > self.step_no:
-                return 0
+                continue
             # Nothing past max_tokens or the context is worth verifying: the last row samples
             # the token after the proposals.
             left = min(s.params.max_tokens - len(s.output_token_ids), max_model_len - s.num_tokens) - 1
-            return min(k_max, left)
+            if left > 0:
+                room[s.request_id] = min(k_max, left)
+        if not room:
+            return {}
+        ks = self.worth(len(decoding), room, self.costs.table(self.step_no)) if self.config.adaptive else room
+        if not ks:
+            return {}
+        t = time.perf_counter()
+        out = self.proposer.propose(decoding, self.tracks, lambda s: ks.get(s.request_id, 0))
+        self.costs.record_proposal(max(ks.values()), time.perf_counter() - t, self.step_no)
+        return out
 
-        return self.proposer.propose(decoding, self.tracks, budget)
+    def worth(self, batch: int, room: dict[str, int], costs: CostTable) -> dict[str, int]:
+        """request id -> tokens to propose this step, among `room` (request id -> most worth
+        verifying) for a step decoding `batch` sequences: the choice with the most expected tokens
+        per second, where a request's proposal of k tokens is expected to add p + p^2 + ... + p^k
+        accepted tokens (p its acceptance estimate) and the step costs what decode steps of its rows
+        measured (plus the proposer's forwards). Everything in `room` while the cost of that step
+        or of plain decoding is not measured yet: a step that speculates fully measures the first,
+        one without proposals the second, and everything between is interpolated."""
+        full = batch + sum(room.values())
+        base, top = costs.step(batch), costs.step(full)
+        if base is None or top is None:
+            return dict(room)
+        # A request's estimate leans on the engine's recent acceptance until it has its own.
+        p0 = (self._hits + 1.0) / (self._hits + self._misses + 2.0)
+        p_of = {rid: (self.tracks[rid].hits + 2.0 * p0) / (self.tracks[rid].hits + self.tracks[rid].misses + 2.0)
+                for rid in room}
+        ranked = sorted(room, key=lambda rid: -p_of[rid])
+        best, best_rate = {}, batch / base
+        for k in range(1, max(room.values()) + 1):
+            rows = tokens = batch
+            chosen = {}
+            for rid in ranked:
+                kk, p = min(k, room[rid]), p_of[rid]
+                chosen[rid] = kk
+                rows += kk
+                tokens += kk if p >= 1.0 else p * (1.0 - p ** kk) / (1.0 - p)
+                rate = tokens / (costs.step(rows) + k * costs.propose_per_token)
+                if rate > best_rate:
+                    best, best_rate = dict(chosen), rate
+        for rid in room.keys() - best.keys():
+            t = self.tracks[rid]
+            t.declined += 1
+            self.stats.num_declined += 1
+            if self.config.backoff_steps and t.declined % self.config.backoff_steps == 0:
+                t.hits, t.misses = t.hits / 2, t.misses / 2
+        return best
+
+    def timed(self, rows: int, seconds: float) -> None:
+        """A step that decoded only (proposals verified or not) took `seconds` for `rows` query rows."""
+        self.costs.record(rows, seconds, self.step_no)
 
     def verified(self, request_id: str, proposed: int, accepted: int) -> None:
         st, t = self.stats, self.tracks.get(request_id)
         st.num_drafts += 1
         st.num_draft_tokens += proposed
         st.num_accepted_tokens += accepted
+        # The engine's acceptance over its last few hundred verifies (older ones fade).
+        self._hits = self._hits * PRIOR_DECAY + accepted
+        self._misses = self._misses * PRIOR_DECAY + (accepted < proposed)
         if t is None:
             return
+        t.hits += accepted
+        t.misses += accepted < proposed
         t.proposed += proposed
         t.accepted += accepted
         if t.proposed >= MIN_PROPOSED and t.accepted < self.config.min_acceptance * t.proposed:

@@ -16,9 +16,11 @@ from workers.errors import ConfigError
 from workers.launcher import start_worker_group
 from workers.worker import Worker, WorkerSpec
 
-# min_acceptance 0: keep proposing (the tiny random model rarely repeats itself, so most
-# proposals are rejected: the rollback path); the draft that agrees covers long accepted runs.
-NGRAM = SpeculativeConfig("ngram", 4, prompt_lookup_max=3, prompt_lookup_min=1, max_batch=64, min_acceptance=0.0)
+# min_acceptance 0 and the cost rule off: keep proposing (the tiny random model rarely repeats
+# itself, so most proposals are rejected: the rollback path); the draft that agrees covers long
+# accepted runs.
+NGRAM = SpeculativeConfig("ngram", 4, prompt_lookup_max=3, prompt_lookup_min=1, max_batch=64, min_acceptance=0.0,
+                          adaptive=False)
 
 
 def prompts(n: int, seed: int, repetitive: bool = True) -> list[list[int]]:
@@ -197,7 +199,7 @@ DRAFTS: dict[str, Worker] = {}
 
 
 def draft_engine(worker, draft_dir, k: int = 3, **cfg) -> EngineCore:
-    sc = SpeculativeConfig("draft_model", k, model=str(draft_dir), max_batch=64)
+    sc = SpeculativeConfig("draft_model", k, model=str(draft_dir), max_batch=64, adaptive=False)
     if str(draft_dir) not in DRAFTS:  # one draft Worker per model for the module (its cache is the proposer's)
         DRAFTS[str(draft_dir)] = Worker(WorkerSpec(str(draft_dir), kv_cache_memory=2 << 20), 0)
     return engine(worker, sc, proposer=DraftProposer(sc, DRAFTS[str(draft_dir)], worker.config.vocab_size), **cfg)
@@ -230,7 +232,7 @@ def test_a_draft_with_another_vocabulary_is_refused_naming_both(tiny_llama_dir):
 def test_tensor_parallel_ranks_verify_the_same_tokens(sharp_llama_dir, tiny_llama_dir):
     spec = WorkerSpec(str(sharp_llama_dir), tp_size=2, kv_cache_memory=4 << 20)
     outs, stats = {}, {}
-    draft = SpeculativeConfig("draft_model", 3, model=str(tiny_llama_dir), max_batch=64)
+    draft = SpeculativeConfig("draft_model", 3, model=str(tiny_llama_dir), max_batch=64, adaptive=False)
     for name, sc in (("none", None), ("ngram", NGRAM), ("draft", draft)):
         with start_worker_group(spec, EngineConfig(max_num_seqs=64, max_num_batched_tokens=256, speculative=sc)) as g:
             outs[name] = [c.token_ids for c in g.engine.generate(PROMPTS, greedy(40))]
@@ -240,10 +242,10 @@ def test_tensor_parallel_ranks_verify_the_same_tokens(sharp_llama_dir, tiny_llam
 
 
 def test_under_load_no_sequence_speculates(worker):
-    core = engine(worker, SpeculativeConfig("ngram", 4, prompt_lookup_min=1, max_batch=4))
+    core = engine(worker, SpeculativeConfig("ngram", 4, prompt_lookup_min=1, max_batch=4, adaptive=False))
     run(core, PROMPTS, greedy(8))  # 12 decoding at once: above max_batch until the last few
     many = core.snapshot().spec_drafts
-    core = engine(worker, SpeculativeConfig("ngram", 4, prompt_lookup_min=1, max_batch=64))
+    core = engine(worker, SpeculativeConfig("ngram", 4, prompt_lookup_min=1, max_batch=64, adaptive=False))
     run(core, PROMPTS, greedy(8))
     assert many < core.snapshot().spec_drafts
 
@@ -258,6 +260,69 @@ def test_a_request_whose_proposals_keep_failing_is_paused():
         sp.verified("a", 4, 4)
     assert sp.stats.num_paused == 1  # accepted again: not paused
     assert sp.stats.num_draft_tokens == 32 and sp.stats.num_accepted_tokens == 16
+
+
+def costed(steps: dict[int, float], hits: dict[str, tuple[float, float]], **cfg) -> Speculator:
+    """A speculator whose decode steps measured `steps` (rows -> seconds) and whose requests have
+    `hits` (request id -> (accepted tokens, verifies that rejected one))."""
+    sp = Speculator(SpeculativeConfig("ngram", 4, **cfg), NgramProposer(NGRAM))
+    for rows, seconds in steps.items():
+        sp.timed(rows, seconds)
+    for rid, (h, m) in hits.items():
+        sp.tracks[rid] = SpecTrack(hits=h, misses=m)
+    return sp
+
+
+def test_the_cost_rule_speculates_where_the_measured_step_says_it_pays():
+    """fp32 here: a 5-row verify step 2.4x a 1-row step, so a request accepted ~15% of the time is
+    not proposed to (it would cost ~23%) while one accepted ~85% is, at K 4. With the int kernels
+    (5 rows 1.1x) the same poor request still pays, at the K with the most tokens per second."""
+    fp32 = {1: 0.050, 2: 0.075, 5: 0.120}  # SmolLM2 fp32 at 1, 2 and 5 rows (docs/benchmarks.md)
+    sp = costed(fp32, {"poor": (1, 10), "good": (43, 7)})
+    assert sp.worth(1, {"poor": 4}, sp.costs.table(sp.step_no)) == {}
+    assert sp.stats.num_declined == 1
+    assert sp.worth(1, {"good": 4}, sp.costs.table(sp.step_no)) == {"good": 4}
+    # p = (1 + 2 x 0.5) / 13 = 0.154: k 1 gives 1.154 tokens in 51.25 ms, k 2 1.178 in 52.5 ms.
+    sp = costed({1: 0.050, 5: 0.055}, {"poor": (1, 10)})
+    assert sp.worth(1, {"poor": 4}, sp.costs.table(sp.step_no)) == {"poor": 1}
+    # Two decoding, steps linear in rows: only the good one's proposals pay (62 tokens/s against
+    # 49 with both and 40 with none).
+    sp = costed({2: 0.050, 10: 0.100}, {"poor": (1, 10), "good": (43, 7)})
+    assert sp.worth(2, {"poor": 4, "good": 4}, sp.costs.table(sp.step_no)) == {"good": 4}
+    # Not measured yet (here: the full step): everything is proposed, so it gets measured.
+    assert sp.worth(2, {"poor": 4, "good": 6}, sp.costs.table(sp.step_no)) == {"poor": 4, "good": 6}
+
+
+def test_a_declined_request_is_reconsidered_as_its_history_fades():
+    sp = costed({1: 0.050, 5: 0.120}, {"poor": (1, 12)}, backoff_steps=4)
+    for _ in range(3):
+        sp.worth(1, {"poor": 4}, sp.costs.table(sp.step_no))
+    assert (sp.tracks["poor"].hits, sp.tracks["poor"].misses) == (1, 12)
+    sp.worth(1, {"poor": 4}, sp.costs.table(sp.step_no))
+    assert (sp.tracks["poor"].hits, sp.tracks["poor"].misses) == (0.5, 6)  # halved: the prior weighs more
+
+
+def test_step_costs_are_medians_interpolated_and_expire():
+    from workers.engine.step_costs import StepCosts
+
+    c = StepCosts(window=3, expire_steps=10)
+    for s in (0.05, 0.09, 0.06, 0.07):  # the window keeps the last 3
+        c.record(1, s, step_no=0)
+    c.record(5, 0.15, step_no=5)
+    t = c.table(step_no=10)
+    assert t.step(1) == 0.07 and t.step(5) == 0.15 and abs(t.step(3) - 0.11) < 1e-12
+    assert t.step(6) is None  # past what was measured: unknown, not extrapolated
+    assert c.table(step_no=11).step(1) is None and c.table(step_no=11).step(5) == 0.15  # expired
+
+
+def test_the_engine_times_its_decode_only_steps(worker):
+    """One request alone: its decode and verify steps are timed by their rows (1 to K + 1), its
+    prefill (30 tokens or more) is not."""
+    core = engine(worker, SpeculativeConfig("ngram", 4, prompt_lookup_min=1))
+    prompt = PROMPTS[0] * 3  # 30 tokens or more
+    run(core, [prompt], greedy(24))
+    rows = set(core.speculator.costs._steps)
+    assert 1 in rows and rows <= set(range(1, 6))
 
 
 def test_ngram_lookup_proposes_what_followed_the_latest_earlier_occurrence():
@@ -283,6 +348,7 @@ def test_ngram_lookup_proposes_what_followed_the_latest_earlier_occurrence():
     ('{"method": "ngram", "num_speculative_tokens": 3, "lookahead": 2}', "speculative-config.lookahead"),
     ('{"method": "draft_model", "num_speculative_tokens": 3}', "speculative-config.model"),
     ('{"method": "ngram", "num_speculative_tokens": 3, "min_acceptance": 2}', "speculative-config.min_acceptance"),
+    ('{"method": "ngram", "num_speculative_tokens": 3, "adaptive": "yes"}', "speculative-config.adaptive"),
 ])
 def test_bad_config_names_the_key(text, key):
     with pytest.raises(ConfigError) as e:
