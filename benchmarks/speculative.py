@@ -11,9 +11,9 @@
    workload and on random-token prompts, greedy (whose output loops) and sampled at temperature 1
    (nothing to look up), and at each --concurrency on the
    repetitive workload with speculation forced at every batch size (max_batch lifted, the cost
-   rule off): where the ratio falls below 1 is the cross-over the engine's max_batch default comes
-   from. Then the same at the top concurrency with the default rules, and with the cost rule alone
-   deciding (max_batch lifted). --repeats runs each, median and min-max shown.
+   rule off): where the ratio falls below 1 is the cross-over a fixed max_batch would take. Then
+   the same at the top concurrency with the default rules (the cost rule deciding, no max_batch).
+   --repeats runs each, median and min-max shown.
 4. With --llama-cpp (`make bench-peers` builds its venv): llama.cpp on the same GGUF that tpserve
    converts (Q4_1), batch 1, the same repetitive prompts and token count, greedy, with
    llama-cpp-python's prompt lookup decoding and without, beside tpserve's batch-1 rows.
@@ -52,11 +52,10 @@ def random_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
             for _ in range(n)]
 
 
-# The engine's rules for when to speculate, as the speed rows run them: its defaults; forced at any
-# batch (every proposal verified: where that stops paying is the cross-over); and the cost rule alone
-# deciding at any batch (max_batch lifted).
-MODES = {"default": {}, "forced": {"max_batch": UNLIMITED, "adaptive": False},
-         "adaptive": {"max_batch": UNLIMITED, "adaptive": True}}
+# The engine's rules for when to speculate, as the speed rows run them: its defaults (the cost rule
+# deciding at any batch); and forced at any batch (every proposal verified: where that stops paying
+# is the cross-over).
+MODES = {"default": {}, "forced": {"max_batch": UNLIMITED, "adaptive": False}}
 
 
 def configs(args, mode: str = "default") -> dict[str, SpeculativeConfig | None]:
@@ -175,8 +174,7 @@ def main() -> None:
                 ("random tokens, sampled", 1, rnd[:3], "default")]
         rows += [("repetitive, forced at any batch", c, rep[:c], "forced") for c in conc if c > 1]
         if max(conc) > 1:
-            rows += [("repetitive, default rule", max(conc), rep[:max(conc)], "default"),
-                     ("repetitive, cost rule at any batch", max(conc), rep[:max(conc)], "adaptive")]
+            rows.append(("repetitive, default rule", max(conc), rep[:max(conc)], "default"))
         tps = {}
         specs = {mode: configs(args, mode) for mode in MODES}
         names = list(specs["default"])

@@ -2,7 +2,8 @@
 A sequence's token at position p lives in block table[p // bs], offset p % bs.
 
 Attention for a step: every new token's k/v is written to its slot first (one index_copy per
-layer), then decoding sequences (one new token each) attend, and prefill chunks attend one
+layer), then decoding sequences (one new token each) attend, short spans past a cached context
+(a speculative verify's k + 1 tokens) attend batched as decodes do, and prefill chunks attend one
 sequence at a time (causal, offset by what is already cached). Decode takes one of two paths,
 chosen per machine at start-up (`gather_up_to`, workers/paged_decode_op.py; gather by default):
 - in place (CPU): one call of `tpserve::paged_decode` reads every sequence's blocks where they lie
@@ -10,6 +11,7 @@ chosen per machine at start-up (`gather_up_to`, workers/paged_decode_op.py; gath
 - gather: batched SDPAs over gathered, padded block lists (one per group of similar length:
   `group_by_length`). Gathers move whole blocks (contiguous bs x KVH x D chunks), and decode never
   copies K/V per query head (see HeadLayout). CUDA, and CPUs without the built kernel, take it.
+  Spans always take it, grouped by their length too (the in-place kernel reads one row).
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from workers.kv_cache import AttentionBatch, HeadLayout, causal_attention, expand_kv
+
+# A span of up to this many new tokens past a cached context (a speculative verify) attends with
+# the decoding sequences' batched path rather than as a prefill chunk of its own.
+MAX_SPAN_ROWS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,7 @@ class PagedAttentionBatch(AttentionBatch):
         self.cache = cache
         bs, dev = cache.block_size, cache.device
         slots, decode_rows, decode_tables, decode_lens, self.prefills = [], [], [], [], []
+        spans: dict[int, tuple[list[int], list[list[int]], list[int]]] = {}  # length -> rows, tables, lens
         row = 0
         for s in seqs:
             pos = torch.arange(s.start, s.start + s.length)
@@ -67,6 +74,11 @@ class PagedAttentionBatch(AttentionBatch):
                 decode_rows.append(row)
                 decode_tables.append(s.block_table[:nb])
                 decode_lens.append(s.start + 1)
+            elif s.start > 0 and s.length <= MAX_SPAN_ROWS:
+                rows, tables, lens = spans.setdefault(s.length, ([], [], []))
+                rows.append(row)
+                tables.append(s.block_table[:nb])
+                lens.append(s.start + s.length)
             else:
                 self.prefills.append((row, s.length, s.start, table[:nb].to(dev)))
             row += s.length
@@ -80,6 +92,14 @@ class PagedAttentionBatch(AttentionBatch):
             _DecodeGroup(cache, [decode_rows[i] for i in g], [decode_tables[i] for i in g],
                          [decode_lens[i] for i in g])
             for g in group_by_length([len(t) for t in decode_tables])]
+        # Short spans past a cached context (a speculative verify's k + 1 tokens) attend the same
+        # way, grouped by span length: one SDPA per group instead of one masked SDPA per sequence
+        # over its own gathered and head-expanded K/V (at 16 sequences of 2 rows, attention took
+        # 3.5x the step's matmuls' time that way: 2026-12-05).
+        for length, (rows, tables, lens) in sorted(spans.items()):
+            self.decode_groups += [
+                _DecodeGroup(cache, [rows[i] for i in g], [tables[i] for i in g], [lens[i] for i in g], length)
+                for g in group_by_length([len(t) for t in tables])]
 
     def attend(self, layer, q, k, v, heads, scale, window=None):
         with torch.profiler.record_function("tpserve.attention"):
@@ -95,16 +115,18 @@ class PagedAttentionBatch(AttentionBatch):
             self.in_place.attend(q.contiguous(), kc, vc, heads, scale, window, out)
         for grp in self.decode_groups:
             b, w = grp.tables.shape
+            r = grp.span
             flat = grp.tables.view(-1)  # index_select on dim 0 copies whole blocks (memcpy)
             keys = kc.index_select(0, flat).view(b, w * bs, kvh, d).transpose(1, 2)  # [B, KVH, W, D]
             values = vc.index_select(0, flat).view(b, w * bs, kvh, d).transpose(1, 2)
-            qd = q.index_select(0, grp.rows)  # [B, H, D]
+            qd = q.index_select(0, grp.rows)  # [B * R, H, D]
             if heads.grid is not None:
                 qd = qd.index_select(1, heads.grid)
             # Each KV head's query group plays the role of a query axis: no K/V copy per query head.
-            o = F.scaled_dot_product_attention(qd.view(b, kvh, heads.group, d), keys, values,
-                                               attn_mask=grp.mask(window), scale=scale)
-            o = o.reshape(b, kvh * heads.group, d)
+            # A span's R rows join that axis, row-major: [B, KVH, R * G, D].
+            qd = qd.view(b, r, kvh, heads.group, d).transpose(1, 2).reshape(b, kvh, r * heads.group, d)
+            o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=grp.mask(window, heads.group), scale=scale)
+            o = o.view(b, kvh, r, heads.group, d).transpose(1, 2).reshape(b * r, kvh * heads.group, d)
             if heads.inverse is not None:
                 o = o.index_select(1, heads.inverse)
             out.index_copy_(0, grp.rows, o)
@@ -160,29 +182,40 @@ class _InPlaceDecode:
 
 
 class _DecodeGroup:
-    """Decoding sequences attended in one padded SDPA: their rows, block tables and lengths."""
+    """Sequences attended in one padded SDPA: each has `span` new tokens (1: decoding; more: a
+    speculative verify) at the end of its context. Their rows (span rows each, in order), block
+    tables and lengths (tokens including the last new one)."""
 
-    def __init__(self, cache: PagedKVCache, rows: list[int], tables: list[list[int]], lens: list[int]):
+    def __init__(self, cache: PagedKVCache, rows: list[int], tables: list[list[int]], lens: list[int],
+                 span: int = 1):
         dev = cache.device
         width = max(len(t) for t in tables)
         padded = torch.zeros(len(tables), width, dtype=torch.long)
         for i, t in enumerate(tables):
             padded[i, :len(t)] = torch.tensor(t)
-        self.cache = cache
-        self.rows = torch.tensor(rows, dtype=torch.long, device=dev)
+        self.cache, self.span = cache, span
+        self.rows = torch.tensor([r + j for r in rows for j in range(span)], dtype=torch.long, device=dev)
         self.tables = padded.to(dev)
         self.lens = torch.tensor(lens)
         self._masks: dict[int | None, torch.Tensor] = {}
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """[B, 1, 1, W]: True where a key position belongs to the sequence (and to the window);
-        built once per step and window, then shared by every layer."""
+    def mask(self, window: int | None, group: int) -> torch.Tensor:
+        """[B, 1, 1, W] (span 1) or [B, 1, span * group, W]: True where a key position belongs to
+        the sequence, at or before the query row's own position (and within the window); built once
+        per step and window, then shared by every layer."""
         mask = self._masks.get(window)
         if mask is None:
             width = self.tables.shape[1] * self.cache.block_size
-            pos, lens = torch.arange(width)[None, :], self.lens[:, None]
-            keep = pos < lens
+            # Row j of a span sits at position lens - span + j and sees keys up to it.
+            ends = self.lens[:, None] - self.span + 1 + torch.arange(self.span)[None, :]  # [B, R]
+            pos = torch.arange(width)[None, None, :]
+            keep = pos < ends[:, :, None]  # [B, R, W]
             if window is not None:
-                keep &= pos >= lens - window  # the new token sits at lens - 1
-            mask = self._masks[window] = keep.to(self.cache.device)[:, None, None, :]
+                keep &= pos >= ends[:, :, None] - window
+            if self.span > 1:  # each row's mask for every query head of its group
+                keep = keep[:, :, None, :].expand(-1, -1, group, -1).reshape(len(self.lens), 1, self.span * group,
+                                                                             width)
+            else:
+                keep = keep[:, None, :, :]
+            mask = self._masks[window] = keep.to(self.cache.device)
         return mask

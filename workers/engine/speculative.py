@@ -2,11 +2,11 @@
 
 At batch 1 a decode step reads every weight to produce one token. A decoding sequence with K
 proposed tokens is scheduled as a (K+1)-token chunk instead (its last token and the proposals,
-over the paged cache like a prefill chunk), and every one of those K+1 positions samples. Row j
-is the target's next token given the prompt, the output and proposals[:j]; the engine keeps rows
-0..a, where a is the first row whose token differs from proposal a (workers/engine/core.py):
-each kept row's prefix is exactly what the target generated, so the output is token for token
-the output without speculation.
+attending batched with the decoding sequences: workers/paged_cache.py), and every one of those K+1
+positions samples. Row j is the target's next token given the prompt, the output and proposals[:j];
+the engine keeps rows 0..a, where a is the first row whose token differs from proposal a
+(workers/engine/core.py): each kept row's prefix is exactly what the target generated, so the
+output is token for token the output without speculation.
 
 Why this is the rejection sampler for these proposers: both propose deterministically (a lookup,
 or the draft's argmax), so the draft distribution q is one-hot at the proposal x. Leviathan et al.
@@ -34,8 +34,10 @@ Speculation must never cost much where it does not pay:
   the first and costs 23% in the second (docs/benchmarks.md): no fixed rule holds for both;
 - per request, a request whose proposals keep being rejected stops being proposed to for a while
   (`backoff_steps`, doubling each time it happens again), which also spares its lookups;
-- under load it stops: only while the step's decoding sequences are at most `max_batch` (a large
-  batch is compute-bound here, so K extra rows per sequence cost nearly K times more).
+- `max_batch` bounds the decoding sequences of a step that speculates, for a deployment that wants
+  a fixed bound; by default there is none, the cost rule judges each batch (a large batch is
+  compute-bound, where K extra rows per sequence cost nearly K times more, and the measured
+  costs say so).
 """
 from __future__ import annotations
 
@@ -49,10 +51,12 @@ from workers.errors import ConfigError
 
 METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 16
-# Speculate while a step decodes at most this many sequences. Measured (docs/benchmarks.md,
-# `python -m benchmarks.speculative`, SmolLM2 fp32, 2 cores, n-gram at ~80% acceptance): 1.47x
-# at 2 sequences, 1.24x at 4, 0.65x at 8 (a 5-row verify of 8 sequences is 40 rows: compute-bound).
-DEFAULT_MAX_BATCH = 4
+# Speculate while a step decodes at most this many sequences: by default no bound, the cost rule
+# decides. It was 4 while a verify attended sequence by sequence as a prefill chunk (fp32, n-gram at
+# ~80% acceptance: 1.47x at 2 sequences, 0.65x at 8); since verifies attend batched with the
+# decodes (workers/paged_cache.py), forced speculation gives 1.40x at 16 sequences and 1.34x at 64
+# in fp32, the cost rule 1.21x and 1.23x (docs/benchmarks.md, 2026-12-05).
+DEFAULT_MAX_BATCH = 1 << 16
 # Acceptance (accepted / proposed) below which a request's proposals are paused, judged over at
 # least `MIN_PROPOSED` proposed tokens since its last pause.
 DEFAULT_MIN_ACCEPTANCE = 0.2
