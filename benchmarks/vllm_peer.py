@@ -63,8 +63,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--settings", default="1:float32:none,1:bfloat16:none,1:float32:int8,2:float32:int8")
+    ap.add_argument("--no-vllm", action="store_true",
+                    help="tpserve's settings only (no .venv-vllm needed): the table's ratios are then against "
+                         "tpserve's best setting of this run")
     args = ap.parse_args()
-    if not VLLM_PY.exists():
+    if not VLLM_PY.exists() and not args.no_vllm:
         raise SystemExit(f"{VLLM_PY} is missing: run `make bench-vllm`")
     from transformers import AutoTokenizer
 
@@ -88,7 +91,7 @@ def main() -> None:
                 n, s = engine_run(g, reqs)
                 tput.setdefault(name, []).append(n / s)
             print(f"  repeat {rep + 1}: {name} {b1[name][-1]:.1f} ms/token, {tput[name][-1]:.1f} tok/s", flush=True)
-        for dt in ("float32", "bfloat16"):
+        for dt in () if args.no_vllm else ("float32", "bfloat16"):
             name = f"vLLM CPU {dt}"
             got = vllm(folder, dt, [{"op": "decode", "prompt": ids, "new_tokens": args.new_tokens},
                                     {"op": "batch", "requests": [[r.prompt, r.out_len] for r in reqs]}])
@@ -97,8 +100,10 @@ def main() -> None:
             tput.setdefault(name, []).append(got[2]["output_tokens"] / got[2]["seconds"])
             print(f"  repeat {rep + 1}: {name} {b1[name][-1]:.1f} ms/token, {tput[name][-1]:.1f} tok/s "
                   f"(start {starts[name][-1]:.0f} s)", flush=True)
-    best = max(tput, key=lambda k: statistics.median(tput[k]) if k.startswith("vLLM") else -1)
-    print(f"\n`python -m benchmarks.vllm_peer --repeats {args.repeats}`, {time.strftime('%Y-%m-%d')}, "
+    peer = "tpserve" if args.no_vllm else "vLLM"
+    best = max(tput, key=lambda k: statistics.median(tput[k]) if k.startswith(peer) else -1)
+    flags = f"--repeats {args.repeats}" + " --no-vllm" * args.no_vllm
+    print(f"\n`python -m benchmarks.vllm_peer {flags}`, {time.strftime('%Y-%m-%d')}, "
           f"{os.cpu_count()} cores; median (min-max)\n")
     print(f"| system | batch-1 ms/token | {args.num_requests} requests, output tok/s | vs {best} | start s |")
     print("|---|---:|---:|---:|---:|")
