@@ -7,9 +7,9 @@ layer does not carry a constant chosen elsewhere: after loading, it asks `Kernel
 for the largest row count at which one candidate beats the other, measured on its own weights.
 
 Answers are cached per machine (CPU model and flags, torch version) in
-<cache>/kernels/<machine>.json, keyed by the decision, the shape, the dtype and the thread count,
-so a second start measures nothing. `TPSERVE_KERNEL_PROBE=off` skips timing and takes each
-decision's stated default (for debugging, or a machine too loaded to measure).
+<cache>/kernels/<machine>-<probe version>.json, keyed by the decision, the shape, the dtype and the
+thread count, so a second start measures nothing. `TPSERVE_KERNEL_PROBE=off` skips timing and takes
+each decision's stated default (for debugging, or a machine too loaded to measure).
 """
 from __future__ import annotations
 
