@@ -35,9 +35,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, vLLM\'s keys: {"method": "ngram", "num_speculative_tokens": 4, '
                         '"prompt_lookup_max": 4, "prompt_lookup_min": 2} or {"method": "draft_model", "model": '
-                        'PATH, "num_speculative_tokens": 4}; also max_batch (speculate only while a step decodes at most '
-                        'this many sequences; default: no bound, the measured step costs decide), adaptive and '
-                        'min_acceptance (docs/architecture.md)')
+                        'PATH, "num_speculative_tokens": 4}; also max_batch (speculate only while a step decodes '
+                        'at most this many sequences; default: no bound, the measured step costs decide), adaptive '
+                        'and min_acceptance (docs/architecture.md)')
 
 
 def cmd_prepare(args) -> int:
