@@ -53,11 +53,6 @@ def machine_key() -> str:
     return h.hexdigest()[:16]
 
 
-def time_call(fn: Callable[[], object], reps: int = 5, passes: int = 3) -> float:
-    """Seconds per call: the best of `passes` runs of `reps` calls, after two warm-up calls."""
-    return time_pair(fn, None, reps, passes)[0]
-
-
 def time_pair(a: Callable[[], object], b: Callable[[], object] | None, reps: int = 5,
               passes: int = 3) -> tuple[float, float]:
     """Seconds per call of `a` and of `b`, each the best of `passes` runs of `reps` calls, the runs
