@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--settings", default="1:float32:none,1:bfloat16:none,1:float32:int8,2:float32:int8")
+    ap.add_argument("--settings", default="1:float32:none,1:bfloat16:none,1:float32:int8,2:float32:int8",
+                    help="tp:dtype:quantization[:compiled], comma-separated")
     ap.add_argument("--no-vllm", action="store_true",
                     help="tpserve's settings only (no .venv-vllm needed): the table's ratios are then against "
                          "tpserve's best setting of this run")
@@ -75,15 +76,20 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok(PROMPT).input_ids
     reqs = make_requests("decode", args.num_requests, len(tok))
-    settings = [(int(tp), dt, q) for tp, dt, q in (s.split(":") for s in args.settings.split(","))]
+    settings = []
+    for s in args.settings.split(","):
+        tp, dt, q, *rest = s.split(":")
+        if rest not in ([], ["compiled"]):
+            raise SystemExit(f"--settings: {s!r} is not tp:dtype:quantization[:compiled]")
+        settings.append((int(tp), dt, q, rest == ["compiled"]))
     b1: dict[str, list[float]] = {}
     tput: dict[str, list[float]] = {}
     starts: dict[str, list[float]] = {}
     for rep in range(args.repeats):
-        for tp, dt, q in settings:
-            name = f"tpserve tp {tp} {dt} {q}"
+        for tp, dt, q, compiled in settings:
+            name = f"tpserve tp {tp} {dt} {q}" + " compiled" * compiled
             t = time.perf_counter()
-            spec = WorkerSpec(folder, tp_size=tp, dtype=dt, quantization=q, kv_cache_memory=1 << 30)
+            spec = WorkerSpec(folder, tp_size=tp, dtype=dt, quantization=q, kv_cache_memory=1 << 30, compile=compiled)
             with start_worker_group(spec, EngineConfig(max_num_seqs=args.num_requests, max_num_batched_tokens=1024)) as g:
                 starts.setdefault(name, []).append(time.perf_counter() - t)
                 b1.setdefault(name, []).append(tpserve_decode(g, ids, args.new_tokens))
@@ -102,7 +108,7 @@ def main() -> None:
                   f"(start {starts[name][-1]:.0f} s)", flush=True)
     peer = "tpserve" if args.no_vllm else "vLLM"
     best = max(tput, key=lambda k: statistics.median(tput[k]) if k.startswith(peer) else -1)
-    flags = f"--repeats {args.repeats}" + " --no-vllm" * args.no_vllm
+    flags = f"--repeats {args.repeats} --settings {args.settings}" + " --no-vllm" * args.no_vllm
     print(f"\n`python -m benchmarks.vllm_peer {flags}`, {time.strftime('%Y-%m-%d')}, "
           f"{os.cpu_count()} cores; median (min-max)\n")
     print(f"| system | batch-1 ms/token | {args.num_requests} requests, output tok/s | vs {best} | start s |")

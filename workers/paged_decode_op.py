@@ -30,7 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
-_loaded: dict[str, str | None] = {}  # "why": None once loaded, else why not
+_loaded: dict[str, str | None] = {}  # "why": None once loaded, else why not; "key": the build's
 
 
 def available() -> bool:
@@ -71,6 +71,7 @@ def _built() -> Path | None:
         return None
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     key = hashlib.sha256(SOURCE.read_bytes() + f"|{machine_key()}|{torch.__version__}|{abi}".encode()).hexdigest()
+    _loaded["key"] = key[:16]
     out = cache_dir() / "kernels" / f"paged_decode-{key[:16]}.so"
     if out.is_file():
         return out
@@ -129,7 +130,9 @@ def gather_up_to(probe, num_kv_heads: int, num_heads_of: list[int], head_dim: in
         attn = cache.batch(seqs)
         return lambda: attn.attend(0, q, k, k, heads, scale)
 
-    wins_up_to = probe.rows_limit("paged_decode_in_place", (num_kv_heads, len(num_heads_of), head_dim, block_size),
+    # The decision is named after the build, so a changed kernel is timed again.
+    wins_up_to = probe.rows_limit(f"paged_decode_in_place@{_loaded['key']}",
+                                  (num_kv_heads, len(num_heads_of), head_dim, block_size),
                                   dtype, PROBE_SEQS, candidate=lambda n: build(n, True),
                                   incumbent=lambda n: build(n, False), default=0)
     return 0 if wins_up_to == PROBE_SEQS[-1] else 1 << 30
