@@ -21,7 +21,7 @@
 //   accumulates in float32 over the values of one block at a time.
 // Softmax is exact (max-subtracted over the whole row, as SDPA's math path), not online.
 //
-// Built by workers/paged_decode_op.py on the machine that runs it (-march=native), loaded into
+// Built by workers/cpu_kernels.py on the machine that runs it (-march=native), loaded into
 // the process that imported torch, so at::parallel_for runs on torch's own OpenMP threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -153,18 +153,27 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
   const int64_t Hq = start[KVH];
 
   // A task is one sequence, all its heads: a block is then read front to back (bs x KVH x D
-  // contiguous). Sequences go to threads longest first, each to the least loaded (the step's
-  // lengths differ several-fold; parallel_for's contiguous ranges left one thread idle).
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
-  std::vector<int64_t> by_len(B);
-  for (int64_t b = 0; b < B; ++b) by_len[b] = b;
-  std::sort(by_len.begin(), by_len.end(), [&](int64_t a, int64_t c) { return lens[a] > lens[c]; });
-  std::vector<std::vector<int64_t>> assigned(nthreads);
-  std::vector<int64_t> load(nthreads, 0);
-  for (int64_t b : by_len) {
+  // contiguous). With fewer sequences than threads (batch 1) a sequence's KV heads are cut into
+  // as many tasks as fill the threads. Tasks go to threads longest first, each to the least loaded
+  // (the step's lengths differ several-fold; parallel_for's contiguous ranges left one thread idle).
+  struct Task {
+    int64_t b, g0, g1;
+  };
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t parts = B >= threads ? 1 : std::min<int64_t>(KVH, (threads + B - 1) / B);
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < parts; ++i) tasks.push_back({b, KVH * i / parts, KVH * (i + 1) / parts});
+  std::sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& c) {
+    return lens[a.b] * (a.g1 - a.g0) > lens[c.b] * (c.g1 - c.g0);
+  });
+  const int64_t nthreads = std::min<int64_t>(threads, static_cast<int64_t>(tasks.size()));
+  std::vector<std::vector<Task>> assigned(std::max<int64_t>(1, nthreads));
+  std::vector<int64_t> load(assigned.size(), 0);
+  for (const Task& task : tasks) {
     const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
-    assigned[t].push_back(b);
-    load[t] += lens[b];
+    assigned[t].push_back(task);
+    load[t] += lens[task.b] * (task.g1 - task.g0);
   }
 
   auto row_of = [&](const int64_t* table, int64_t p) { return (table[p / bs] * bs + p % bs) * slot; };
@@ -172,7 +181,9 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
   at::parallel_for(0, nthreads, 1, [&](int64_t tbegin, int64_t tend) {
     std::vector<float> qf(Hq * Dn), scores, acc(Hq * Dn), row(Dn);
     for (int64_t t = tbegin; t < tend; ++t) {
-      for (int64_t b : assigned[t]) {
+      for (const Task& task : assigned[t]) {
+        const int64_t b = task.b, g0 = task.g0, g1 = task.g1;
+        const int64_t j0 = start[g0], j1 = start[g1];  // this task's query heads
         const int64_t n = lens[b];
         const int64_t lo = window > 0 ? std::max<int64_t>(0, n - window) : 0;
         const int64_t len = n - lo;
@@ -180,7 +191,7 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
         const T* qrow = qp + rowp[b] * H * Dn;
         scores.resize(Hq * len);
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = 0; j < Hq; ++j) {
+        for (int64_t j = j0; j < j1; ++j) {
           float* qj = qf.data() + j * Dn;
           widen<T, D>(qrow + order[j] * Dn, qj, d_rt);
 #pragma omp simd
@@ -199,7 +210,7 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
               const int64_t next = std::min<int64_t>({16, n - p - cnt, bs - (p + cnt) % bs});
               for (int64_t off = 0; off < next * row_bytes; off += 64) __builtin_prefetch(ahead + off);
             }
-            for (int64_t g = 0; g < KVH; ++g) {
+            for (int64_t g = g0; g < g1; ++g) {
               for (int64_t j = start[g]; j < start[g + 1]; ++j) {
                 const float* qj = qf.data() + j * D;
                 for (int64_t tt = 0; tt < cnt; ++tt) {
@@ -224,7 +235,7 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
               for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
             }
             const T* krow = kp + row_of(table, p);
-            for (int64_t g = 0; g < KVH; ++g) {
+            for (int64_t g = g0; g < g1; ++g) {
               const float* kr;
               if constexpr (std::is_same_v<T, float>) {
                 kr = krow + g * Dn;
@@ -243,7 +254,7 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
           }
         }
         // Softmax per query head: max, then the vectorized exp and its sum.
-        for (int64_t j = 0; j < Hq; ++j) {
+        for (int64_t j = j0; j < j1; ++j) {
           float* s = scores.data() + j * len;
           float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
@@ -272,7 +283,7 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
               const int64_t next = std::min<int64_t>({16, n - p - cnt, bs - (p + cnt) % bs});
               for (int64_t off = 0; off < next * row_bytes; off += 64) __builtin_prefetch(ahead + off);
             }
-            for (int64_t g = 0; g < KVH; ++g) {
+            for (int64_t g = g0; g < g1; ++g) {
               for (int64_t j = start[g]; j < start[g + 1]; ++j) {
                 float* aj = acc.data() + j * D;
                 const float* w = scores.data() + j * len + (p - lo);
@@ -297,7 +308,7 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
               for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
             }
             const T* vrow = vp + row_of(table, p);
-            for (int64_t g = 0; g < KVH; ++g) {
+            for (int64_t g = g0; g < g1; ++g) {
               const float* vr;
               if constexpr (std::is_same_v<T, float>) {
                 vr = vrow + g * Dn;
@@ -315,7 +326,7 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
           }
         }
         T* orow = op + rowp[b] * H * Dn;
-        for (int64_t j = 0; j < Hq; ++j) {
+        for (int64_t j = j0; j < j1; ++j) {
           T* o = orow + order[j] * Dn;
           const float* a = acc.data() + j * Dn;
           for (int64_t d = 0; d < Dn; ++d) o[d] = static_cast<T>(a[d]);
@@ -366,7 +377,7 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY(tpserve, m) {
+TORCH_LIBRARY_FRAGMENT(tpserve, m) {
   m.def(
       "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
       "Tensor rows, Tensor kv_index, float scale, int window, Tensor(a!) out) -> ()");

@@ -6,15 +6,19 @@ loader of the layer's cut), finishes them once after loading (packing, the kerne
 the kernel choice on this machine), and multiplies. A layer never reads another format's fields.
 
 Kernels, chosen at start-up by workers/kernel_probe.py on the layer's own weights:
-- plain: `F.linear`, or for a few float32 rows on CPU a batched GEMV (W as 8 row-blocks times x),
-  which streamed the weight 2.2-2.9x faster than MKL's GEMV on issue 12's machine and 2.4-4.8x
-  slower on issue 20's; the probe picks per shape and thread count.
+- plain: `F.linear`, or for up to 4 rows on CPU `tpserve::gemv` (workers/csrc/gemv.cpp: W streamed
+  once, one row at a time per thread), which read SmolLM2's weights 2.0-2.4x faster than F.linear
+  in float32 and 1.7-2.5x in bfloat16 at one row on 2026-12-05's AVX-512 EPYC. Without a
+  compiler, float32 keeps the older batched GEMV (W as 8 row-blocks times x: 2.2-2.9x MKL's GEMV on
+  issue 12's machine, 2.4-4.8x slower on issue 20's). The probe picks per shape and thread count.
 - int8 / int4 on CPU: PyTorch's weight-only kernels (`_weight_int8pack_mm`,
   `_weight_int4pack_mm_for_cpu`) fed bfloat16 activations. They are written for bf16: with
   float32 activations they ran 15-40x slower (issue 20's table) and were, in bf16, the fastest
   matmuls on that machine. A float32 model casts x to bf16 around the kernel and the result back
   (its residual stream, norms and attention stay float32). Above some row count (a prefill chunk)
   dequantizing the weight and calling F.linear in the activations' dtype wins: the probe finds it.
+  int8 at up to 4 rows: `tpserve::gemv` on the codes where the probe times it faster (at one row,
+  1.1-2.2x `_weight_int8pack_mm` on SmolLM2's shapes, 2026-12-05), in the activations' own dtype.
 - CUDA: every quantized matmul dequantizes to the activations' dtype and multiplies (the memory
   saved, not the speed: the CUDA int kernels are not wired; no GPU was at hand to check them).
 """
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers import cpu_kernels
 from workers.kernel_probe import KernelProbe
 from workers.quantization import (QuantConfig, check_int4_cut, dequantize_int4, dequantize_int8, int4_pack,
                                   quantize_int4, quantize_int8)
@@ -57,6 +62,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.contiguous() if rows > 1 else y
 
 
+def streamed_copies(t: torch.Tensor) -> list[torch.Tensor]:
+    """`t` and copies of it adding up to GEMV_PROBE_STREAM_BYTES (at most GEMV_PROBE_MAX_COPIES):
+    timed over all of them, a kernel reads its weight from memory, as in a model's step."""
+    n = min(GEMV_PROBE_MAX_COPIES, -(-GEMV_PROBE_STREAM_BYTES // (t.numel() * t.element_size())))
+    return [t] + [t.clone() for _ in range(n - 1)]
+
+
+def op_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (times scale per output row for int8 codes) by `tpserve::gemv`, 1 to 4 rows."""
+    return torch.ops.tpserve.gemv(x, weight, scale)
+
+
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     """The activations' dtype inside the CPU int kernels: half types as they are, float32 as bf16."""
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
@@ -83,6 +100,7 @@ class PlainLinear(LinearMethod):
     """A float weight [out, in] in the model's dtype."""
 
     gemv_rows = 0  # F.linear until the probe says otherwise
+    gemv = staticmethod(gemv)  # the probe's candidate: `tpserve::gemv` where it is built
 
     def create_weights(self, layer, out_local, in_local, dtype, device, loader, what, in_range=None):
         layer.weight = param(out_local, in_local, dtype=dtype, device=device)
@@ -90,29 +108,34 @@ class PlainLinear(LinearMethod):
 
     def process_weights_after_loading(self, layer, probe):
         w = layer.weight
-        if probe is None or w.device.type != "cpu" or w.dtype != torch.float32 or not w.is_contiguous() \
-                or w.dim() != 2 or w.shape[0] % GEMV_BLOCKS:
+        if probe is None or w.device.type != "cpu" or not w.is_contiguous() or w.dim() != 2:
             return
-        xs = {r: torch.randn(r, w.shape[1]) for r in GEMV_PROBE_ROWS}
+        if w.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available():
+            kernel, decision = op_gemv, f"gemv-op@{cpu_kernels.build_key()}"
+        elif w.dtype == torch.float32 and w.shape[0] % GEMV_BLOCKS == 0:
+            kernel, decision = gemv, "gemv-streamed"
+        else:
+            return
+        xs = {r: torch.randn(r, w.shape[1], dtype=w.dtype) for r in GEMV_PROBE_ROWS}
         # Copies made only if the answer is not cached yet (the callables are built lazily).
         copies: list[torch.Tensor] = []
 
         def streamed(fn):
             if not copies:
-                n = min(GEMV_PROBE_MAX_COPIES, -(-GEMV_PROBE_STREAM_BYTES // (w.numel() * 4)))
-                copies.extend([w] + [w.clone() for _ in range(n - 1)])
+                copies.extend(streamed_copies(w))
             return lambda: [fn(c) for c in copies]
 
-        self.gemv_rows = probe.rows_limit("gemv-streamed", tuple(w.shape), w.dtype, GEMV_PROBE_ROWS,
-                                          candidate=lambda r: streamed(lambda c: gemv(xs[r], c)),
+        self.gemv_rows = probe.rows_limit(decision, tuple(w.shape), w.dtype, GEMV_PROBE_ROWS,
+                                          candidate=lambda r: streamed(lambda c: kernel(xs[r], c)),
                                           incumbent=lambda r: streamed(lambda c: F.linear(xs[r], c)), default=0)
+        self.gemv = kernel
         copies.clear()
 
     def apply(self, layer, x):
         bias = getattr(layer, "bias", None)
         # An empty batch (a step whose rows sample nothing) takes F.linear: gemv needs rows.
         if 0 < x.shape[0] <= self.gemv_rows and x.dtype == layer.weight.dtype:
-            y = gemv(x, layer.weight)
+            y = self.gemv(x, layer.weight)
             return y if bias is None else y.add_(bias)
         return F.linear(x, layer.weight, bias)
 
@@ -122,6 +145,7 @@ class _QuantizedLinear(LinearMethod):
 
     decision = ""
     packed_rows = PACKED_DEFAULT_ROWS
+    gemv_rows = 0  # rows up to which `gemv` serves (int8 where the probe says; never int4)
 
     def __init__(self, quant: QuantConfig):
         self.quant = quant
@@ -142,6 +166,10 @@ class _QuantizedLinear(LinearMethod):
         """The kernel's own copies (packing, scales in the kernel's dtype), once after loading."""
         raise NotImplementedError
 
+    def gemv(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """A few rows of x in the activations' dtype, for formats that have a GEMV (int8)."""
+        raise NotImplementedError
+
     def process_weights_after_loading(self, layer, probe):
         if layer.weight.device.type != "cpu":
             return
@@ -159,7 +187,9 @@ class _QuantizedLinear(LinearMethod):
             default=PACKED_DEFAULT_ROWS)
 
     def apply(self, layer, x):
-        if x.is_cuda or not 0 < x.shape[0] <= self.packed_rows:
+        if not x.is_cuda and 0 < x.shape[0] <= self.gemv_rows:
+            y = self.gemv(layer, x)
+        elif x.is_cuda or not 0 < x.shape[0] <= self.packed_rows:
             y = F.linear(x, self.dequantize(layer, x.dtype))
         else:
             y = self.packed(layer, x.to(kernel_dtype(x.dtype))).to(x.dtype)
@@ -194,6 +224,31 @@ class Int8Linear(_QuantizedLinear):
 
     def packed(self, layer, x):
         return torch.ops.aten._weight_int8pack_mm(x, layer.weight, layer.weight_scale_k)
+
+    def gemv(self, layer, x):
+        return op_gemv(x, layer.weight, layer.weight_scale)
+
+    def process_weights_after_loading(self, layer, probe):
+        super().process_weights_after_loading(layer, probe)
+        if probe is None or layer.weight.device.type != "cpu" or not cpu_kernels.available():
+            return
+        dtype, kd = layer.model_dtype, kernel_dtype(layer.model_dtype)
+        xs = {r: torch.randn(r, layer.weight.shape[1], dtype=dtype) for r in GEMV_PROBE_ROWS}
+        copies: list[torch.Tensor] = []
+
+        def streamed(fn):
+            if not copies:
+                copies.extend(streamed_copies(layer.weight.data))
+            return lambda: [fn(c) for c in copies]
+
+        # Against the kernel it replaces, both reading the codes from memory.
+        self.gemv_rows = probe.rows_limit(
+            f"int8-gemv@{cpu_kernels.build_key()}", tuple(layer.weight.shape), dtype, GEMV_PROBE_ROWS,
+            candidate=lambda r: streamed(lambda c: op_gemv(xs[r], c, layer.weight_scale)),
+            incumbent=lambda r: streamed(
+                lambda c: torch.ops.aten._weight_int8pack_mm(xs[r].to(kd), c, layer.weight_scale_k).to(dtype)),
+            default=0)
+        copies.clear()
 
 
 class Int4Linear(_QuantizedLinear):

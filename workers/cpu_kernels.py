@@ -1,0 +1,99 @@
+"""tpserve's own CPU kernels (workers/csrc/*.cpp: `tpserve::paged_decode`, `tpserve::gemv`), built
+once per machine into one library and loaded into the process that imported torch.
+
+Built here, not shipped as a binary: compiled with the system's C++ compiler against this torch,
+with -march=native for the CPU that runs it (AVX-512 or AVX2, whichever the draw has), into
+<cache>/kernels/tpserve_cpu-<key>.so, the key being the sources, the machine
+(kernel_probe.machine_key) and torch's version and ABI. Ranks that start together take a file
+lock, so one builds and the others load its file. Where it cannot be built (no compiler: the k8s
+image is python:3.11-slim) every caller keeps PyTorch's own kernels, with one warning.
+`TPSERVE_CPU_KERNELS=off` keeps them too (for comparisons). Whether each kernel serves is a
+choice of the running machine (workers/kernel_probe.py), named after `build_key()` so a changed
+kernel is timed again.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+_state: dict[str, str | None] = {}  # "why": None once loaded, else why not; "key": the build's
+
+
+def available() -> bool:
+    """Whether the kernels are loaded in this process (built first if this machine has no build yet)."""
+    if "why" not in _state:
+        _state["why"] = _load()
+        if _state["why"] is not None:
+            log.warning("tpserve's CPU kernels are not loaded, PyTorch's serve: %s", _state["why"])
+    return _state["why"] is None
+
+
+def build_key() -> str:
+    """The loaded build's key (sources, machine, torch): probe decisions are named after it."""
+    if not available():
+        raise RuntimeError(f"tpserve's CPU kernels are not loaded: {_state['why']}")
+    return str(_state["key"])
+
+
+def _load() -> str | None:
+    if os.environ.get("TPSERVE_CPU_KERNELS", "on").lower() in ("off", "0", "false"):
+        return "TPSERVE_CPU_KERNELS=off"
+    try:
+        so = _built()
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        detail = getattr(e, "stderr", "") or ""
+        return f"they did not build ({type(e).__name__}: {str(detail).strip()[-300:] or e})"
+    if so is None:
+        return "no C++ compiler (g++ or $CXX) on this machine"
+    torch.ops.load_library(str(so))
+    return None
+
+
+def _built() -> Path | None:
+    from torch.utils import cpp_extension
+
+    from workers.kernel_probe import machine_key
+    from workers.model_source import cache_dir
+
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        return None
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    digest = hashlib.sha256()
+    for src in SOURCES:
+        digest.update(src.name.encode() + b"\0" + src.read_bytes())
+    digest.update(f"|{machine_key()}|{torch.__version__}|{abi}".encode())
+    key = _state["key"] = digest.hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"tpserve_cpu-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".tpserve_cpu.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be building it now
+        if out.is_file():
+            return out
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tpserve_cpu-", suffix=".so")
+        os.close(fd)
+        try:
+            cmd = [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
+                   f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in cpp_extension.include_paths()),
+                   *map(str, SOURCES), *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu",
+                   "-o", tmp]
+            log.info("building tpserve's CPU kernels for this machine (once): %s", out.name)
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return out
