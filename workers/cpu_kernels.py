@@ -57,7 +57,21 @@ def _load() -> str | None:
     if so is None:
         return "no C++ compiler (g++ or $CXX) on this machine"
     torch.ops.load_library(str(so))
+    _register_fakes()
     return None
+
+
+def _register_fakes() -> None:
+    """Shapes without running, for torch.compile: a compiled step traces `tpserve::gemv` into its
+    graph as one opaque call (without this, each call was a graph break, and the breaks' frames
+    recompiled per layer class until dynamo's limit sent the step back to eager)."""
+    @torch.library.register_fake("tpserve::gemv")
+    def _gemv(x, weight, scale):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("tpserve::paged_decode")
+    def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, rows, kv_index, scale, window, out):
+        return None
 
 
 def _built() -> Path | None:

@@ -5,7 +5,8 @@ Attention for a step: every new token's k/v is written to its slot first (one in
 layer), then decoding sequences (one new token each) attend, short spans past a cached context
 (a speculative verify's k + 1 tokens) attend batched as decodes do, and prefill chunks attend one
 sequence at a time (causal, offset by what is already cached). Decode takes one of two paths,
-chosen per machine at start-up (`gather_up_to`, workers/paged_decode_op.py; gather by default):
+chosen per machine at start-up (`gather_up_to`, workers/paged_decode_op.py; gather unless the
+probe times the kernel faster):
 - in place (CPU): one call of `tpserve::paged_decode` reads every sequence's blocks where they lie
   through its block table, K and V once per (sequence, KV head);
 - gather: batched SDPAs over gathered, padded block lists (one per group of similar length:

@@ -76,3 +76,25 @@ def test_a_layer_that_chose_the_gemv_computes_its_own_matmul(quant, rows, monkey
     tol = 1e-4 if quant is None or rows <= 4 else 5e-2
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
     assert calls == ([rows] if rows <= 4 else [])
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_the_gemv_traces_into_a_compiled_graph_without_a_break(quant):
+    """The compiled step traces through a layer that chose the GEMV (its fake registration gives
+    the shape); fullgraph=True fails on any graph break."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 96)
+    layer = ColumnParallelLinear(96, 48, bias=False, group=TPGroup(0, 1), dtype=torch.float32,
+                                 quant=QuantConfig(quant) if quant else None)
+    values = {"weight": w} if quant is None else dict(zip(("weight", "weight_scale"), quantize_int8(w)))
+    for name, value in values.items():
+        p = getattr(layer, name)
+        p.weight_loader(p, TensorSource.wrap(name, value))
+    layer.finish_loading(None)
+    layer.quant_method.gemv_rows = 4
+    if quant is None:
+        layer.quant_method.gemv = op_gemv
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(1, 96)
+    torch.testing.assert_close(compiled(x), layer(x))
