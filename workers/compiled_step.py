@@ -42,6 +42,11 @@ def _regions():
         # The collective stays outside the graph (it is the shared-memory ring or gloo, nothing
         # inductor fuses). Applied here rather than as a decorator: see TPGroup._all_reduce.
         TPGroup._all_reduce = torch.compiler.disable(TPGroup._all_reduce)
+        # Each kernel choice's row limit (GEMV up to 1-4 rows, a packed int kernel up to its probed
+        # count) is a guard on the row count, so a quantized model's regions compile one graph per
+        # bucket between those limits: past dynamo's default of 8 the rest ran eager (a 257-row
+        # prefill chunk of SmolLM2 bf16 int8, 2026-12-05).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         _REGIONS["before"] = torch.compile(llama._before_attention, dynamic=True)
         _REGIONS["after"] = torch.compile(llama._after_attention, dynamic=True)
     return _REGIONS["before"], _REGIONS["after"]
