@@ -5,8 +5,8 @@
 the probe says (both for comparisons and tests). Otherwise the probe decides: the gather path,
 unless this kernel beats it by the probe's margin at every probed batch. Measured on 2026-12-04's
 AVX2 EPYC its first, scalar-loop version did not (0.93x the gather path's throughput at 64
-sequences); the vectorized one ran one SmolLM2 layer of 64 sequences in 0.10-0.16x the gather
-path's time on 2026-12-05's AVX-512 EPYC (docs/benchmarks.md).
+sequences); the vectorized one gave 1.38x (bf16) and 1.20x (fp32) at 64 requests on 2026-12-05's
+AVX-512 EPYC (`benchmarks.decode_attention`, docs/benchmarks.md).
 """
 from __future__ import annotations
 
