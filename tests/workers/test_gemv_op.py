@@ -45,10 +45,9 @@ def test_gemv_refuses_what_it_does_not_compute():
         op_gemv(x[:1], w.to(torch.int8))
 
 
-@pytest.mark.parametrize("quant", [None, "int8"])
-@pytest.mark.parametrize("rows", [1, 4, 9])
-def test_a_layer_that_chose_the_gemv_computes_its_own_matmul(quant, rows, monkeypatch):
-    torch.manual_seed(rows)
+def _layer(quant: str | None) -> tuple[torch.Tensor, ColumnParallelLinear]:
+    """A 96 -> 48 column-parallel layer at tp 1 loaded with a random weight (plain or int8 codes),
+    its kernels not probed (PyTorch's until a test chooses the GEMV)."""
     w = torch.randn(48, 96)
     layer = ColumnParallelLinear(96, 48, bias=False, group=TPGroup(0, 1), dtype=torch.float32,
                                  quant=QuantConfig(quant) if quant else None)
@@ -57,6 +56,14 @@ def test_a_layer_that_chose_the_gemv_computes_its_own_matmul(quant, rows, monkey
         p = getattr(layer, name)
         p.weight_loader(p, TensorSource.wrap(name, value))
     layer.finish_loading(None)
+    return w, layer
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+@pytest.mark.parametrize("rows", [1, 4, 9])
+def test_a_layer_that_chose_the_gemv_computes_its_own_matmul(quant, rows, monkeypatch):
+    torch.manual_seed(rows)
+    w, layer = _layer(quant)
     method = layer.quant_method
     assert isinstance(method, Int8Linear if quant else PlainLinear)
     calls = []
@@ -83,14 +90,7 @@ def test_the_gemv_traces_into_a_compiled_graph_without_a_break(quant):
     """The compiled step traces through a layer that chose the GEMV (its fake registration gives
     the shape); fullgraph=True fails on any graph break."""
     torch.manual_seed(0)
-    w = torch.randn(48, 96)
-    layer = ColumnParallelLinear(96, 48, bias=False, group=TPGroup(0, 1), dtype=torch.float32,
-                                 quant=QuantConfig(quant) if quant else None)
-    values = {"weight": w} if quant is None else dict(zip(("weight", "weight_scale"), quantize_int8(w)))
-    for name, value in values.items():
-        p = getattr(layer, name)
-        p.weight_loader(p, TensorSource.wrap(name, value))
-    layer.finish_loading(None)
+    w, layer = _layer(quant)
     layer.quant_method.gemv_rows = 4
     if quant is None:
         layer.quant_method.gemv = op_gemv

@@ -177,9 +177,23 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
   }
 
   auto row_of = [&](const int64_t* table, int64_t p) { return (table[p / bs] * bs + p % bs) * slot; };
+  // Rows [p, p + count) of one block (all KV heads), fetched ahead of their use.
+  auto prefetch = [&](const T* cache, const int64_t* table, int64_t p, int64_t count) {
+    const char* ahead = reinterpret_cast<const char*>(cache + row_of(table, p));
+    for (int64_t off = 0; off < count * row_bytes; off += 64) __builtin_prefetch(ahead + off);
+  };
 
   at::parallel_for(0, nthreads, 1, [&](int64_t tbegin, int64_t tend) {
     std::vector<float> qf(Hq * Dn), scores, acc(Hq * Dn), row(Dn);
+    // A key or value row of one KV head as float32: in place, or widened into `buf`.
+    auto as_float = [&](const T* src, float* buf) -> const float* {
+      if constexpr (std::is_same_v<T, float>) {
+        return src;
+      } else {
+        widen<T, D>(src, buf, d_rt);
+        return buf;
+      }
+    };
     for (int64_t t = tbegin; t < tend; ++t) {
       for (const Task& task : assigned[t]) {
         const int64_t b = task.b, g0 = task.g0, g1 = task.g1;
@@ -205,11 +219,8 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
           for (int64_t p = lo; p < n;) {
             const int64_t cnt = std::min<int64_t>({16, n - p, bs - p % bs});  // within one block
             const T* base = kp + row_of(table, p);
-            if (p + cnt < n) {  // the next chunk: often another block, anywhere in the cache
-              const char* ahead = reinterpret_cast<const char*>(kp + row_of(table, p + cnt));
-              const int64_t next = std::min<int64_t>({16, n - p - cnt, bs - (p + cnt) % bs});
-              for (int64_t off = 0; off < next * row_bytes; off += 64) __builtin_prefetch(ahead + off);
-            }
+            if (p + cnt < n)  // the next chunk: often another block, anywhere in the cache
+              prefetch(kp, table, p + cnt, std::min<int64_t>({16, n - p - cnt, bs - (p + cnt) % bs}));
             for (int64_t g = g0; g < g1; ++g) {
               for (int64_t j = start[g]; j < start[g + 1]; ++j) {
                 const float* qj = qf.data() + j * D;
@@ -230,19 +241,10 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
 #endif
         {
           for (int64_t p = lo; p < n; ++p) {
-            if (p + kPrefetchAhead < n) {
-              const char* ahead = reinterpret_cast<const char*>(kp + row_of(table, p + kPrefetchAhead));
-              for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
-            }
+            if (p + kPrefetchAhead < n) prefetch(kp, table, p + kPrefetchAhead, 1);
             const T* krow = kp + row_of(table, p);
             for (int64_t g = g0; g < g1; ++g) {
-              const float* kr;
-              if constexpr (std::is_same_v<T, float>) {
-                kr = krow + g * Dn;
-              } else {
-                widen<T, D>(krow + g * Dn, row.data(), d_rt);
-                kr = row.data();
-              }
+              const float* kr = as_float(krow + g * Dn, row.data());
               for (int64_t j = start[g]; j < start[g + 1]; ++j) {
                 const float* qj = qf.data() + j * Dn;
                 float s = 0.f;
@@ -278,11 +280,7 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
           for (int64_t p = lo; p < n;) {
             const int64_t cnt = std::min<int64_t>({16, n - p, bs - p % bs});
             const T* base = vp + row_of(table, p);
-            if (p + cnt < n) {
-              const char* ahead = reinterpret_cast<const char*>(vp + row_of(table, p + cnt));
-              const int64_t next = std::min<int64_t>({16, n - p - cnt, bs - (p + cnt) % bs});
-              for (int64_t off = 0; off < next * row_bytes; off += 64) __builtin_prefetch(ahead + off);
-            }
+            if (p + cnt < n) prefetch(vp, table, p + cnt, std::min<int64_t>({16, n - p - cnt, bs - (p + cnt) % bs}));
             for (int64_t g = g0; g < g1; ++g) {
               for (int64_t j = start[g]; j < start[g + 1]; ++j) {
                 float* aj = acc.data() + j * D;
@@ -303,19 +301,10 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
 #endif
         {
           for (int64_t p = lo; p < n; ++p) {
-            if (p + kPrefetchAhead < n) {
-              const char* ahead = reinterpret_cast<const char*>(vp + row_of(table, p + kPrefetchAhead));
-              for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
-            }
+            if (p + kPrefetchAhead < n) prefetch(vp, table, p + kPrefetchAhead, 1);
             const T* vrow = vp + row_of(table, p);
             for (int64_t g = g0; g < g1; ++g) {
-              const float* vr;
-              if constexpr (std::is_same_v<T, float>) {
-                vr = vrow + g * Dn;
-              } else {
-                widen<T, D>(vrow + g * Dn, row.data(), d_rt);
-                vr = row.data();
-              }
+              const float* vr = as_float(vrow + g * Dn, row.data());
               for (int64_t j = start[g]; j < start[g + 1]; ++j) {
                 const float w = scores[j * len + (p - lo)];
                 float* a = acc.data() + j * Dn;
