@@ -6,8 +6,8 @@ ARG VARIANT
 ENV PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=10000 RAY_USAGE_STATS_ENABLED=0 HOME=/tmp \
     TPSERVE_CACHE_DIR=/models PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /opt/tpserve
-# A C++ compiler: the in-place paged decode kernel (workers/paged_decode_op.py) and the compiled
-# step are built on the node that runs them; without one, pods keep the gather path and eager.
+# A C++ compiler: tpserve's CPU kernels (workers/cpu_kernels.py) and the compiled step are built
+# on the node that runs them; without one, pods keep PyTorch's kernels, the gather path and eager.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 COPY requirements.txt pyproject.toml README.md ./
 # torch first and pinned: the CPU build from PyTorch's CPU index, or the default (CUDA) build.

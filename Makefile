@@ -36,10 +36,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 setup: $(STAMP)
 
 # Convert the default GGUF once into the safetensors cache (later loads take well under a second),
-# and build this machine's in-place decode attention kernel once (workers/paged_decode_op.py).
+# and build this machine's CPU kernels once (workers/cpu_kernels.py: decode attention, the GEMV).
 model: $(STAMP)
 	$(VENV)/bin/tpserve prepare --model $(MODEL)
-	$(PY) -c "from workers.paged_decode_op import available; available()"
+	$(PY) -c "from workers.cpu_kernels import available; available()"
 
 # The cluster on the default model: embedded Ray, REPLICAS x TP workers, gRPC on 127.0.0.1:$(PORT).
 serve: model
