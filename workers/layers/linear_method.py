@@ -7,8 +7,8 @@ the kernel choice on this machine), and multiplies. A layer never reads another 
 
 Kernels, chosen at start-up by workers/kernel_probe.py on the layer's own weights:
 - plain: `F.linear`, or for up to 4 rows on CPU `tpserve::gemv` (workers/csrc/gemv.cpp: W streamed
-  once, one row at a time per thread), which read SmolLM2's weights 2.0-2.4x faster than F.linear
-  in float32 and 1.7-2.5x in bfloat16 at one row on 2026-12-05's AVX-512 EPYC. Without a
+  once, one row at a time per thread), which read SmolLM2's weights 1.8-2.8x faster than F.linear
+  in float32 and 2.0-2.5x in bfloat16 at one row on 2026-12-05's AVX-512 EPYC (`benchmarks.gemv`). Without a
   compiler, float32 keeps the older batched GEMV (W as 8 row-blocks times x: 2.2-2.9x MKL's GEMV on
   issue 12's machine, 2.4-4.8x slower on issue 20's). The probe picks per shape and thread count.
 - int8 / int4 on CPU: PyTorch's weight-only kernels (`_weight_int8pack_mm`,
@@ -18,7 +18,7 @@ Kernels, chosen at start-up by workers/kernel_probe.py on the layer's own weight
   (its residual stream, norms and attention stay float32). Above some row count (a prefill chunk)
   dequantizing the weight and calling F.linear in the activations' dtype wins: the probe finds it.
   int8 at up to 4 rows: `tpserve::gemv` on the codes where the probe times it faster (at one row,
-  1.1-2.2x `_weight_int8pack_mm` on SmolLM2's shapes, 2026-12-05), in the activations' own dtype.
+  1.1-2.3x `_weight_int8pack_mm` on SmolLM2's shapes, 2026-12-05), in the activations' own dtype.
 - CUDA: every quantized matmul dequantizes to the activations' dtype and multiplies (the memory
   saved, not the speed: the CUDA int kernels are not wired; no GPU was at hand to check them).
 """
