@@ -97,17 +97,26 @@ def _built() -> Path | None:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be building it now
         if out.is_file():
             return out
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tpserve_cpu-", suffix=".so")
-        os.close(fd)
-        try:
-            cmd = [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
-                   f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in cpp_extension.include_paths()),
-                   *map(str, SOURCES), *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu",
-                   "-o", tmp]
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tpserve_cpu-") as tmp:
+            flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                     *(f"-I{p}" for p in cpp_extension.include_paths())]
+            objs = [os.path.join(tmp, f"{src.stem}.o") for src in SOURCES]
             log.info("building tpserve's CPU kernels for this machine (once): %s", out.name)
-            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            # One compiler per source at once: a worker's first start on a machine waits for them.
+            procs = [subprocess.Popen([cxx, *flags, "-c", str(src), "-o", obj], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for src, obj in zip(SOURCES, objs)]
+            try:
+                for proc in procs:
+                    _, err = proc.communicate(timeout=600)
+                    if proc.returncode:
+                        raise subprocess.CalledProcessError(proc.returncode, proc.args, stderr=err)
+            finally:
+                for proc in procs:
+                    if proc.poll() is None:  # a sibling failed: nothing will link its object
+                        proc.kill()
+                        proc.wait()
+            so = os.path.join(tmp, "lib.so")
+            subprocess.run([cxx, "-shared", "-fopenmp", *objs, *(f"-L{p}" for p in cpp_extension.library_paths()),
+                            "-lc10", "-ltorch_cpu", "-o", so], check=True, capture_output=True, text=True, timeout=600)
+            os.replace(so, out)
     return out

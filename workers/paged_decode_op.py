@@ -36,7 +36,7 @@ def gather_up_to(probe, num_kv_heads: int, num_heads_of: list[int], head_dim: in
     where the probe times the kernel faster than the gather path by its margin at every probed
     count, on a scratch one-layer cache of this rank's shape; else (and with no probe) the gather
     path always. `num_heads_of`: each local query head's KV head."""
-    if not available():
+    if not available() or dtype not in (torch.float32, torch.bfloat16):  # the kernel's dtypes
         return 1 << 30
     if _mode() == "always":
         return 0

@@ -12,7 +12,7 @@
 //
 // How it stays on the vector units (the first version's scalar exp and per-head element
 // conversions lost to SDPA at 64 sequences on an AVX2 EPYC, 2026-12-04):
-// - every loop over the head dimension has a compile-time trip count (D = 64, 128 or 256; other
+// - every loop over the head dimension has a compile-time trip count (D = 64 or 128; other
 //   sizes take the generic instance), so -march=native unrolls it into whole vector registers;
 // - a key or value row is widened to float32 once (bf16 is a 16-bit shift) and then serves every
 //   query head of its group;
@@ -336,9 +336,6 @@ void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at:
     case 128:
       return paged_decode_kernel<T, 128>(q, k_cache, v_cache, block_tables, seq_lens, rows, kv_index, scale,
                                          window, out);
-    case 256:
-      return paged_decode_kernel<T, 256>(q, k_cache, v_cache, block_tables, seq_lens, rows, kv_index, scale,
-                                         window, out);
     default:
       return paged_decode_kernel<T, 0>(q, k_cache, v_cache, block_tables, seq_lens, rows, kv_index, scale, window,
                                        out);
@@ -359,9 +356,16 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
               "paged_decode: index tensors are int64");
   TORCH_CHECK(block_tables.is_contiguous() && kv_index.size(0) == q.size(1) && q.size(2) == k_cache.size(3),
               "paged_decode: shapes disagree");
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_decode", [&] {
-    dispatch_head_dim<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, rows, kv_index, scale, window, out);
-  });
+  // The cache's dtypes on CPU; each is compiled at every head dim below, so the list stays short
+  // (the library is built at a worker's first start on each machine).
+  AT_DISPATCH_SWITCH(q.scalar_type(), "paged_decode",
+                     AT_DISPATCH_CASE(at::kFloat, [&] {
+                       dispatch_head_dim<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, rows, kv_index,
+                                                   scale, window, out);
+                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       dispatch_head_dim<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, rows, kv_index,
+                                                   scale, window, out);
+                     }));
 }
 
 }  // namespace
