@@ -10,8 +10,8 @@
 //
 // W: [N, K] int8 (with a float32 scale per output row: y = scale * (x @ codes^T)), float32 or
 // bfloat16. x: [M, K] float32 or bfloat16, contiguous. y: [M, N] in x's dtype. Accumulation is
-// float32. Written as plain loops over compile-time row counts for the compiler to vectorize
-// (-march=native: AVX-512 or AVX2, whichever the machine has; built by workers/cpu_kernels.py).
+// float32. Written in GCC's vector types over compile-time row counts (-march=native makes them
+// AVX-512 or AVX2, whichever the machine has; built by workers/cpu_kernels.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
