@@ -24,6 +24,8 @@ Kernels, chosen at start-up by workers/kernel_probe.py on the layer's own weight
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,11 +64,23 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.contiguous() if rows > 1 else y
 
 
-def streamed_copies(t: torch.Tensor) -> list[torch.Tensor]:
-    """`t` and copies of it adding up to GEMV_PROBE_STREAM_BYTES (at most GEMV_PROBE_MAX_COPIES):
-    timed over all of them, a kernel reads its weight from memory, as in a model's step."""
-    n = min(GEMV_PROBE_MAX_COPIES, -(-GEMV_PROBE_STREAM_BYTES // (t.numel() * t.element_size())))
-    return [t] + [t.clone() for _ in range(n - 1)]
+class Streamed:
+    """A probe's calls over a weight and copies of it adding up to GEMV_PROBE_STREAM_BYTES (at most
+    GEMV_PROBE_MAX_COPIES): timed over all of them, a kernel reads its weight from memory, as in a
+    model's step. The copies are made at the first call built, so only if the answer is not cached."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight, self.copies = weight, []
+
+    def __call__(self, fn: Callable[[torch.Tensor], object]) -> Callable[[], object]:
+        if not self.copies:
+            w = self.weight
+            n = min(GEMV_PROBE_MAX_COPIES, -(-GEMV_PROBE_STREAM_BYTES // (w.numel() * w.element_size())))
+            self.copies = [w] + [w.clone() for _ in range(n - 1)]
+        return lambda: [fn(c) for c in self.copies]
+
+    def release(self) -> None:
+        self.copies = []
 
 
 def op_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,19 +131,12 @@ class PlainLinear(LinearMethod):
         else:
             return
         xs = {r: torch.randn(r, w.shape[1], dtype=w.dtype) for r in GEMV_PROBE_ROWS}
-        # Copies made only if the answer is not cached yet (the callables are built lazily).
-        copies: list[torch.Tensor] = []
-
-        def streamed(fn):
-            if not copies:
-                copies.extend(streamed_copies(w))
-            return lambda: [fn(c) for c in copies]
-
+        streamed = Streamed(w)
         self.gemv_rows = probe.rows_limit(decision, tuple(w.shape), w.dtype, GEMV_PROBE_ROWS,
                                           candidate=lambda r: streamed(lambda c: kernel(xs[r], c)),
                                           incumbent=lambda r: streamed(lambda c: F.linear(xs[r], c)), default=0)
         self.gemv = kernel
-        copies.clear()
+        streamed.release()
 
     def apply(self, layer, x):
         bias = getattr(layer, "bias", None)
@@ -234,13 +241,7 @@ class Int8Linear(_QuantizedLinear):
             return
         dtype, kd = layer.model_dtype, kernel_dtype(layer.model_dtype)
         xs = {r: torch.randn(r, layer.weight.shape[1], dtype=dtype) for r in GEMV_PROBE_ROWS}
-        copies: list[torch.Tensor] = []
-
-        def streamed(fn):
-            if not copies:
-                copies.extend(streamed_copies(layer.weight.data))
-            return lambda: [fn(c) for c in copies]
-
+        streamed = Streamed(layer.weight.data)
         # Against the kernel it replaces, both reading the codes from memory.
         self.gemv_rows = probe.rows_limit(
             f"int8-gemv@{cpu_kernels.build_key()}", tuple(layer.weight.shape), dtype, GEMV_PROBE_ROWS,
@@ -248,7 +249,7 @@ class Int8Linear(_QuantizedLinear):
             incumbent=lambda r: streamed(
                 lambda c: torch.ops.aten._weight_int8pack_mm(xs[r].to(kd), c, layer.weight_scale_k).to(dtype)),
             default=0)
-        copies.clear()
+        streamed.release()
 
 
 class Int4Linear(_QuantizedLinear):
