@@ -7,8 +7,9 @@ outputs 128-256, exact lengths, greedy, EOS ignored: `benchmarks.throughput`'s "
 tpserve (fp32, bf16, int8; tp 1 and 2) and vLLM (float32 and bfloat16, its default compile mode,
 both cores: VLLM_CPU_OMP_THREADS_BIND=0-1, VLLM_CPU_NUM_OF_RESERVED_CPU=0, tcmalloc and libiomp5
 preloaded where present, as its docs say: `apt-get install libtcmalloc-minimal4`); each vLLM engine's
-start (load + warm-up) is reported beside tpserve's. --repeats runs everything that many times,
-interleaved; median (min-max).
+start (load + warm-up) is reported beside tpserve's. With --llama-cpp, llama.cpp as well (the Q4_1
+GGUF tpserve converts, through benchmarks/llama_cpp_driver.py in .venv-peers), so the three systems
+share one run. --repeats runs everything that many times, interleaved; median (min-max).
 """
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ from workers import set_openmp_env  # noqa: E402
 set_openmp_env()
 
 from benchmarks.decode import PROMPT  # noqa: E402
-from benchmarks.peers import spread, tpserve_decode  # noqa: E402
+from benchmarks.peers import PEERS_PY, llama_cpp, spread, tpserve_decode  # noqa: E402
 from benchmarks.throughput import engine_run, make_requests  # noqa: E402
 from workers.engine.core import EngineConfig  # noqa: E402
 from workers.launcher import start_worker_group  # noqa: E402
-from workers.model_source import resolve_model  # noqa: E402
+from workers.model_source import builtin_gguf, resolve_model  # noqa: E402
 from workers.worker import WorkerSpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,12 +65,18 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--settings", default="1:float32:none,1:bfloat16:none,1:float32:int8,2:float32:int8",
                     help="tp:dtype:quantization[:compiled], comma-separated")
+    ap.add_argument("--vllm-dtypes", default="float32,bfloat16",
+                    help="vLLM's dtypes, comma-separated (each engine's start compiles for minutes)")
     ap.add_argument("--no-vllm", action="store_true",
                     help="tpserve's settings only (no .venv-vllm needed): the table's ratios are then against "
                          "tpserve's best setting of this run")
+    ap.add_argument("--llama-cpp", action="store_true",
+                    help="llama.cpp too (Q4_1, the GGUF tpserve converts; needs .venv-peers: make bench-peers)")
     args = ap.parse_args()
     if not VLLM_PY.exists() and not args.no_vllm:
         raise SystemExit(f"{VLLM_PY} is missing: run `make bench-vllm`")
+    if args.llama_cpp and not PEERS_PY.exists():
+        raise SystemExit(f"{PEERS_PY} is missing: run `make bench-peers` (it builds llama-cpp-python once)")
     from transformers import AutoTokenizer
 
     folder = str(resolve_model(args.model))
@@ -97,7 +104,7 @@ def main() -> None:
                 n, s = engine_run(g, reqs)
                 tput.setdefault(name, []).append(n / s)
             print(f"  repeat {rep + 1}: {name} {b1[name][-1]:.1f} ms/token, {tput[name][-1]:.1f} tok/s", flush=True)
-        for dt in () if args.no_vllm else ("float32", "bfloat16"):
+        for dt in () if args.no_vllm else args.vllm_dtypes.split(","):
             name = f"vLLM CPU {dt}"
             got = vllm(folder, dt, [{"op": "decode", "prompt": ids, "new_tokens": args.new_tokens},
                                     {"op": "batch", "requests": [[r.prompt, r.out_len] for r in reqs]}])
@@ -106,9 +113,20 @@ def main() -> None:
             tput.setdefault(name, []).append(got[2]["output_tokens"] / got[2]["seconds"])
             print(f"  repeat {rep + 1}: {name} {b1[name][-1]:.1f} ms/token, {tput[name][-1]:.1f} tok/s "
                   f"(start {starts[name][-1]:.0f} s)", flush=True)
+        if args.llama_cpp:
+            name = "llama.cpp Q4_1"
+            t = time.perf_counter()
+            r = llama_cpp(builtin_gguf(args.model), {"op": "decode", "prompt": ids, "new_tokens": args.new_tokens,
+                                                     "repeats": 1})
+            starts.setdefault(name, []).append(time.perf_counter() - t)  # a load and the decode run
+            b1.setdefault(name, []).append(r["ms_per_token"])
+            r = llama_cpp(builtin_gguf(args.model), {"op": "batch", "requests": [[q.prompt, q.out_len] for q in reqs]})
+            tput.setdefault(name, []).append(r["output_tokens"] / r["seconds"])
+            print(f"  repeat {rep + 1}: {name} {b1[name][-1]:.1f} ms/token, {tput[name][-1]:.1f} tok/s", flush=True)
     peer = "tpserve" if args.no_vllm else "vLLM"
     best = max(tput, key=lambda k: statistics.median(tput[k]) if k.startswith(peer) else -1)
-    flags = f"--repeats {args.repeats} --settings {args.settings}" + " --no-vllm" * args.no_vllm
+    flags = f"--repeats {args.repeats} --settings {args.settings}" + \
+        (" --no-vllm" if args.no_vllm else f" --vllm-dtypes {args.vllm_dtypes}") + " --llama-cpp" * args.llama_cpp
     print(f"\n`python -m benchmarks.vllm_peer {flags}`, {time.strftime('%Y-%m-%d')}, "
           f"{os.cpu_count()} cores; median (min-max)\n")
     print(f"| system | batch-1 ms/token | {args.num_requests} requests, output tok/s | vs {best} | start s |")
