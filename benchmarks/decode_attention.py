@@ -1,13 +1,16 @@
 """Decode attention in place (tpserve::paged_decode) against the gather path, in one run.
 
     python -m benchmarks.decode_attention [--model smollm2-135m] [--tp 1] [--dtype float32]
-                                          [--mix decode] [--repeats 3]
+                                          [--mix decode] [--repeats 3] [--speculative K]
 
 Two worker groups of the same model, one pinned to each path (TPSERVE_PAGED_DECODE=always | off,
 set before their ranks start), run the same requests by turns, --repeats times: the 64 requests of
 `benchmarks.throughput`'s mix (every request at once, output tok/s) and a batch-1 decode
 (ms/token over 64 tokens). Prints each figure's median (min-max) and the in-place / gather ratio.
 Greedy outputs of the two groups are compared too (they must agree token for token in float32).
+With --speculative K, both groups verify ngram proposals of K tokens at every batch size (the cost
+rule off), so their steps carry spans of up to K + 1 rows: the figures then compare the two paths
+on verify steps, and the greedy outputs must still agree.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ set_openmp_env()
 from benchmarks.throughput import engine_run, make_requests  # noqa: E402
 from workers.engine.core import EngineConfig  # noqa: E402
 from workers.engine.sampling_params import SamplingParams  # noqa: E402
+from workers.engine.speculative import SpeculativeConfig  # noqa: E402
 from workers.launcher import start_worker_group  # noqa: E402
 from workers.model_source import resolve_model  # noqa: E402
 from workers.worker import WorkerSpec  # noqa: E402
@@ -46,10 +50,12 @@ def main() -> None:
     ap.add_argument("--mix", default="decode", choices=["decode", "long"])
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--speculative", type=int, default=0, help="ngram proposals of this many tokens, forced on")
     args = ap.parse_args()
     folder = str(resolve_model(args.model))
     spec = WorkerSpec(folder, tp_size=args.tp, dtype=args.dtype, kv_cache_memory=3 << 30)
-    cfg = EngineConfig(max_num_seqs=args.num_requests, max_num_batched_tokens=1024)
+    ngram = SpeculativeConfig("ngram", args.speculative, adaptive=False) if args.speculative else None
+    cfg = EngineConfig(max_num_seqs=args.num_requests, max_num_batched_tokens=1024, speculative=ngram)
     groups = {}
     before = os.environ.get("TPSERVE_PAGED_DECODE")
     for name, mode in PATHS.items():
@@ -68,9 +74,12 @@ def main() -> None:
         outputs = {}
         for g in groups.values():
             engine_run(g, make_requests("decode", 4, vocab, seed=99))  # warm-up
+        drafts = {n: 0 for n in groups}
         for rep in range(args.repeats):
             for name, g in (groups.items() if rep % 2 == 0 else reversed(groups.items())):
+                before = g.engine.call("stats").spec_drafts
                 n, t = engine_run(g, reqs)
+                drafts[name] += g.engine.call("stats").spec_drafts - before
                 tok_s[name].append(n / t)
                 ms[name].append(batch1_ms(g, prompt))
             print(f"  repeat {rep + 1}/{args.repeats}: " + ", ".join(
@@ -86,7 +95,8 @@ def main() -> None:
         return f"{statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
 
     print(f"\n`python -m benchmarks.decode_attention --tp {args.tp} --dtype {args.dtype} --mix {args.mix} "
-          f"--repeats {args.repeats}`, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores; median (min-max)\n")
+          f"--repeats {args.repeats}" + f" --speculative {args.speculative}" * bool(args.speculative) +
+          f"`, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores; median (min-max)\n")
     print(f"| decode attention | {args.num_requests} requests output tok/s | batch-1 ms/token |")
     print("|---|---:|---:|")
     for name in groups:
@@ -96,6 +106,9 @@ def main() -> None:
     print(f"| in place / gather | {r_tok:.2f}x | {r_ms:.2f}x |")
     same = sum(a == b for a, b in zip(outputs["in place"], outputs["gather"]))
     print(f"\ngreedy outputs equal on {same}/{len(outputs['gather'])} requests (32 tokens each)")
+    if args.speculative:
+        print("proposals verified (spec_drafts) over the 64-request runs: " +
+              ", ".join(f"{n} {drafts[n]}" for n in groups))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ probe times the kernel faster):
 - gather: batched SDPAs over gathered, padded block lists (one per group of similar length:
   `group_by_length`). Gathers move whole blocks (contiguous bs x KVH x D chunks), and decode never
   copies K/V per query head (see HeadLayout). CUDA, and CPUs without the built kernel, take it.
-  Spans always take it, grouped by their length too (the in-place kernel reads one row).
+  Spans take the same path as the step's decodes: grouped by their length when gathered, one
+  kernel row per span row in place.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class PagedAttentionBatch(AttentionBatch):
         bs, dev = cache.block_size, cache.device
         slots, decode_rows, decode_tables, decode_lens, self.prefills = [], [], [], [], []
         spans: dict[int, tuple[list[int], list[list[int]], list[int]]] = {}  # length -> rows, tables, lens
-        row = 0
+        row = span_rows = 0
         for s in seqs:
             pos = torch.arange(s.start, s.start + s.length)
             table = torch.tensor(s.block_table, dtype=torch.long)
@@ -80,12 +81,23 @@ class PagedAttentionBatch(AttentionBatch):
                 rows.append(row)
                 tables.append(s.block_table[:nb])
                 lens.append(s.start + s.length)
+                span_rows += s.length
             else:
                 self.prefills.append((row, s.length, s.start, table[:nb].to(dev)))
             row += s.length
         self.slot_mapping = torch.cat(slots).to(dev) if slots else torch.empty(0, dtype=torch.long)
-        self.in_place = _InPlaceDecode(decode_rows, decode_tables, decode_lens) \
-            if len(decode_rows) > cache.gather_up_to else None
+        self.in_place = None
+        if len(decode_rows) + span_rows > cache.gather_up_to:
+            # In place, a span's row j is one more decoding row whose context ends at its own
+            # position (start + j), through the same block table: the kernel reads that context once
+            # per row, where the gather path copies it once per span and reads it once.
+            for length, (rows, tables, lens) in spans.items():
+                for r, t, n in zip(rows, tables, lens):
+                    decode_rows += [r + j for j in range(length)]
+                    decode_tables += [t] * length
+                    decode_lens += [n - length + 1 + j for j in range(length)]
+            spans = {}
+            self.in_place = _InPlaceDecode(decode_rows, decode_tables, decode_lens)
         # Gathered, decoding sequences attend in groups of similar length: one padded SDPA over all
         # of them gathers and scans every sequence's blocks up to the longest one's (at 64
         # sequences of mixed length, about twice the K/V each needs); a few groups cost a few calls.

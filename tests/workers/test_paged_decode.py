@@ -1,6 +1,7 @@
 """The in-place paged decode kernel (tpserve::paged_decode) against the gather path it replaces,
 on the same cache and step: the same attention output for every decoding row, whatever the head
-layout, dtype, window, block order and lengths, with prefill chunks in the same step."""
+layout, dtype, window, block order and lengths, with prefill chunks and speculative spans in the
+same step."""
 from __future__ import annotations
 
 import random
@@ -36,6 +37,9 @@ def run_step(layout, dtype, window, gather: bool, seed: int = 0, d: int = 16):
     for length in (1, 3, 9, 17, 1, 40, 2):
         seqs.append(PagedSeq(length - 1, 1, [free.pop() for _ in range(-(-length // bs))]))
     seqs.insert(3, PagedSeq(5, 6, [free.pop() for _ in range(3)]))  # a prefill chunk between decodes
+    # Speculative verifies: spans of 3 and 2 rows past a cached context, each row its own causal end.
+    seqs.insert(1, PagedSeq(10, 3, [free.pop() for _ in range(4)]))
+    seqs.append(PagedSeq(6, 2, [free.pop() for _ in range(2)]))
     t = sum(s.length for s in seqs)
     q = torch.randn(t, len(kv_of), d, generator=g).to(dtype)
     k = torch.randn(t, kvh, d, generator=g).to(dtype)
@@ -62,6 +66,12 @@ def test_the_in_place_path_serves_only_above_the_chosen_count():
     assert cache.batch(seqs).in_place is None and cache.batch(seqs).decode_groups
     cache.gather_up_to = 2
     assert cache.batch(seqs).in_place is not None and not cache.batch(seqs).decode_groups
+    # A span's rows count, and join the kernel's rows: two decodes and a 2-row span are 4 rows.
+    spans = [PagedSeq(2, 1, [0]), PagedSeq(2, 1, [1]), PagedSeq(1, 2, [2])]
+    cache.gather_up_to = 3
+    batch = cache.batch(spans)
+    assert not batch.decode_groups and batch.in_place.rows.tolist() == [0, 1, 2, 3]
+    assert batch.in_place.lens.tolist() == [3, 3, 2, 3]
 
 
 def test_the_choice_is_timed_once_per_machine_and_cached(tmp_path):
