@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from workers.kernel_probe import KernelProbe
 from workers.layers.linear import ColumnParallelLinear
-from workers.layers.linear_method import GEMV_BLOCKS, PlainLinear, gemv
+from workers.layers.linear_method import GEMV_BLOCKS, PlainLinear, gemv, onednn_available, onednn_linear, onednn_pack
 from workers.parallel import TPGroup
 from workers.tensor_source import TensorSource
 
@@ -36,6 +36,62 @@ def test_a_plain_layer_gives_f_linear_whichever_kernel_was_chosen(gemv_rows, row
     x = torch.randn(rows, 96)
     torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.skipif(not onednn_available(torch.float32), reason="no oneDNN in this torch build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 64, 65])
+def test_a_plain_layer_on_its_onednn_packed_weight_gives_f_linear_up_to_its_rows(dtype, rows, monkeypatch):
+    """The packed copy serves 1..onednn_rows rows (past them F.linear on the plain weight), with the
+    bias, and gives F.linear's result in the layer's dtype."""
+    if not onednn_available(dtype):
+        pytest.skip(f"oneDNN has no {dtype} here")
+    torch.manual_seed(rows)
+    layer = ColumnParallelLinear(96, 40, bias=True, group=TPGroup(0, 1), dtype=dtype)
+    w, b = torch.randn(40, 96), torch.randn(40)
+    layer.weight.weight_loader(layer.weight, TensorSource.wrap("w", w))
+    layer.bias.weight_loader(layer.bias, TensorSource.wrap("b", b))
+    method = layer.quant_method
+    method.onednn_weight, method.onednn_rows = onednn_pack(layer.weight.data), 64
+    calls = []
+
+    def counted(x, packed, bias=None):
+        calls.append(x.shape[0])
+        return onednn_linear(x, packed, bias)
+
+    monkeypatch.setattr("workers.layers.linear_method.onednn_linear", counted)
+    x = torch.randn(rows, 96).to(dtype)
+    got = layer(x)
+    assert got.dtype == dtype and calls == ([rows] if rows <= 64 else [])
+    want = F.linear(x.float(), w.to(dtype).float(), b.to(dtype).float())
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    method.unpack()  # as the compiled step does: F.linear from then on
+    calls.clear()
+    torch.testing.assert_close(layer(x).float(), want, rtol=tol, atol=tol)
+    assert calls == [] and method.onednn_weight is None
+
+
+@pytest.mark.skipif(not onednn_available(torch.float32), reason="no oneDNN in this torch build")
+def test_the_probe_times_the_packed_weight_and_the_gemv_against_what_serves_otherwise(tmp_path):
+    """A probed plain layer records the oneDNN decision, and the GEMV's against the packed weight
+    where that won (its own decision name: an answer timed against F.linear is not reused)."""
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(96, 8 * GEMV_BLOCKS * 3, bias=False, group=TPGroup(0, 1), dtype=torch.float32)
+    w = torch.randn(8 * GEMV_BLOCKS * 3, 96)
+    layer.weight.weight_loader(layer.weight, TensorSource.wrap("w", w))
+    probe = KernelProbe(tmp_path / "k.json")
+    layer.finish_loading(probe)
+    method = layer.quant_method
+    answers = json.loads((tmp_path / "k.json").read_text())
+    onednn = [k for k in answers if k.startswith("onednn-packed|")]
+    assert len(onednn) == 1 and answers[onednn[0]] == method.onednn_rows
+    assert (method.onednn_weight is not None) == (method.onednn_rows > 0)
+    gemv_keys = [k for k in answers if k.startswith("gemv-")]
+    assert len(gemv_keys) == 1 and ("-vs-onednn" in gemv_keys[0]) == (method.onednn_rows > 0)
+    for rows in (1, 4, 64, 300):
+        x = torch.randn(rows, 96)
+        torch.testing.assert_close(layer(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
