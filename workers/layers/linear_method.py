@@ -6,11 +6,15 @@ loader of the layer's cut), finishes them once after loading (packing, the kerne
 the kernel choice on this machine), and multiplies. A layer never reads another format's fields.
 
 Kernels, chosen at start-up by workers/kernel_probe.py on the layer's own weights:
-- plain: `F.linear`, or for up to 4 rows on CPU `tpserve::gemv` (workers/csrc/gemv.cpp: W streamed
-  once, one row at a time per thread), which read SmolLM2's weights 1.8-2.8x faster than F.linear
-  in float32 and 2.0-2.5x in bfloat16 at one row on 2026-12-05's AVX-512 EPYC (`benchmarks.gemv`). Without a
-  compiler, float32 keeps the older batched GEMV (W as 8 row-blocks times x: 2.2-2.9x MKL's GEMV on
-  issue 12's machine, 2.4-4.8x slower on issue 20's). The probe picks per shape and thread count.
+- plain: `F.linear`; on CPU, oneDNN on a copy of the weight packed once into its blocked layout
+  (`onednn_linear`, what vLLM's CPU backend and inductor's freezing call: F.linear hands oneDNN
+  the plain weight, which it reorders on every call), up to the row count where the probe finds it
+  faster; and for up to 4 rows `tpserve::gemv` (workers/csrc/gemv.cpp: W streamed once, one row at
+  a time per thread), which read SmolLM2's weights 1.8-2.8x faster than F.linear in float32 and
+  2.0-2.5x in bfloat16 at one row on 2026-12-05's AVX-512 EPYC (`benchmarks.gemv`), probed against
+  whichever of the two would serve those rows. Without a compiler, float32 keeps the older batched
+  GEMV (W as 8 row-blocks times x: 2.2-2.9x MKL's GEMV on issue 12's machine, 2.4-4.8x slower on
+  issue 20's). The probe picks per shape and thread count.
 - int8 / int4 on CPU: PyTorch's weight-only kernels (`_weight_int8pack_mm`,
   `_weight_int4pack_mm_for_cpu`) fed bfloat16 activations. They are written for bf16: with
   float32 activations they ran 15-40x slower (issue 20's table) and were, in bf16, the fastest
@@ -24,6 +28,7 @@ Kernels, chosen at start-up by workers/kernel_probe.py on the layer's own weight
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -96,9 +101,15 @@ def op_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = 
     return torch.ops.tpserve.gemv(x, weight, scale)
 
 
+def onednn_mode() -> str:
+    """`TPSERVE_ONEDNN`: on (the default: the probe decides), always (every plain CPU layer
+    multiplies on its packed weight, whatever the probe says), off (never packs)."""
+    return os.environ.get("TPSERVE_ONEDNN", "on").lower()
+
+
 def onednn_available(dtype: torch.dtype) -> bool:
     """oneDNN's linear on a prepacked weight runs here in `dtype` (bf16 needs the CPU's support)."""
-    if not torch.backends.mkldnn.is_available():
+    if onednn_mode() in ("off", "0", "false") or not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
@@ -161,7 +172,7 @@ class PlainLinear(LinearMethod):
             # freezing do. It costs a second copy of the weight: the plain one stays for the GEMV,
             # the row counts past the probe's, and a tied embedding.
             xp = {r: torch.randn(r, w.shape[1], dtype=w.dtype) for r in ONEDNN_PROBE_ROWS}
-            self.onednn_rows = probe.rows_limit(
+            self.onednn_rows = 1 << 30 if onednn_mode() == "always" else probe.rows_limit(
                 "onednn-packed", tuple(w.shape), w.dtype, ONEDNN_PROBE_ROWS,
                 candidate=lambda r: packed_copies(lambda c: onednn_linear(xp[r], c)),
                 incumbent=lambda r: streamed(lambda c: F.linear(xp[r], c)), default=0)

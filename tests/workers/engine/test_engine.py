@@ -68,6 +68,19 @@ def test_both_decode_attention_paths_equal_transformers(references, sharp_llama_
         assert tokens(grp, PROMPTS, GREEDY16) == references
 
 
+def test_plain_layers_on_onednn_packed_weights_equal_transformers(references, sharp_llama_dir, monkeypatch):
+    """Every plain layer multiplying on its oneDNN-packed weight (TPSERVE_ONEDNN=always, in the
+    ranks' processes, at tp 2), prefill chunks and decode steps alike."""
+    from workers.layers.linear_method import onednn_available
+
+    if not onednn_available(torch.float32):
+        pytest.skip("no oneDNN in this torch build")
+    monkeypatch.setenv("TPSERVE_ONEDNN", "always")
+    with start(sharp_llama_dir, 2) as grp:
+        assert all(r["onednn_layers"] > 0 and r["onednn_bytes"] > 0 for r in grp.reports)
+        assert tokens(grp, PROMPTS, GREEDY16) == references
+
+
 def test_continuous_batching_mixes_many_sequences_and_prefill_with_decode(group):
     before = group.engine.call("stats")
     long = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
