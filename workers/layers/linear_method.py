@@ -166,11 +166,12 @@ class PlainLinear(LinearMethod):
             return
         streamed, packed_copies = Streamed(w), Streamed(w, onednn_pack)
         if onednn_available(w.dtype):
-            # F.linear hands oneDNN the plain weight and it reorders it on every call: packed once,
-            # SmolLM2's bf16 projections multiplied 64 rows 1.2-1.5x faster and 4 rows 2-2.7x
-            # (2026-12-05, AVX-512 EPYC; fp32 1.3-1.9x), as vLLM's CPU backend and inductor's
-            # freezing do. It costs a second copy of the weight: the plain one stays for the GEMV,
-            # the row counts past the probe's, and a tied embedding.
+            # F.linear hands oneDNN the plain weight and it reorders it on every call. Packed once
+            # (as vLLM's CPU backend and inductor's freezing do), SmolLM2's layers multiplied, with
+            # weights streamed: bf16 64 rows 1.18-1.33x faster and 4 rows 1.45-1.85x; fp32 64 rows
+            # 1.29-2.09x and 4 rows 2.18-3.69x (`benchmarks.onednn_linear`, 2026-12-05, AVX-512
+            # EPYC). It costs a second copy of the weight: the plain one stays for the GEMV, the
+            # row counts past the probe's, and a tied embedding.
             xp = {r: torch.randn(r, w.shape[1], dtype=w.dtype) for r in ONEDNN_PROBE_ROWS}
             self.onednn_rows = 1 << 30 if onednn_mode() == "always" else probe.rows_limit(
                 "onednn-packed", tuple(w.shape), w.dtype, ONEDNN_PROBE_ROWS,
