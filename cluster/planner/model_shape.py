@@ -66,8 +66,12 @@ class ModelShape:
         r, b = self.rank(tp), DTYPE_BYTES[dtype]
         held = HELD_BYTES[quantization] or b
         plain = r.proj_elements * held + (r.lm_head_elements + r.other_elements) * b
-        if quantization == "none" or device != "cpu":
+        if device != "cpu":
             return plain
+        if quantization == "none":
+            # Float layers on CPU may hold a oneDNN-packed copy beside the plain weight, wherever
+            # the start-up probe picks it (workers/layers/linear_method.py): planned as if all do.
+            return plain + (r.proj_elements + r.lm_head_elements) * b
         # On CPU the head is quantized to int8 at load (workers/layers/embedding.py): its codes are
         # added; an untied head's float rows are dropped, a tied one's stay for the embedding.
         dropped = 0 if self.cfg.tie_word_embeddings else r.lm_head_elements * b

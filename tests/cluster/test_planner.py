@@ -40,7 +40,7 @@ def test_llama_70b_in_bf16_does_not_fit_one_h100_and_fits_at_tp_4():
     planner = Planner(model, HardwareProfile.load("h100"), "none", "bfloat16")
     fits, why, _, _ = planner.memory(1, 1, 64, 2048)
     assert not fits and "weights" in why
-    assert 130 < model.weight_bytes(1, "none", "bfloat16") / 2**30 < 133  # 70.6 B parameters x 2 bytes
+    assert 130 < model.weight_bytes(1, "none", "bfloat16", "cuda") / 2**30 < 133  # 70.6 B parameters x 2 bytes
     fits, why, blocks, _ = planner.memory(4, 1, 64, 2048)
     assert fits, why
     assert blocks >= 64 * 2048 // 16
