@@ -171,3 +171,17 @@ def test_a_burst_of_load_as_long_as_one_sides_timing_does_not_decide_the_probe()
     a, b = time_pair(call, call)
     assert calls[0] == 2 * (2 + 3 * 5)
     assert MARGIN * b < a and MARGIN * a < b
+
+
+def test_a_streamed_probe_reads_every_copy_at_few_rows_and_fewer_past_them():
+    """Up to STREAMED_FULL_ROWS rows every copy is read (the weight streams from memory); past them
+    proportionally fewer, at least two (the compute dominates there, and the probe stays short)."""
+    from workers.layers.linear_method import GEMV_PROBE_MAX_COPIES, STREAMED_FULL_ROWS, Streamed
+
+    streamed = Streamed(torch.zeros(4, 4))  # tiny: the copy count is GEMV_PROBE_MAX_COPIES
+    seen = []
+    for rows in (1, STREAMED_FULL_ROWS, 4 * STREAMED_FULL_ROWS, 1 << 20):
+        calls = []
+        streamed(calls.append, rows)()
+        seen.append(len(calls))
+    assert seen == [GEMV_PROBE_MAX_COPIES, GEMV_PROBE_MAX_COPIES, GEMV_PROBE_MAX_COPIES // 4, 2]
