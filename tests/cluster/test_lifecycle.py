@@ -93,7 +93,11 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
 
     loopback = {"node_ip_address": "127.0.0.1", "object_store_memory": 128 << 20}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False, **loopback})
+    # The GCS declares a node dead after it misses health checks: 5 x 3 s by default, here 5 x 1 s,
+    # so a removed node's actors are reported dead seconds sooner (the node test waits on that).
+    fast_node_death = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False,
+                                                            "_system_config": fast_node_death, **loopback})
     cluster.add_node(num_cpus=4, **loopback)
     cluster.wait_for_nodes()
     yield cluster
@@ -160,7 +164,7 @@ def test_a_node_that_goes_away_loses_no_request_and_its_replica_is_replaced(
                           tmp_path)
     stub = pb_grpc.TpserveServiceStub(server.channel())
     request = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[11, 22, 33, 44]),
-                                 sampling=pb.SamplingParameters(max_tokens=400, temperature=0, ignore_eos=True))
+                                 sampling=pb.SamplingParameters(max_tokens=200, temperature=0, ignore_eos=True))
     try:
         st = wait_replicas(server, 2)
         doomed = ray_cluster.list_all_nodes()[1]

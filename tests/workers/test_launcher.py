@@ -75,3 +75,17 @@ def test_ranks_get_the_openmp_settings_however_the_caller_started(tiny_llama_dir
     with LocalWorkerGroup(WorkerSpec(str(tiny_llama_dir), tp_size=1)) as group:
         env = psutil.Process(group.pids[0]).environ()
     assert env["OMP_WAIT_POLICY"] == OPENMP_ENV["OMP_WAIT_POLICY"] and env["GOMP_SPINCOUNT"] == "1234"
+
+
+def test_ranks_fork_from_the_server_and_take_the_callers_environment_as_it_is_now(tiny_llama_dir, monkeypatch):
+    """Ranks are forked by the fork server (not spawned by this process), yet a switch this process
+    sets after the server started reaches them, as it would a spawned rank."""
+    import os
+
+    for mode, packed in (("off", False), ("always", True)):
+        monkeypatch.setenv("TPSERVE_ONEDNN", mode)
+        with LocalWorkerGroup(WorkerSpec(str(tiny_llama_dir), tp_size=2)) as group:
+            servers = {psutil.Process(p).ppid() for p in group.pids}
+            assert len(servers) == 1 and os.getpid() not in servers
+            assert psutil.Process(servers.pop()).ppid() == os.getpid()
+            assert [r["onednn_layers"] > 0 for r in group.reports] == [packed, packed]
