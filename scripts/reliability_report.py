@@ -100,7 +100,7 @@ def rows(records: list[dict]) -> list[tuple[str, str, str, str, str]]:
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "records.jsonl"
-        env = {**os.environ, "TPSERVE_RELIABILITY_OUT": str(out)}
+        env = {**os.environ, "TPSERVE_RELIABILITY_OUT": str(out), "TPSERVE_FUZZ_EXAMPLES": "5000"}
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS], cwd=ROOT,
                               env=env)
         records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []

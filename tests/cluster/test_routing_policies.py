@@ -19,7 +19,7 @@ from tests.cluster.conftest import ServeProcess
 from tests.cluster.helpers import wait_replicas
 from tests.cluster.test_lifecycle import check
 
-MAX_TOKENS = 200  # streams last long enough to be interrupted (the tiny model holds 512)
+MAX_TOKENS = 100  # streams last long enough to be interrupted (the tiny model holds 512)
 
 
 def request(i: int) -> pb.GenerateRequest:
