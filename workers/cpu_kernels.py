@@ -75,13 +75,10 @@ def _register_fakes() -> None:
 
 
 def _built() -> Path | None:
-    from torch.utils import cpp_extension
-
     from workers.kernel_probe import machine_key
     from workers.model_source import cache_dir
 
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    if cxx is None:
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
         return None
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     digest = hashlib.sha256()
@@ -97,26 +94,36 @@ def _built() -> Path | None:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be building it now
         if out.is_file():
             return out
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tpserve_cpu-") as tmp:
-            flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-                     *(f"-I{p}" for p in cpp_extension.include_paths())]
-            objs = [os.path.join(tmp, f"{src.stem}.o") for src in SOURCES]
-            log.info("building tpserve's CPU kernels for this machine (once): %s", out.name)
-            # One compiler per source at once: a worker's first start on a machine waits for them.
-            procs = [subprocess.Popen([cxx, *flags, "-c", str(src), "-o", obj], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True) for src, obj in zip(SOURCES, objs)]
-            try:
-                for proc in procs:
-                    _, err = proc.communicate(timeout=600)
-                    if proc.returncode:
-                        raise subprocess.CalledProcessError(proc.returncode, proc.args, stderr=err)
-            finally:
-                for proc in procs:
-                    if proc.poll() is None:  # a sibling failed: nothing will link its object
-                        proc.kill()
-                        proc.wait()
-            so = os.path.join(tmp, "lib.so")
-            subprocess.run([cxx, "-shared", "-fopenmp", *objs, *(f"-L{p}" for p in cpp_extension.library_paths()),
-                            "-lc10", "-ltorch_cpu", "-o", so], check=True, capture_output=True, text=True, timeout=600)
-            os.replace(so, out)
+        log.info("building tpserve's CPU kernels for this machine (once): %s", out.name)
+        compile_library(list(SOURCES), out)
     return out
+
+
+def compile_library(sources: list[Path], out: Path) -> None:
+    """Compile and link C++ sources into the shared library `out`, for this machine (-march=native),
+    against this torch; `out` appears whole or not at all."""
+    from torch.utils import cpp_extension
+
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or "g++"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tpserve_cpu-") as tmp:
+        flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                 *(f"-I{p}" for p in cpp_extension.include_paths())]
+        objs = [os.path.join(tmp, f"{src.stem}.o") for src in sources]
+        # One compiler per source at once: a worker's first start on a machine waits for them.
+        procs = [subprocess.Popen([cxx, *flags, "-c", str(src), "-o", obj], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for src, obj in zip(sources, objs)]
+        try:
+            for proc in procs:
+                _, err = proc.communicate(timeout=600)
+                if proc.returncode:
+                    raise subprocess.CalledProcessError(proc.returncode, proc.args, stderr=err)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:  # a sibling failed: nothing will link its object
+                    proc.kill()
+                    proc.wait()
+        so = os.path.join(tmp, "lib.so")
+        subprocess.run([cxx, "-shared", "-fopenmp", *objs, *(f"-L{p}" for p in cpp_extension.library_paths()),
+                        "-lc10", "-ltorch_cpu", "-o", so], check=True, capture_output=True, text=True, timeout=600)
+        os.replace(so, out)
