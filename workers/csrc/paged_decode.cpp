@@ -213,6 +213,39 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
         }
 
         // Scores: each key row widened once, against every query head of its group.
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, c10::BFloat16> && D > 0 && D % 32 == 0) {
+          // Where the CPU has AVX512_BF16: vdpbf16ps multiplies 32 bf16 pairs of the query and the
+          // key row as they lie in the cache (no widening) and sums them into 16 float32 lanes; the
+          // products are exact in float32. The scale applies to 16 finished scores at once.
+          const __m512 scv = _mm512_set1_ps(sc);
+          alignas(64) __m512 part[16];
+          for (int64_t p = lo; p < n;) {
+            const int64_t cnt = std::min<int64_t>({16, n - p, bs - p % bs});  // within one block
+            const T* base = kp + row_of(table, p);
+            if (p + cnt < n)
+              prefetch(kp, table, p + cnt, std::min<int64_t>({16, n - p - cnt, bs - (p + cnt) % bs}));
+            for (int64_t g = g0; g < g1; ++g) {
+              for (int64_t j = start[g]; j < start[g + 1]; ++j) {
+                const T* qraw = qrow + order[j] * D;
+                __m512bh qv[D / 32];
+                for (int c = 0; c < D / 32; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qraw + 32 * c);
+                for (int64_t tt = 0; tt < cnt; ++tt) {
+                  const T* kr = base + tt * slot + g * D;
+                  __m512 a = _mm512_setzero_ps();
+                  for (int c = 0; c < D / 32; ++c)
+                    a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512(kr + 32 * c));
+                  part[tt] = a;
+                }
+                for (int64_t tt = cnt; tt < 16; ++tt) part[tt] = _mm512_setzero_ps();
+                _mm512_mask_storeu_ps(scores.data() + j * len + (p - lo), static_cast<__mmask16>((1u << cnt) - 1),
+                                      _mm512_mul_ps(fold16(part), scv));
+              }
+            }
+            p += cnt;
+          }
+        } else
+#endif
 #if defined(__AVX512F__)
         if constexpr (kVectorScores<T> && D > 0 && D % 16 == 0) {
           alignas(64) __m512 part[16];
