@@ -158,7 +158,11 @@ class LocalWorkerGroup:
 
 
 class InProcessWorkerGroup:
-    """tp 1 without a child process: the engine loop runs on a thread; same interface."""
+    """tp 1 without a child process: the engine loop runs on a thread; same interface.
+
+    Start it before this process runs parallel torch ops on another thread: libgomp then keeps a
+    second pool of worker threads, more than the CPUs, and stops spinning between parallel regions,
+    so the engine's small ops run several times slower (docs/benchmarks.md, seventh session)."""
 
     def __init__(self, spec: WorkerSpec, engine_config: EngineConfig | None = None):
         if spec.tp_size != 1:
