@@ -5,6 +5,7 @@ Used by `benchmarks.collectives` and by `tpserve profile`; nothing here runs whi
 """
 from __future__ import annotations
 
+import os
 import queue
 import statistics
 import time
@@ -79,14 +80,15 @@ def _rank(spec: WorkerSpec, rank: int, sizes: list[int], iters: int, out) -> Non
 def measure_collectives(tp: int, sizes: list[int], iters: int = 200, transport: str = "shm",
                         num_threads: int | None = None) -> list[CommTiming]:
     """Median and p90 per op and size, as rank 0 sees them (it waits on the slowest rank)."""
-    from workers.launcher import free_port, rank_context, threads_per_rank
+    from workers.launcher import free_port, rank_context, threads_per_rank, with_environ
 
     spec = WorkerSpec("", tp_size=tp, dist_init_method=f"tcp://127.0.0.1:{free_port()}",
                       num_threads=num_threads or threads_per_rank(tp), cpu_collectives=transport)
     set_openmp_env()
     ctx = rank_context()  # its ranks start as a replica's do
     out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(spec, r, sizes, iters, out), daemon=True) for r in range(tp)]
+    procs = [ctx.Process(target=with_environ, args=(dict(os.environ), _rank, spec, r, sizes, iters, out), daemon=True)
+             for r in range(tp)]
     for p in procs:
         p.start()
     try:

@@ -38,13 +38,16 @@ def threads_per_rank(ranks_on_node: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, ranks_on_node))
 
 
-def _rank_process(rank: int, spec: WorkerSpec, engine_config: EngineConfig, inbox, outbox, ready,
-                  environ: dict[str, str]) -> None:
-    # A forkserver child inherits the server's environment, fixed when the first group started:
-    # take the parent's as it is now (a TPSERVE_* switch set since then), as a spawned child would.
+def with_environ(environ: dict[str, str], target, *args) -> None:
+    """A rank process's entry (`rank_context`): a fork server's child inherits the server's
+    environment, fixed when the first group started, so it takes the caller's as it was at the
+    rank's start (a TPSERVE_* switch set since then), as a spawned child would, and runs target."""
     os.environ.clear()
     os.environ.update(environ)
+    target(*args)
 
+
+def _rank_process(rank: int, spec: WorkerSpec, engine_config: EngineConfig, inbox, outbox, ready) -> None:
     def report(built: Rank | BaseException) -> None:
         if isinstance(built, BaseException):  # the parent raises a WorkerError with this
             ready.put((rank, "error", f"{type(built).__name__}: {built}"))
@@ -70,7 +73,7 @@ def rank_context():
     importing torch (tp 4 on 2 cores: 4.4 s -> 0.7 s to start, 1.6 -> 0.25 s to close). The
     server has run no torch op, so it has no OpenMP pool or other thread to lose at the fork. Where
     this process's OpenMP/MKL settings changed since the server loaded torch, ranks are spawned, so
-    they load torch under the settings asked for."""
+    they load torch under the settings asked for. Start ranks through `with_environ`."""
     global _forkserver_env
     env = _load_time_env()
     if _forkserver_env is None:
@@ -97,9 +100,9 @@ class LocalWorkerGroup:
         ctx = rank_context()
         ready, self._inbox, self._outbox = ctx.Queue(), ctx.Queue(), ctx.Queue()
         engine_config = engine_config or EngineConfig()
-        args = (spec, engine_config, self._inbox, self._outbox, ready, dict(os.environ))
-        self.processes = [ctx.Process(target=_rank_process, args=(r, *args), name=f"tpserve-rank{r}", daemon=True)
-                          for r in range(spec.tp_size)]
+        args = (spec, engine_config, self._inbox, self._outbox, ready)
+        self.processes = [ctx.Process(target=with_environ, args=(dict(os.environ), _rank_process, r, *args),
+                                      name=f"tpserve-rank{r}", daemon=True) for r in range(spec.tp_size)]
         for p in self.processes:
             p.start()
         self.reports: list[dict] = [{} for _ in self.processes]
