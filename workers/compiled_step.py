@@ -5,8 +5,8 @@ rotary, residual adds, casts) at 5-10 us of Python dispatch each. Inductor fuses
 C++ kernels per region. The regions are what lies between the paged attention calls, which stay
 eager (they read block tables that change every step):
 
-    before_attention: input_layernorm -> qkv_proj -> rotary            (q, k, v)
-    after_attention:  o_proj -> residual -> post_attention_layernorm -> MLP -> residual
+    before_attention: residual add -> input_layernorm -> qkv_proj -> rotary    (q, k, v, residual)
+    after_attention:  o_proj -> residual add -> post_attention_layernorm -> MLP (MLP out, residual)
 
 One compiled function per region serves every layer and every model in the process (the layer is
 an argument: its weights are graph inputs), with the batch dimension dynamic, so a model compiles
@@ -92,9 +92,11 @@ def warm_up(model: llama.LlamaForCausalLM, rows: tuple[int, ...] = (1, 2, 64)) -
             for n in rows:
                 t = time.perf_counter()
                 x = torch.randn(n, model.config.hidden_size, dtype=dtype, device=dev)
-                layer.before_attention(layer, x, *model.model.rotary.cos_sin(torch.arange(n, device=dev)))
+                cos_sin = model.model.rotary.cos_sin(torch.arange(n, device=dev))
+                for residual in (None, x):  # the first layer has none
+                    layer.before_attention(layer, x, residual, *cos_sin)
                 o = torch.randn(n, attn.num_heads * attn.head_dim, dtype=dtype, device=dev)
-                layer.after_attention(layer, x, o)
+                layer.after_attention(layer, o, x)
                 log.info("compiled step: %d rows ready in %.1f s", n, time.perf_counter() - t)
     finally:
         group.local_only = False

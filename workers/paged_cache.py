@@ -1,10 +1,11 @@
 """The paged KV cache: per layer, num_blocks blocks of block_size slots for this rank's KV heads.
 A sequence's token at position p lives in block table[p // bs], offset p % bs.
 
-Attention for a step: every new token's k/v is written to its slot first (one index_copy per
-layer), then decoding sequences (one new token each) attend, short spans past a cached context
-(a speculative verify's k + 1 tokens) attend batched as decodes do, and prefill chunks attend one
-sequence at a time (causal, offset by what is already cached). Decode takes one of two paths,
+Attention for a step: every new token's k/v is written to its slot first (one
+`tpserve::cache_write` per layer on CPU, workers/fused_ops.py; else an index_copy_ each), then
+decoding sequences (one new token each) attend, short spans past a cached context (a speculative
+verify's k + 1 tokens) attend batched as decodes do, and prefill chunks attend one sequence at a
+time (causal, offset by what is already cached). Decode takes one of two paths,
 chosen per machine at start-up (`gather_up_to`, workers/paged_decode_op.py; gather unless the
 probe times the kernel faster):
 - in place (CPU): one call of `tpserve::paged_decode` reads every sequence's blocks where they lie
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from workers import fused_ops
 from workers.kv_cache import AttentionBatch, HeadLayout, causal_attention, expand_kv
 
 # A span of up to this many new tokens past a cached context (a speculative verify) attends with
@@ -121,8 +123,11 @@ class PagedAttentionBatch(AttentionBatch):
     def _attend(self, layer, q, k, v, heads: HeadLayout, scale, window):
         kc, vc = self.cache.k[layer], self.cache.v[layer]  # [NB, bs, KVH, D]
         nb, bs, kvh, d = kc.shape
-        kc.view(nb * bs, kvh, d).index_copy_(0, self.slot_mapping, k)
-        vc.view(nb * bs, kvh, d).index_copy_(0, self.slot_mapping, v)
+        if fused_ops.serves(k) and _rows_of_heads(k, d) and _rows_of_heads(v, d) and k.dtype == v.dtype == kc.dtype:
+            torch.ops.tpserve.cache_write(kc, vc, self.slot_mapping, k, v)  # one call for two index_copy_
+        else:
+            kc.view(nb * bs, kvh, d).index_copy_(0, self.slot_mapping, k)
+            vc.view(nb * bs, kvh, d).index_copy_(0, self.slot_mapping, v)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if self.in_place is not None:
             self.in_place.attend(q.contiguous(), kc, vc, heads, scale, window, out)
@@ -151,6 +156,11 @@ class PagedAttentionBatch(AttentionBatch):
             o = causal_attention(q[row:row + length].transpose(0, 1), keys, values, start, scale, window)
             out[row:row + length] = o.transpose(0, 1)
         return out
+
+
+def _rows_of_heads(t: torch.Tensor, d: int) -> bool:
+    """[T, KVH, D] with each row's heads contiguous (rows may be strided: v is a view of qkv's)."""
+    return t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == d
 
 
 def group_by_length(widths: list[int], max_waste: float = 1.25, min_group: int = 4) -> list[list[int]]:

@@ -259,7 +259,9 @@ class Worker:
     # ---- what every rank runs ------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run one forward; logits [len(logits_indices), vocab] on rank 0, None elsewhere."""
+        """Run one forward; logits [len(logits_indices), vocab] on rank 0 in the model's dtype (the
+        sampler casts what it computes with: a bf16 step's greedy rows need no float32 copy of
+        [rows, vocab]), None elsewhere."""
         dev = self.device
         batch = ForwardBatch(
             input_ids=torch.tensor(plan.input_ids, dtype=torch.long, device=dev),
@@ -268,7 +270,7 @@ class Worker:
             logits_indices=torch.tensor(plan.logits_indices, dtype=torch.long, device=dev),
         )
         logits = self.model(batch)
-        return None if logits is None else logits.float()
+        return logits
 
     def follow(self) -> None:
         """Ranks > 0: run the plans rank 0 broadcasts until it says STOP."""
@@ -338,7 +340,8 @@ class Worker:
             seqs.append(PagedSeq(0, len(p), list(range(next_block, next_block + nb))))
             next_block += nb
             ids += p
-        return self.step(StepPlan(PlanOp.STEP, seqs, ids, list(range(len(ids)))))
+        logits = self.step(StepPlan(PlanOp.STEP, seqs, ids, list(range(len(ids)))))
+        return None if logits is None else logits.float()
 
     def set_comm_timing(self, on: bool) -> float:
         """Turn timing of collectives on/off (rank 0); returns the seconds counted so far and resets."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from workers import fused_ops
 from workers.engine.block_manager import BlockManager
 from workers.errors import ConfigError
 from workers.paged_cache import PagedSeq
@@ -102,7 +103,7 @@ class DraftProposer:
                 ids += new
                 rows.append(len(ids) - 1)
             logits = self.worker.step(StepPlan(PlanOp.STEP, plan_seqs, ids, rows))
-            picks = logits.argmax(-1).tolist()
+            picks = fused_ops.greedy(logits).tolist()
             first = False
             nxt = []
             for (d, k), tok in zip(live, picks):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers import fused_ops
 from workers.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -171,24 +172,26 @@ def sample_each(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
-    """logits [B, V] float32 (rank 0's gathered logits) -> one SampleResult per sequence."""
+    """logits [B, V] in the model's dtype (rank 0's gathered logits) -> one SampleResult per
+    sequence. Greedy rows take the argmax of the logits as they are (exact in any dtype); whatever
+    computes with them (logprobs, penalties, grammars, temperature) works on a float32 copy."""
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
-    raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
+    raw_logprobs = logits.float().log_softmax(-1) if want_logprobs else None
     constrained = [i for i, s in enumerate(seqs) if getattr(s, "matcher", None) is not None]
     penalized = any(s.params.needs_penalties for s in seqs)
     if constrained or penalized:
-        logits = logits.clone()
+        logits = logits.clone() if logits.dtype == torch.float32 else logits.float()
     if constrained:  # the grammar's mask first: logprobs above stay the model's own
         from workers.engine.structured import apply_grammars
 
         apply_grammars(logits, constrained, [seqs[i].matcher for i in constrained])
     if penalized:
         apply_penalties(logits, seqs)
-    chosen = logits.argmax(-1)
+    chosen = fused_ops.greedy(logits)
     sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
-        probs = _filter(logits.index_select(0, rows), [seqs[i] for i in sampled_rows])
+        probs = _filter(logits.index_select(0, rows).float(), [seqs[i] for i in sampled_rows])
         # A row that overflowed (a checkpoint's inf logits) has no distribution to draw from: it
         # keeps the most likely token, as greedy does (a mask, so no device sync per row).
         drawable = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from workers import fused_ops
 from workers.errors import UnsupportedArchitectureError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -56,7 +57,11 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, heads, d], k: [T, kv_heads, d]; in float32 like the reference."""
+        """q: [T, heads, d], k: [T, kv_heads, d]; in float32 like the reference (on CPU one fused
+        op, workers/fused_ops.py, for what is fourteen here). Returns new tensors, q contiguous."""
+        if fused_ops.serves(q) and q.dtype == k.dtype and q.stride(2) == k.stride(2) == 1 and cos.is_contiguous() \
+                and sin.is_contiguous():
+            return torch.ops.tpserve.rotary(q, k, cos, sin)
         dtype = q.dtype
         qf, kf = q.float(), k.float()
         q = qf * cos + RotaryEmbedding._rotate_half(qf) * sin

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers import fused_ops
 from workers.config import ModelConfig
 from workers.errors import UnsupportedArchitectureError
 from workers.layers.attention import Attention
@@ -56,7 +57,10 @@ class LlamaMLP(nn.Module):
                                            name="down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if fused_ops.serves(gate_up) and gate_up.dim() == 2 and gate_up.stride(1) == 1:
+            return self.down_proj(torch.ops.tpserve.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -71,19 +75,28 @@ class LlamaDecoderLayer(nn.Module):
         # The regions around attention; workers/compiled_step.py may swap in compiled ones.
         self.before_attention, self.after_attention = _before_attention, _after_attention
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        q, k, v = self.before_attention(self, x, *rope)
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings at the first layer, residual None);
+        residual: the stream x is added to. Returns this layer's (MLP output, residual): each add
+        happens inside the next norm (`RMSNorm.add_forward`), as vLLM's layers pass the residual."""
+        q, k, v, residual = self.before_attention(self, x, residual, *rope)
         o = self.self_attn.attn(q, k, v, batch.attn)  # the paged cache: eager, reads block tables
-        return self.after_attention(self, x, o)
+        return self.after_attention(self, o, residual)
 
 
-def _before_attention(layer: LlamaDecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    return layer.self_attn.project(layer.input_layernorm(x), cos, sin)
+def _before_attention(layer: LlamaDecoderLayer, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                      sin: torch.Tensor):
+    if residual is None:
+        residual, h = x, layer.input_layernorm(x)
+    else:
+        residual, h = layer.input_layernorm.add_forward(x, residual)
+    return (*layer.self_attn.project(h, cos, sin), residual)
 
 
-def _after_attention(layer: LlamaDecoderLayer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    x = x + layer.self_attn.o_proj(o)
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+def _after_attention(layer: LlamaDecoderLayer, o: torch.Tensor, residual: torch.Tensor):
+    residual, h = layer.post_attention_layernorm.add_forward(layer.self_attn.o_proj(o), residual)
+    return layer.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -99,9 +112,10 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
         rope = self.rotary.cos_sin(batch.positions)  # once per step, for every layer
+        residual = None
         for layer in self.layers:
-            x = layer(rope, x, batch)
-        return self.norm(x)
+            x, residual = layer(rope, x, residual, batch)
+        return self.norm.add_forward(x, residual)[1] if residual is not None else self.norm(x)
 
 
 class LlamaForCausalLM(nn.Module):

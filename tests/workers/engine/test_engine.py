@@ -128,6 +128,11 @@ def test_prefix_cache_skips_the_shared_prefix_and_keeps_output(group):
     assert third.cached_prompt_tokens >= 96 - 16
 
 
+# Relative past 1: the sharp model's unlikely tokens score -40 or so, where float32 steps by 4e-6 and
+# the fused CPU ops (workers/fused_ops.py) add their sums of squares in another order than PyTorch.
+LOGPROB_TOL = 1e-4
+
+
 def test_logprobs_are_the_models_log_softmax(group, sharp_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(str(sharp_llama_dir), dtype=torch.float32).eval()
     out = group.engine.generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0, logprobs=3))[0]
@@ -136,7 +141,8 @@ def test_logprobs_are_the_models_log_softmax(group, sharp_llama_dir):
     n = len(PROMPTS[0])
     for i, lp in enumerate(out.logprobs):
         assert lp["token_id"] == out.token_ids[i]
-        assert abs(lp["logprob"] - float(ref[n - 1 + i, lp["token_id"]])) < 1e-4
+        want = float(ref[n - 1 + i, lp["token_id"]])
+        assert abs(lp["logprob"] - want) < LOGPROB_TOL * max(1.0, abs(want))
         assert [t for t, _ in lp["top"]] == ref[n - 1 + i].topk(3).indices.tolist()
 
 
@@ -156,7 +162,8 @@ def test_prompt_logprobs_are_the_models_log_softmax_over_chunks_and_cached_prefi
         assert out.prompt_logprobs[0] is None
         for p, lp in enumerate(out.prompt_logprobs[1:]):
             assert lp["token_id"] == prompt[p + 1]
-            assert abs(lp["logprob"] - float(ref[p, prompt[p + 1]])) < 1e-4
+            want = float(ref[p, prompt[p + 1]])
+            assert abs(lp["logprob"] - want) < LOGPROB_TOL * max(1.0, abs(want))
             assert [t for t, _ in lp["top"]] == ref[p].topk(3).indices.tolist()
     # Without the field: nothing is scored, and the cached prefix serves as before.
     plain = group.engine.generate([prompts[1]], SamplingParams(max_tokens=2, temperature=0))[0]
