@@ -20,6 +20,8 @@
 //   polynomial the compiler vectorizes (expf is a scalar library call), and each head's output
 //   accumulates in float32 over the values of one block at a time.
 // Softmax is exact (max-subtracted over the whole row, as SDPA's math path), not online.
+// Where the CPU has AVX512_BF16, bf16 caches take `vdpbf16ps` on both sides: query times key rows
+// as they lie in the cache, and probabilities (rounded to bf16) times pairs of value rows.
 //
 // Built by workers/cpu_kernels.py on the machine that runs it (-march=native), loaded into
 // the process that imported torch, so at::parallel_for runs on torch's own OpenMP threads.
@@ -115,6 +117,28 @@ inline __m512 fold16(const __m512* v) {
 #else
 template <typename T>
 constexpr bool kVectorScores = false;
+#endif
+
+#if defined(__AVX512BF16__)
+template <typename T, int D>
+constexpr bool kPairedValues = std::is_same_v<T, c10::BFloat16> && D > 0 && D % 32 == 0;
+
+// The paired-values accumulator of one head back in dimension order. Per slice of 32 dimensions
+// it holds the low unpack's 16 sums, then the high one's; in 128-bit lane L, the low unpack took
+// dimensions 8L..8L+3 of the slice and the high one 8L+4..8L+7.
+template <int D>
+inline void unpermute(float* a) {
+  float tmp[32];
+  for (int c = 0; c < D / 32; ++c) {
+    float* s = a + 32 * c;
+    for (int L = 0; L < 4; ++L)
+      for (int k = 0; k < 4; ++k) {
+        tmp[8 * L + k] = s[4 * L + k];
+        tmp[8 * L + 4 + k] = s[16 + 4 * L + k];
+      }
+    std::memcpy(s, tmp, sizeof(tmp));
+  }
+}
 #endif
 
 // Tokens ahead of the one being read whose rows are prefetched: blocks lie anywhere in the cache,
@@ -306,6 +330,51 @@ void paged_decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const a
           for (int64_t i = 0; i < len; ++i) s[i] *= inv;
         }
         // Weighted values, into each query head's float32 accumulator.
+#if defined(__AVX512BF16__)
+        if constexpr (kPairedValues<T, D>) {
+          // vdpbf16ps on pairs of value rows: two rows' bf16 elements interleaved (d of token t,
+          // d of token t + 1) in each 32-bit lane, times the two tokens' probabilities rounded to
+          // bf16 (as SDPA's CPU kernel rounds them before its bf16 matmul with V), summed into
+          // float32. A chunk's rows are interleaved once per KV head into `pairs` and serve its
+          // whole query group. The accumulators hold each head's dimensions in the unpacks' lane
+          // order; `unpermute` restores it at the end.
+          constexpr int kVecs = D / 16;  // per row: D / 32 slices of 32 bf16, a low and a high unpack each
+          alignas(64) __m512i pairs[8 * kVecs];
+          alignas(32) uint32_t wpair[8];
+          for (int64_t p = lo; p < n;) {
+            const int64_t cnt = std::min<int64_t>({16, n - p, bs - p % bs});
+            const T* base = vp + row_of(table, p);
+            if (p + cnt < n) prefetch(vp, table, p + cnt, std::min<int64_t>({16, n - p - cnt, bs - (p + cnt) % bs}));
+            const int64_t npairs = (cnt + 1) / 2;
+            for (int64_t g = g0; g < g1; ++g) {
+              for (int64_t i = 0; i < npairs; ++i) {
+                const T* r0 = base + (2 * i) * slot + g * D;
+                const T* r1 = 2 * i + 1 < cnt ? r0 + slot : r0;  // an odd chunk's last row pairs with itself, weight 0
+                for (int c = 0; c < D / 32; ++c) {
+                  const __m512i a = _mm512_loadu_si512(r0 + 32 * c), b = _mm512_loadu_si512(r1 + 32 * c);
+                  pairs[i * kVecs + 2 * c] = _mm512_unpacklo_epi16(a, b);
+                  pairs[i * kVecs + 2 * c + 1] = _mm512_unpackhi_epi16(a, b);
+                }
+              }
+              for (int64_t j = start[g]; j < start[g + 1]; ++j) {
+                float* aj = acc.data() + j * D;
+                const __m512 w = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1),
+                                                       scores.data() + j * len + (p - lo));
+                _mm256_store_si256(reinterpret_cast<__m256i*>(wpair), (__m256i)_mm512_cvtneps_pbh(w));
+                __m512 a[kVecs];
+                for (int v = 0; v < kVecs; ++v) a[v] = _mm512_loadu_ps(aj + 16 * v);
+                for (int64_t i = 0; i < npairs; ++i) {
+                  const __m512bh wt = (__m512bh)_mm512_set1_epi32(static_cast<int>(wpair[i]));
+                  for (int v = 0; v < kVecs; ++v) a[v] = _mm512_dpbf16_ps(a[v], (__m512bh)pairs[i * kVecs + v], wt);
+                }
+                for (int v = 0; v < kVecs; ++v) _mm512_storeu_ps(aj + 16 * v, a[v]);
+              }
+            }
+            p += cnt;
+          }
+          for (int64_t j = j0; j < j1; ++j) unpermute<D>(acc.data() + j * D);
+        } else
+#endif
 #if defined(__AVX512F__)
         if constexpr (kVectorScores<T> && D > 0 && D % 16 == 0) {
           // Per chunk of up to 16 keys of one block and per query head, the accumulator stays in
