@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from workers.layers.linear_method import PlainLinear
+from workers.layers.linear_method import plain_methods
 from workers.models import llama
 from workers.parallel import TPGroup
 
@@ -70,9 +70,8 @@ def compile_model(model: llama.LlamaForCausalLM) -> None:
     for layer in model.model.layers:
         layer.before_attention, layer.after_attention = before, after
     # The regions trace F.linear: a oneDNN-packed weight is an opaque tensor dynamo cannot trace.
-    for m in model.modules():
-        if isinstance(getattr(m, "quant_method", None), PlainLinear):
-            m.quant_method.unpack()
+    for method in plain_methods(model):
+        method.unpack()
 
 
 def warm_up(model: llama.LlamaForCausalLM, rows: tuple[int, ...] = (1, 2, 64)) -> float:

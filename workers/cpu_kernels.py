@@ -1,5 +1,6 @@
-"""tpserve's own CPU kernels (workers/csrc/*.cpp: `tpserve::paged_decode`, `tpserve::gemv`), built
-once per machine into one library and loaded into the process that imported torch.
+"""tpserve's own CPU kernels (workers/csrc/*.cpp: `tpserve::paged_decode`, `tpserve::gemv`, the fused
+ops of workers/fused_ops.py), built once per machine into one library and loaded into the process that
+imported torch.
 
 Built here, not shipped as a binary: compiled with the system's C++ compiler against this torch,
 with -march=native for the CPU that runs it (AVX-512 or AVX2, whichever the draw has), into

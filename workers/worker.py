@@ -22,7 +22,7 @@ from workers.compiled_step import can_compile, compile_model, warm_up
 from workers.kernel_probe import KernelProbe
 from workers.layers.embedding import ParallelLMHead
 from workers.layers.linear import LinearBase
-from workers.layers.linear_method import PlainLinear
+from workers.layers.linear_method import plain_methods
 from workers.loader import load_weights, read_generation_eos
 from workers.models import build_model
 from workers.models.batch import ForwardBatch
@@ -289,9 +289,7 @@ class Worker:
                 seen.add(id(p))
                 param_bytes += p.numel() * p.element_size()
         # oneDNN's packed copies sit beside the plain weights (linear_method.PlainLinear).
-        onednn = [m.quant_method.onednn_weight for m in self.model.modules()
-                  if isinstance(getattr(m, "quant_method", None), PlainLinear)
-                  and m.quant_method.onednn_weight is not None]
+        onednn = [m.onednn_weight for m in plain_methods(self.model) if m.onednn_weight is not None]
         return {"rank": self.rank, "pid": os.getpid(), "param_bytes": param_bytes,
                 "onednn_layers": len(onednn), "onednn_bytes": sum(w.numel() * w.element_size() for w in onednn),
                 "bytes_read": self.read_counter.bytes_read, "load_seconds": self.load_seconds,

@@ -136,6 +136,11 @@ def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
+def plain_methods(model: nn.Module) -> list["PlainLinear"]:
+    """The PlainLinear method of every plain float layer of `model` (those holding a oneDNN copy)."""
+    return [m.quant_method for m in model.modules() if isinstance(getattr(m, "quant_method", None), PlainLinear)]
+
+
 class LinearMethod:
     """Creates, finishes and applies one layer's weight. One instance per layer."""
 

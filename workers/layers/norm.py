@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
         self.weight.weight_loader = _replicated_loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_ops.serves(x) and x.dim() == 2 and x.stride(1) == 1:
+        if self._fused(x):
             return torch.ops.tpserve.rms_norm(x, self.weight, self.eps)
         return self._reference(x)
 
@@ -31,10 +31,13 @@ class RMSNorm(nn.Module):
         """(residual + x, the norm of that sum): the residual stream's next value and this
         norm's output, as vLLM's fused_add_rms_norm (the add rounds to the dtype first, as the
         reference's `residual + x` does)."""
-        if fused_ops.serves(x) and x.dim() == 2 and x.stride(1) == 1 and residual.stride(1) == 1:
+        if self._fused(x) and residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(1) == 1:
             return torch.ops.tpserve.add_rms_norm(x, residual, self.weight, self.eps)
         residual = residual + x
         return residual, self._reference(residual)
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        return fused_ops.serves(x) and x.dim() == 2 and x.stride(1) == 1 and self.weight.dtype == x.dtype
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
