@@ -40,6 +40,11 @@ def build_base(rev: str, folder: Path) -> None:
         text = text.replace(old, old.replace("tpserve", "tpserve_base"))
     src = folder / "paged_decode_base.cpp"
     src.write_text(text)
+    listed = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:workers/csrc"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.split()
+    for header in (name for name in listed if name.endswith(".h")):  # what the source includes, as of rev
+        (folder / header).write_text(subprocess.run(["git", "show", f"{rev}:workers/csrc/{header}"], cwd=ROOT,
+                                                    check=True, capture_output=True, text=True).stdout)
     compile_library([src], folder / "base.so")
     torch.ops.load_library(str(folder / "base.so"))
 

@@ -4,7 +4,7 @@ imported torch.
 
 Built here, not shipped as a binary: compiled with the system's C++ compiler against this torch,
 with -march=native for the CPU that runs it (AVX-512 or AVX2, whichever the draw has), into
-<cache>/kernels/tpserve_cpu-<key>.so, the key being the sources, the machine
+<cache>/kernels/tpserve_cpu-<key>.so, the key being the sources and their headers, the machine
 (kernel_probe.machine_key) and torch's version and ABI. Ranks that start together take a file
 lock, so one builds and the others load its file. Where it cannot be built (no compiler: the k8s
 image is python:3.11-slim) every caller keeps PyTorch's own kernels, with one warning.
@@ -28,6 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))  # included by the sources: part of the key
 _state: dict[str, str | None] = {}  # "why": None once loaded, else why not; "key": the build's
 
 
@@ -83,7 +84,7 @@ def _built() -> Path | None:
         return None
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     digest = hashlib.sha256()
-    for src in SOURCES:
+    for src in [*SOURCES, *HEADERS]:
         digest.update(src.name.encode() + b"\0" + src.read_bytes())
     digest.update(f"|{machine_key()}|{torch.__version__}|{abi}".encode())
     key = _state["key"] = digest.hexdigest()[:16]

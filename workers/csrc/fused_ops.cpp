@@ -31,6 +31,8 @@
 #include <limits>
 #include <tuple>
 
+#include "exp_poly.h"
+
 namespace {
 
 // float32 <-> the storage type, written so `omp simd` loops vectorize them (bf16 is the upper half
@@ -65,27 +67,14 @@ inline float round_to(float f) {
   return to_f(from_f<T>(f));
 }
 
-// exp(x), float32: 2^n * p(r), |r| <= ln2/2, the degree-6 polynomial of paged_decode.cpp's exp,
-// within ~1 ulp of expf. Past 88.7 it overflows to inf as expf does (2^n is applied as two halves,
-// so n = 128 does not form an exponent field of its own); below -87 it stays at exp(-87), where
-// expf goes subnormal (1 + that is 1 either way).
+// exp(x), exp_poly.h's, within ~1 ulp of expf. Past 88.7 it overflows to inf as expf does (2^n is
+// applied as two halves, so n = 128 needs no exponent field of its own); below -87 it stays at
+// exp(-87), where expf goes subnormal (1 + that is 1 either way).
 inline float exp_clamped(float x) {
-  x = std::min(std::max(x, -87.0f), 89.0f);
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest, vectorizable
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t ni = static_cast<int32_t>(n), n1 = ni >> 1;
-  const int32_t bits1 = (n1 + 127) << 23, bits2 = (ni - n1 + 127) << 23;
-  float half1, half2;
-  std::memcpy(&half1, &bits1, sizeof(float));
-  std::memcpy(&half2, &bits2, sizeof(float));
-  return p * half1 * half2;
+  int32_t n;
+  const float p = tpserve_cpu::exp_reduced(std::min(std::max(x, -87.0f), 89.0f), n);
+  const int32_t n1 = n >> 1;
+  return p * tpserve_cpu::pow2i(n1) * tpserve_cpu::pow2i(n - n1);
 }
 
 // Calls f with a value of the tensor's element type (check_rows has limited it to these two).

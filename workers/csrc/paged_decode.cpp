@@ -33,6 +33,8 @@
 
 #include <immintrin.h>
 
+#include "exp_poly.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -59,23 +61,12 @@ inline void widen(const T* src, float* dst, int64_t d_runtime) {
   }
 }
 
-// exp(x) for x <= 0 (max-subtracted scores): 2^n * p(r), |r| <= ln2/2, degree-6 polynomial;
-// relative error ~2e-7, i.e. float32's own. Below -87 the result is 0, as expf's underflow.
+// exp(x) for x <= 0 (max-subtracted scores), exp_poly.h's; below -87 it is exp(-87) ~ 1.6e-38,
+// where expf's result is subnormal or 0 (a probability that small vanishes in the sum either way).
 inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest, vectorizable
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, in two parts
-  float p = 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(float));
-  return p * two_n;
+  int32_t n;
+  const float p = tpserve_cpu::exp_reduced(std::max(x, -87.0f), n);
+  return p * tpserve_cpu::pow2i(n);
 }
 
 #if defined(__AVX512F__)
