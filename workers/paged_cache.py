@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from workers import fused_ops
 from workers.kv_cache import AttentionBatch, HeadLayout, causal_attention, expand_kv
+from workers.trace import region
 
 # A span of up to this many new tokens past a cached context (a speculative verify) attends with
 # the decoding sequences' batched path rather than as a prefill chunk of its own.
@@ -117,7 +118,7 @@ class PagedAttentionBatch(AttentionBatch):
                 for g in group_by_length([len(t) for t in tables])]
 
     def attend(self, layer, q, k, v, heads, scale, window=None):
-        with torch.profiler.record_function("tpserve.attention"):
+        with region("tpserve.attention"):
             return self._attend(layer, q, k, v, heads, scale, window)
 
     def _attend(self, layer, q, k, v, heads: HeadLayout, scale, window):

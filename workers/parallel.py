@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from workers.errors import ConfigError
 from workers.shm_comm import ShmCommunicator
+from workers.trace import region
 
 
 def split_sizes(n: int, parts: int) -> list[int]:
@@ -112,7 +113,7 @@ class TPGroup:
             return x
         if self.stage_on_host and x.is_cuda:
             return x.copy_(self.all_reduce(x.cpu()))
-        with torch.profiler.record_function("tpserve.all_reduce"):
+        with region("tpserve.all_reduce"):
             if self.shm is not None:
                 if self.timed:
                     t = time.perf_counter()
@@ -138,7 +139,7 @@ class TPGroup:
             return None if out is None else out.to(x.device)
         if self.shm is not None:
             t = time.perf_counter()
-            with torch.profiler.record_function("tpserve.all_reduce"):
+            with region("tpserve.all_reduce"):
                 out = self.shm.gather_last_dim(x.contiguous(), sizes)
             if self.timed:
                 self.comm_seconds += time.perf_counter() - t
@@ -149,7 +150,7 @@ class TPGroup:
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
         t = time.perf_counter()
-        with torch.profiler.record_function("tpserve.all_reduce"):
+        with region("tpserve.all_reduce"):
             dist.gather(x, parts, dst=0, group=self.device_group)
         if self.timed:
             self._sync(x)

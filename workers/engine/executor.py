@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
-
 from workers.engine.sampler import SampleError, SampleResult, score_and_sample
 from workers.engine.sequence import Sequence
 from workers.step_plan import StepPlan
+from workers.trace import region
 
 
 class Executor(Protocol):
@@ -58,7 +57,7 @@ class WorkerExecutor:
         logits = self.worker.step(plan) if plan.input_ids else None
         if not sampling:
             return []
-        with torch.profiler.record_function("tpserve.sample"):
+        with region("tpserve.sample"):
             return score_and_sample(logits, sampling)
 
     def idle(self) -> None:
