@@ -1,6 +1,7 @@
 """The decoder layer's small ops fused on CPU (workers/csrc/fused_ops.cpp, built by
 workers/cpu_kernels.py): RMSNorm with the residual add before it, rotary embedding, SiLU-and-multiply,
-and the greedy argmax over the logits.
+the write of a step's keys and values into the paged cache (workers/paged_cache.py), and the greedy
+argmax over the logits.
 
 Each replaces 5-15 PyTorch ops of the same arithmetic (the reference's float32 math, rounded to the
 dtype where Hugging Face's Llama rounds), so no probe chooses them: where they serve, they are
