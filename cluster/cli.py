@@ -21,8 +21,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (1..number of query heads)")
     p.add_argument("--device", default="cpu", choices=None, help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
-                   help="weight-only quantization of the projections (quantized once into the cache; CPU kernels)")
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "w8a8", "int4"],
+                   help="quantization of the projections (quantized once into the cache; CPU kernels): int8 and int4 "
+                        "weights, or w8a8 (int8 weights and per-token int8 activations: for many sequences at once)")
     p.add_argument("--quant-group-size", type=int, default=32, help="int4: input columns per scale (32, 64, 128, 256)")
     p.add_argument("--cpu-collectives", default="shm", choices=["shm", "gloo"],
                    help="CPU ranks of one replica on one host: shared-memory collectives (gloo where the ranks "

@@ -71,6 +71,14 @@ def _register_fakes() -> None:
     def _gemv(x, weight, scale):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
+    @torch.library.register_fake("tpserve::w8a8_linear")
+    def _w8a8_linear(x, codes, scale, gemv):
+        return x.new_empty((x.shape[0], codes.shape[0]))
+
+    @torch.library.register_fake("tpserve::quantize_rows")
+    def _quantize_rows(x):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
     @torch.library.register_fake("tpserve::paged_decode")
     def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, rows, kv_index, scale, window, out):
         return None

@@ -89,7 +89,7 @@ def quantized_checkpoint(folder: str | Path, quant: QuantConfig, shard_bytes: in
 
     from workers.model_source import cache_dir
 
-    folder = Path(folder)
+    folder, quant = Path(folder), quant.weights
     out = cache_dir() / "quantized" / f"{_folder_key(folder)}-{quant.tag}"
     if (out / MARKER).is_file():
         return out

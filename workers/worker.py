@@ -63,7 +63,7 @@ class WorkerSpec:
     collective_timeout_s: float = 30.0
     # Loading shards can take minutes on a slow disk; the one collective after it may wait that long.
     load_timeout_s: float = 900.0
-    # Weight-only quantization of the projections: none | int8 | int4 (workers/quantization.py).
+    # Quantization of the projections: none | int8 | w8a8 | int4 (workers/quantization.py).
     quantization: str = "none"
     quant_group_size: int = 32  # int4
     # CPU ranks on one host: shm (shared-memory collectives, gloo where the ranks share no
@@ -133,7 +133,7 @@ def weights_folder(spec: WorkerSpec) -> str:
     (made once by whoever gets here first: `serve` and the launcher call this before ranks start)."""
     q, held = spec.quant.validate(), is_quantized(spec.model_path)
     if held is not None:
-        if held != q:
+        if held != q.weights:
             raise ConfigError("quantization", f"{spec.model_path} holds {held.tag} weights; load it with "
                                               f"--quantization {held.method}")
         return spec.model_path

@@ -8,7 +8,9 @@ A quantized model on CPU also quantizes its head to int8, at load, from this ran
 one row the head was 40-55% of a token's matmuls in float32 and its int8 kernel ran it 2.6x faster
 (issue 20). int8 for an int4 model too: an int4 head cost SmolLM2 6.3% of perplexity (its int4
 projections alone: 0.0%; the bound is 6%), and int8 is how llama.cpp's 4-bit files keep their
-output layer.
+output layer. A w8a8 model's head stays in the model's dtype: w8a8 serves many sequences at
+once, where the int8 head (dequantized past the packed kernel's rows) was the slower one, and its
+activations' rounding would reach the logits directly.
 A vocab row is one output row of int8's format, so each rank's codes are the same rows of one
 quantized matrix whatever the tp. On CUDA the head stays in the model's dtype: the quantized path
 there dequantizes on every call.
@@ -60,7 +62,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.tied = tie_to is not None
         if self.tied:
             self.weight = tie_to.weight  # one shard serves both
-        self.quant = quant if quant is not None and quant.enabled else None
+        self.quant = quant if quant is not None and quant.enabled and quant.method != "w8a8" else None
         self.quant_method = PlainLinear()
         self.quantized: nn.Module | None = None  # after loading: this rank's rows in the quantized format
 

@@ -23,6 +23,9 @@ Kernels, chosen at start-up by workers/kernel_probe.py on the layer's own weight
   dequantizing the weight and calling F.linear in the activations' dtype wins: the probe finds it.
   int8 at up to 4 rows: `tpserve::gemv` on the codes where the probe times it faster (at one row,
   1.1-2.3x `_weight_int8pack_mm` on SmolLM2's shapes, 2026-12-05), in the activations' own dtype.
+- w8a8 on CPU: `tpserve::w8a8_linear` (workers/csrc/w8a8.cpp): the rows quantized to int8 per
+  row, `_int_mm`, scaled back, in one call; at up to 4 rows, where the probe times it faster,
+  `tpserve::gemv` on the dequantized rows (the same products in float32, W read once).
 - CUDA: every quantized matmul dequantizes to the activations' dtype and multiplies (the memory
   saved, not the speed: the CUDA int kernels are not wired; no GPU was at hand to check them).
 """
@@ -37,8 +40,8 @@ from torch import nn
 
 from workers import cpu_kernels
 from workers.kernel_probe import KernelProbe
-from workers.quantization import (QuantConfig, check_int4_cut, dequantize_int4, dequantize_int8, int4_pack,
-                                  quantize_int4, quantize_int8)
+from workers.quantization import (QuantConfig, check_int4_cut, dequantize_int4, dequantize_int8,
+                                  fake_quantize_rows, int4_pack, quantize_int4, quantize_int8)
 from workers.tensor_source import copy_into
 
 GEMV_BLOCKS = 8
@@ -334,6 +337,39 @@ class Int8Linear(_QuantizedLinear):
         streamed.release()
 
 
+class W8A8Linear(Int8Linear):
+    """int8's weights (codes and a float32 scale per output row); activations quantized per row at
+    each call. On CPU one `tpserve::w8a8_linear` call; elsewhere (CUDA, or no built kernels) the
+    same arithmetic in PyTorch ops: the rows rounded to int8 and back, times the dequantized weight."""
+
+    fused = False  # tpserve::w8a8_linear serves (CPU, kernels built)
+
+    def prepare(self, layer, kd):
+        pass  # the kernel takes the codes and float32 scales as loaded
+
+    def process_weights_after_loading(self, layer, probe):
+        self.fused = layer.weight.device.type == "cpu" and cpu_kernels.available()
+        if probe is None or not self.fused:
+            return
+        dtype = layer.model_dtype
+        xs = {r: torch.randn(r, layer.weight.shape[1], dtype=dtype) for r in GEMV_PROBE_ROWS}
+        streamed = Streamed(layer.weight.data)
+        op = torch.ops.tpserve.w8a8_linear
+        self.gemv_rows = probe.rows_limit(
+            f"w8a8-gemv@{cpu_kernels.build_key()}", tuple(layer.weight.shape), dtype, GEMV_PROBE_ROWS,
+            candidate=lambda r: streamed(lambda c: op(xs[r], c, layer.weight_scale, True)),
+            incumbent=lambda r: streamed(lambda c: op(xs[r], c, layer.weight_scale, False)), default=0)
+        streamed.release()
+
+    def apply(self, layer, x):
+        rows = x.shape[0]
+        if self.fused and rows > 0 and not x.is_cuda:
+            y = torch.ops.tpserve.w8a8_linear(x, layer.weight, layer.weight_scale, rows <= self.gemv_rows)
+        else:
+            y = F.linear(fake_quantize_rows(x), self.dequantize(layer, x.dtype))
+        return y if layer.bias is None else y + layer.bias
+
+
 class Int4Linear(_QuantizedLinear):
     """int4 codes [out, in] (0..15, one per byte) + float32 (scale, zero) per group of input
     columns (`weight_sz` [out, in / group, 2]); loaded, also the kernel's packed codes
@@ -372,4 +408,4 @@ class Int4Linear(_QuantizedLinear):
 def linear_method(quant: QuantConfig | None) -> LinearMethod:
     if quant is None or not quant.enabled:
         return PlainLinear()
-    return Int8Linear(quant) if quant.method == "int8" else Int4Linear(quant)
+    return {"int8": Int8Linear, "w8a8": W8A8Linear}.get(quant.method, Int4Linear)(quant)
