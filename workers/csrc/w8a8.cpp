@@ -30,11 +30,19 @@
 
 namespace {
 
+// Divide, as the reference does (x * (1 / s) rounds differently at ties), and round half to even,
+// as torch.round does. |x / s| <= 127 by construction, so the narrowing never saturates.
+inline int8_t quantize_one(float x, float s) {
+  return static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x / s))));
+}
+
+#if defined(__AVX512F__)
 // Sixteen elements of a row as float32.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
+#endif
 
 template <typename T>
 void quantize_rows_impl(const T* x, int64_t M, int64_t K, int8_t* q, float* scale) {
@@ -42,22 +50,25 @@ void quantize_rows_impl(const T* x, int64_t M, int64_t K, int8_t* q, float* scal
     for (int64_t m = m0; m < m1; ++m) {
       const T* xr = x + m * K;
       int8_t* qr = q + m * K;
-      const int64_t K16 = K / 16 * 16;
+      int64_t k0 = 0;  // where the vector loops stop and the scalar ones go on
+      float amax = 0.f;
+#if defined(__AVX512F__)
+      k0 = K / 16 * 16;
       __m512 vmax = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K16; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(xr + k)));
-      float amax = _mm512_reduce_max_ps(vmax);
-      for (int64_t k = K16; k < K; ++k) amax = std::max(amax, std::fabs(static_cast<float>(xr[k])));
+      for (int64_t k = 0; k < k0; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(xr + k)));
+      amax = _mm512_reduce_max_ps(vmax);
+#endif
+      for (int64_t k = k0; k < K; ++k) amax = std::max(amax, std::fabs(static_cast<float>(xr[k])));
       const float s = std::max(amax / 127.f, 1e-12f);
       scale[m] = s;
-      // Divide, as the reference does (x * (1 / s) rounds differently at ties), and round half to
-      // even, as torch.round does. |x / s| <= 127 by construction, so the narrowing never saturates.
+#if defined(__AVX512F__)
       const __m512 vs = _mm512_set1_ps(s);
-      for (int64_t k = 0; k < K16; k += 16) {
+      for (int64_t k = 0; k < k0; k += 16) {
         const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(load16(xr + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
       }
-      for (int64_t k = K16; k < K; ++k)
-        qr[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(static_cast<float>(xr[k]) / s))));
+#endif
+      for (int64_t k = k0; k < K; ++k) qr[k] = quantize_one(static_cast<float>(xr[k]), s);
     }
   });
 }
@@ -78,16 +89,20 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   return {q, s};
 }
 
-// y[m, n] = acc[m, n] * xs[m] * ws[n], in y's dtype (bf16 rounded to nearest even).
+// y[m, n] = acc[m, n] * xs[m] * ws[n], in y's dtype (bf16 rounded to nearest even). Vectorized
+// where the machine has AVX-512; the scalar loop (all of it elsewhere) computes the same values.
 template <typename T>
 void scale_out(const int32_t* acc, const float* xs, const float* ws, int64_t M, int64_t N, T* y) {
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, N));
   at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
+#if defined(__AVX512F__)
       const __m512 s = _mm512_set1_ps(xs[m]);
+#endif
       const int32_t* ar = acc + m * N;
       T* yr = y + m * N;
       int64_t n = 0;
+#if defined(__AVX512F__)
       for (; n + 16 <= N; n += 16) {
         const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(ar + n)), s), _mm512_loadu_ps(ws + n));
         if constexpr (std::is_same_v<T, float>) {
@@ -100,6 +115,7 @@ void scale_out(const int32_t* acc, const float* xs, const float* ws, int64_t M, 
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(yr + n), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
         }
       }
+#endif
       for (; n < N; ++n) yr[n] = static_cast<T>(static_cast<float>(ar[n]) * xs[m] * ws[n]);
     }
   });
