@@ -324,17 +324,25 @@ class Int8Linear(_QuantizedLinear):
         super().process_weights_after_loading(layer, probe)
         if probe is None or layer.weight.device.type != "cpu" or not cpu_kernels.available():
             return
-        dtype, kd = layer.model_dtype, kernel_dtype(layer.model_dtype)
+        kd = kernel_dtype(layer.model_dtype)
+        # Against the kernel it replaces, both reading the codes from memory.
+        self.gemv_rows = self.probe_gemv_rows(
+            layer, probe, "int8-gemv", candidate=lambda x, c: op_gemv(x, c, layer.weight_scale),
+            incumbent=lambda x, c: torch.ops.aten._weight_int8pack_mm(x.to(kd), c, layer.weight_scale_k).to(x.dtype))
+
+    @staticmethod
+    def probe_gemv_rows(layer, probe: KernelProbe, decision: str, candidate, incumbent) -> int:
+        """Up to how many rows (of GEMV_PROBE_ROWS) `candidate(x, codes)` beats `incumbent(x, codes)`
+        on this layer's int8 codes streamed from memory, x in the model's dtype."""
+        dtype = layer.model_dtype
         xs = {r: torch.randn(r, layer.weight.shape[1], dtype=dtype) for r in GEMV_PROBE_ROWS}
         streamed = Streamed(layer.weight.data)
-        # Against the kernel it replaces, both reading the codes from memory.
-        self.gemv_rows = probe.rows_limit(
-            f"int8-gemv@{cpu_kernels.build_key()}", tuple(layer.weight.shape), dtype, GEMV_PROBE_ROWS,
-            candidate=lambda r: streamed(lambda c: op_gemv(xs[r], c, layer.weight_scale)),
-            incumbent=lambda r: streamed(
-                lambda c: torch.ops.aten._weight_int8pack_mm(xs[r].to(kd), c, layer.weight_scale_k).to(dtype)),
-            default=0)
-        streamed.release()
+        try:
+            return probe.rows_limit(f"{decision}@{cpu_kernels.build_key()}", tuple(layer.weight.shape), dtype,
+                                    GEMV_PROBE_ROWS, candidate=lambda r: streamed(lambda c: candidate(xs[r], c)),
+                                    incumbent=lambda r: streamed(lambda c: incumbent(xs[r], c)), default=0)
+        finally:
+            streamed.release()
 
 
 class W8A8Linear(Int8Linear):
@@ -344,22 +352,15 @@ class W8A8Linear(Int8Linear):
 
     fused = False  # tpserve::w8a8_linear serves (CPU, kernels built)
 
-    def prepare(self, layer, kd):
-        pass  # the kernel takes the codes and float32 scales as loaded
-
     def process_weights_after_loading(self, layer, probe):
+        # Nothing to prepare: the kernel takes the codes and float32 scales as loaded.
         self.fused = layer.weight.device.type == "cpu" and cpu_kernels.available()
         if probe is None or not self.fused:
             return
-        dtype = layer.model_dtype
-        xs = {r: torch.randn(r, layer.weight.shape[1], dtype=dtype) for r in GEMV_PROBE_ROWS}
-        streamed = Streamed(layer.weight.data)
         op = torch.ops.tpserve.w8a8_linear
-        self.gemv_rows = probe.rows_limit(
-            f"w8a8-gemv@{cpu_kernels.build_key()}", tuple(layer.weight.shape), dtype, GEMV_PROBE_ROWS,
-            candidate=lambda r: streamed(lambda c: op(xs[r], c, layer.weight_scale, True)),
-            incumbent=lambda r: streamed(lambda c: op(xs[r], c, layer.weight_scale, False)), default=0)
-        streamed.release()
+        self.gemv_rows = self.probe_gemv_rows(
+            layer, probe, "w8a8-gemv", candidate=lambda x, c: op(x, c, layer.weight_scale, True),
+            incumbent=lambda x, c: op(x, c, layer.weight_scale, False))
 
     def apply(self, layer, x):
         rows = x.shape[0]
