@@ -54,12 +54,14 @@ def rows(records: list[dict]) -> list[tuple[str, str, str, str, str]]:
             out.append(("huge requests vs the event loop", f"{r['huge_requests']} chat requests of 15 MiB / 0.9 M "
                                                             f"characters beside {r['streams']} streams", "0",
                         "INVALID_ARGUMENT for the 8", f"worst inter-token gap {r['worst_gap_with_huge_s']} s "
-                                                       f"(quiet {r['worst_gap_quiet_s']} s); {r['probes']} liveness "
+                                                       f"(quiet {r['worst_gap_quiet_s']} s; one tokenized on the loop would "
+                                                       f"stall it {r['tokenize_one_s']} s); {r['probes']} liveness "
                                                        f"probes, slowest {r['worst_probe_s']} s"))
         elif k == "event_loop_http":
             out.append(("large HTTP bodies vs the event loop", f"{r['bodies']} bodies of {r['body_mib']} MiB (~1 s of "
                                                                "JSON each) beside 8 gRPC streams", "0", "200 for the 8",
-                        f"worst inter-token gap {r['worst_gap_with_bodies_s']} s (quiet {r['worst_gap_quiet_s']} s); "
+                        f"worst inter-token gap {r['worst_gap_with_bodies_s']} s (quiet {r['worst_gap_quiet_s']} s; one "
+                        f"parsed on the loop would stall it {r['decode_one_s']} s); "
                         f"slowest liveness probe {r['worst_probe_s']} s"))
         elif k == "poison":
             tried = ", ".join(f"{api} {n}" for api, n in r["extreme_values"].items())
