@@ -70,6 +70,19 @@ def test_w8a8_linear_equals_the_integer_arithmetic(rows, k, dtype):
         assert err < (1e-5 if dtype == torch.float32 else 4e-3), (gemv, err)
 
 
+@kernels
+def test_w8a8_linear_serves_inside_and_outside_inference_mode_either_first():
+    """Its kept int32 buffer grows inside a served step (inference mode) and is written again by a
+    probe or a test outside it; a kept tensor refused that ("Inplace update to inference tensor")."""
+    g = torch.Generator().manual_seed(5)
+    codes, scale = quantize_int8(torch.randn(4099, 96, generator=g))
+    x = torch.randn(300, 96, generator=g).to(torch.bfloat16)  # a larger [M, N] than the other tests'
+    with torch.inference_mode():
+        inside = torch.ops.tpserve.w8a8_linear(x, codes, scale, False)
+    outside = torch.ops.tpserve.w8a8_linear(x, codes, scale, False)
+    assert torch.equal(inside, outside) and not outside.is_inference()
+
+
 @pytest.mark.parametrize("fused", [False, True] if cpu_kernels.available() else [False])
 def test_a_w8a8_layer_computes_the_fake_quantized_matmul(fused):
     torch.manual_seed(0)

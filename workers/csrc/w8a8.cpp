@@ -17,6 +17,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -27,6 +28,7 @@
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -137,10 +139,12 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
     return y.to(x.scalar_type());
   }
   // [M, N] int32 into a buffer kept between calls (a fresh one is page-faulted in at every call);
-  // codes.t() is the [K, N] view _int_mm takes.
-  thread_local at::Tensor buffer;
-  if (!buffer.defined() || buffer.numel() < M * N) buffer = at::empty({M * N}, x.options().dtype(at::kInt));
-  at::Tensor acc = buffer.narrow(0, 0, M * N).view({M, N});
+  // codes.t() is the [K, N] view _int_mm takes. The buffer is plain memory, viewed afresh at each
+  // call: a kept tensor made under inference mode (a served step) refuses writes outside it (a
+  // probe or a test), and one made outside it would be a version-counted tensor inside.
+  thread_local std::vector<int32_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < M * N) buffer.resize(M * N);
+  at::Tensor acc = at::from_blob(buffer.data(), {M, N}, x.options().dtype(at::kInt));
   at::_int_mm_out(acc, q, codes.t());
   at::Tensor y = at::empty({M, N}, x.options());
   if (x.scalar_type() == at::kFloat)

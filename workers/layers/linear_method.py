@@ -40,6 +40,7 @@ from torch import nn
 
 from workers import cpu_kernels
 from workers.kernel_probe import KernelProbe
+from workers.layer_stack import DENSE, GEMV, INT4_PACKED, INT8_PACKED, ONEDNN, W8A8, DecodeCall
 from workers.quantization import (QuantConfig, check_int4_cut, dequantize_int4, dequantize_int8,
                                   fake_quantize_rows, int4_pack, quantize_int4, quantize_int8)
 from workers.tensor_source import copy_into
@@ -160,6 +161,12 @@ class LinearMethod:
         """x [rows, in] -> [rows, out], plus the layer's bias if it has one."""
         raise NotImplementedError
 
+    def decode_call(self, layer: nn.Module, rows: int) -> DecodeCall | None:
+        """The call `apply` makes on a CPU x of `rows` rows in the model's dtype, as the code
+        `tpserve::llama_decode_layers` carries out (workers/csrc/decoder_layers.cpp); None where
+        it has no such code (that step stays in Python)."""
+        return None
+
 
 class PlainLinear(LinearMethod):
     """A float weight [out, in] in the model's dtype; on CPU, where the probe picks them, also a
@@ -231,6 +238,14 @@ class PlainLinear(LinearMethod):
             return onednn_linear(x, self.onednn_weight, bias)
         return F.linear(x, layer.weight, bias)
 
+    def decode_call(self, layer, rows):
+        bias = getattr(layer, "bias", None)
+        if 0 < rows <= self.gemv_rows:
+            return DecodeCall(GEMV, 0, layer.weight, None, bias) if self.gemv is op_gemv else None
+        if 0 < rows <= self.onednn_rows:
+            return DecodeCall(ONEDNN, 0, self.onednn_weight, None, bias)
+        return DecodeCall(DENSE, 0, layer.weight, None, bias)
+
 
 class _QuantizedLinear(LinearMethod):
     """Shared by int8 and int4: the packed kernel up to `packed_rows` rows on CPU, else dequantize."""
@@ -287,6 +302,17 @@ class _QuantizedLinear(LinearMethod):
             y = self.packed(layer, x.to(kernel_dtype(x.dtype))).to(x.dtype)
         return y if layer.bias is None else y + layer.bias
 
+    def decode_call(self, layer, rows):
+        if 0 < rows <= self.gemv_rows:
+            return DecodeCall(GEMV, 0, layer.weight, layer.weight_scale, layer.bias)
+        if not 0 < rows <= self.packed_rows:
+            return None  # dequantized into F.linear: a prefill's size, not a decode step's
+        return self.packed_call(layer)
+
+    def packed_call(self, layer) -> DecodeCall:
+        """`packed` as a DecodeCall."""
+        raise NotImplementedError
+
 
 class Int8Linear(_QuantizedLinear):
     """int8 codes [out, in] + a float32 scale per output row (`weight_scale`); loaded, also the
@@ -316,6 +342,9 @@ class Int8Linear(_QuantizedLinear):
 
     def packed(self, layer, x):
         return torch.ops.aten._weight_int8pack_mm(x, layer.weight, layer.weight_scale_k)
+
+    def packed_call(self, layer):
+        return DecodeCall(INT8_PACKED, 0, layer.weight, layer.weight_scale_k, layer.bias)
 
     def gemv(self, layer, x):
         return op_gemv(x, layer.weight, layer.weight_scale)
@@ -370,6 +399,11 @@ class W8A8Linear(Int8Linear):
             y = F.linear(fake_quantize_rows(x), self.dequantize(layer, x.dtype))
         return y if layer.bias is None else y + layer.bias
 
+    def decode_call(self, layer, rows):
+        if not (self.fused and rows > 0):
+            return None
+        return DecodeCall(W8A8, int(rows <= self.gemv_rows), layer.weight, layer.weight_scale, layer.bias)
+
 
 class Int4Linear(_QuantizedLinear):
     """int4 codes [out, in] (0..15, one per byte) + float32 (scale, zero) per group of input
@@ -404,6 +438,9 @@ class Int4Linear(_QuantizedLinear):
     def packed(self, layer, x):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.weight_packed, self.quant.group_size,
                                                           layer.weight_sz_t)
+
+    def packed_call(self, layer):
+        return DecodeCall(INT4_PACKED, self.quant.group_size, layer.weight_packed, layer.weight_sz_t, layer.bias)
 
 
 def linear_method(quant: QuantConfig | None) -> LinearMethod:

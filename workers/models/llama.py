@@ -17,6 +17,7 @@ from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
+from workers.layer_stack import LayerStack
 from workers.models.batch import ForwardBatch
 from workers.parallel import TPGroup, head_shard
 from workers.quantization import QuantConfig
@@ -108,13 +109,20 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, device)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
                                       device)
+        # A decode step's layers in one C++ call where it can (workers/layer_stack.py): same kernels,
+        # same result, without the Python between them.
+        self.layer_stack = LayerStack(self.layers, group.size, _before_attention)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
         rope = self.rotary.cos_sin(batch.positions)  # once per step, for every layer
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(rope, x, residual, batch)
+        stacked = self.layer_stack.forward(x, rope, batch)
+        if stacked is not None:
+            x, residual = stacked
+        else:
+            residual = None
+            for layer in self.layers:
+                x, residual = layer(rope, x, residual, batch)
         return self.norm.add_forward(x, residual)[1] if residual is not None else self.norm(x)
 
 

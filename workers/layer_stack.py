@@ -1,0 +1,110 @@
+"""A decode step's stack of Llama decoder layers as one C++ call (`tpserve::llama_decode_layers`,
+workers/csrc/decoder_layers.cpp), on CPU at tp 1.
+
+Why: at batch 1 a bf16 + int4 SmolLM2 token took ~11 ms, of which its kernels ~6.6 ms; the rest
+was Python and dispatch around 30 layers x ~12 op calls (nn.Module calls, each linear method's
+row-count choice, casts, the paged cache's bookkeeping). The op runs the same kernels on the same
+inputs in the same order, so its output is bit-equal to the eager layers' (tests/workers/
+test_layer_stack.py); only the Python between them is gone.
+
+Which kernel each projection takes stays the linear method's choice: `decode_call(layer, rows)`
+returns the call its `apply` would make at that many rows, as a code the op carries out. A step
+the op cannot carry out runs the layers in Python as before: tp > 1 (the row-parallel all-reduces),
+a prefill or a gathered decode in the step, a compiled step, a projection whose call has no code
+(int8/int4 dequantized past their packed rows, the Python GEMV), no built kernels, or
+`TPSERVE_LAYER_STACK=off` (for comparisons).
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from workers import fused_ops
+
+# How a projection multiplies; the numbers are decoder_layers.cpp's LinearKind.
+DENSE, ONEDNN, GEMV, INT8_PACKED, INT4_PACKED, W8A8 = range(6)
+
+
+class DecodeCall(NamedTuple):
+    """One projection's call: its kind, an integer argument (int4's group size, w8a8's GEMV flag),
+    its two tensors (the weight or codes; scales or None) and its bias or None."""
+
+    kind: int
+    arg: int
+    a: torch.Tensor
+    b: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("TPSERVE_LAYER_STACK", "on").lower() not in ("off", "0", "false")
+
+
+class LayerStack:
+    """Runs `layers` (LlamaDecoderLayer) for a decode step in one op where it can (see the module)."""
+
+    def __init__(self, layers, tp_size: int, eager_before_attention):
+        """`eager_before_attention`: the layers' own eager region; a layer holding another (the
+        compiled step's) runs in Python."""
+        self.layers, self.eager = layers, eager_before_attention
+        self.enabled = tp_size == 1 and enabled_by_env()
+        self._plans: dict[int, tuple[list, list[int]] | None] = {}  # rows -> (params, kinds), or None: Python
+        self._kv_of: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch):
+        """(x, residual) after the last layer, or None: the caller runs the layers itself."""
+        if not self.enabled or not fused_ops.serves(x):
+            return None
+        attn = batch.attn
+        in_place = getattr(attn, "in_place", None)
+        rows = x.shape[0]
+        if in_place is None or attn.prefills or attn.decode_groups or in_place.rows.shape[0] != rows:
+            return None
+        first = self.layers[0]
+        if first.before_attention is not self.eager:  # the compiled step's regions are in place
+            return None
+        cache = attn.cache
+        if cache.k.dtype != x.dtype or cache.k.dim() != 5:
+            return None
+        plan = self._plans.get(rows, False)
+        if plan is False:
+            plan = self._plans[rows] = self._plan(rows)
+        if plan is None:
+            return None
+        params, kinds = plan
+        a = first.self_attn.attn
+        return torch.ops.tpserve.llama_decode_layers(
+            x, rope[0], rope[1], params, kinds, cache.k, cache.v, attn.slot_mapping, in_place.tables, in_place.lens,
+            in_place.rows, self._kv_index(a), a.scale, a.sliding_window or 0, first.input_layernorm.eps,
+            a.num_heads, a.num_kv_heads)
+
+    def _plan(self, rows: int):
+        """Every layer's norms and projections at `rows` rows, in the op's order; None if any
+        projection has no code or the layers differ in what the op takes once."""
+        first = self.layers[0].self_attn.attn
+        params, kinds = [], []
+        for layer in self.layers:
+            a = layer.self_attn.attn
+            if (a.scale, a.sliding_window, a.num_heads, a.num_kv_heads, layer.input_layernorm.eps,
+                    layer.post_attention_layernorm.eps) != (first.scale, first.sliding_window, first.num_heads,
+                                                            first.num_kv_heads, self.layers[0].input_layernorm.eps,
+                                                            self.layers[0].post_attention_layernorm.eps):
+                return None
+            params += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                         layer.mlp.down_proj):
+                call = proj.quant_method.decode_call(proj, rows)
+                if call is None:
+                    return None
+                params += [call.a, call.b, call.bias]
+                kinds += [call.kind, call.arg]
+        return params, kinds
+
+    def _kv_index(self, attn) -> torch.Tensor:
+        """Each query head's KV head, as `_InPlaceDecode` passes it (the identity for MHA)."""
+        if self._kv_of is None:
+            kv = attn.heads.kv_index
+            self._kv_of = kv if kv is not None else torch.arange(attn.num_heads)
+        return self._kv_of
