@@ -71,9 +71,10 @@ class PagedAttentionBatch(AttentionBatch):
         spans: dict[int, tuple[list[int], list[list[int]], list[int]]] = {}  # length -> rows, tables, lens
         row = span_rows = 0
         for s in seqs:
-            pos = torch.arange(s.start, s.start + s.length)
-            table = torch.tensor(s.block_table, dtype=torch.long)
-            slots.append(table[pos // bs] * bs + pos % bs)
+            # Slots in Python: a decode step's one slot per sequence costs less than the four small
+            # tensors (arange, table, index, multiply-add) it took at each step, 0.3 ms at batch 1.
+            table = s.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(s.start, s.start + s.length)]
             nb = -(-(s.start + s.length) // bs)
             if s.length == 1:
                 decode_rows.append(row)
@@ -86,9 +87,9 @@ class PagedAttentionBatch(AttentionBatch):
                 lens.append(s.start + s.length)
                 span_rows += s.length
             else:
-                self.prefills.append((row, s.length, s.start, table[:nb].to(dev)))
+                self.prefills.append((row, s.length, s.start, torch.tensor(table[:nb], dtype=torch.long, device=dev)))
             row += s.length
-        self.slot_mapping = torch.cat(slots).to(dev) if slots else torch.empty(0, dtype=torch.long)
+        self.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         self.in_place = None
         if len(decode_rows) + span_rows > cache.gather_up_to:
             # In place, a span's row j is one more decoding row whose context ends at its own
