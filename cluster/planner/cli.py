@@ -31,7 +31,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="a model folder, a .gguf, a built-in name, or a config.json alone")
     p.add_argument("--hardware", required=True, help="a profile from `tpserve profile`, or h100 | h200 | a100")
-    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "w8a8", "int4"])
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--slo", default=None, help="ttft=MS,tpot=MS: TTFT p90 and TPOT p90 bounds")
     p.add_argument("--workload", default="fixed", choices=["fixed", "random", "longtail", "file"])

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cluster.planner.hardware import HardwareProfile, interp
-from cluster.planner.model_shape import DTYPE_BYTES, READ_BYTES, ModelShape
+from cluster.planner.model_shape import DTYPE_BYTES, INT8_HEAD, READ_BYTES, ModelShape
 from cluster.modelled_executor import StepShape
 
 
@@ -98,8 +98,8 @@ class RooflineCost:
         rows = len(shape.decode) + len(shape.prefill)  # rows that reach the LM head (one per sequence)
         read = READ_BYTES[self.quantization] or self.dbytes
         ranks = self.ranks_on_node or tp
-        # A quantized model's LM head is int8 on CPU (workers/layers/embedding.py).
-        head = "int8" if hw.device == "cpu" and self.quantization != "none" else "none"
+        # int8's and int4's LM head is int8 on CPU (workers/layers/embedding.py); w8a8's stays float.
+        head = "int8" if hw.device == "cpu" and self.quantization in INT8_HEAD else "none"
         linear = hw.linear_seconds(r.proj_elements, tokens, self.quantization, read, ranks) \
             + hw.linear_seconds(r.lm_head_elements, rows, head, READ_BYTES[head] or self.dbytes, ranks)
         kv_read = sum(shape.decode) * self.kv_token_layer_bytes

@@ -106,6 +106,9 @@ class HardwareProfile:
         table = self.linear_s.get(quantization, {}).get(str(self.threads(ranks_on_node)))
         if table:
             return elements * interp(table, rows)
+        if self.device == "cpu":  # a CPU is priced by what was measured on it, never a roofline
+            raise ConfigError("quantization", f"the hardware profile {self.name!r} has no {quantization} matmul "
+                                              f"figures; measure them with `tpserve profile`")
         memory = elements * dtype_bytes / (self.read_gbs * 1e9 * self.bandwidth_efficiency)
         compute = 2 * elements * rows / (self.matmul_tflops * 1e12 * self.compute_efficiency)
         return max(memory, compute)

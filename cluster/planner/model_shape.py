@@ -14,8 +14,12 @@ from workers.parallel import head_shard, split_sizes
 # Bytes per weight element as stored on a rank (what memory holds) and as a decode step reads it.
 # int4 holds the plain codes (1) beside the kernel's packed ones (0.5), and per group of 32 (the
 # default) a float32 (scale, zero) and its bf16 copy for the kernel (12 / 32): workers/layers/linear_method.py.
-HELD_BYTES = {"none": None, "int8": 1.0, "int4": 1.5 + 12 / 32}
-READ_BYTES = {"none": None, "int8": 1.0, "int4": 0.5}
+# w8a8 holds int8's codes (its activations are quantized at each call, nothing more is kept).
+HELD_BYTES = {"none": None, "int8": 1.0, "w8a8": 1.0, "int4": 1.5 + 12 / 32}
+READ_BYTES = {"none": None, "int8": 1.0, "w8a8": 1.0, "int4": 0.5}
+# The quantizations whose LM head is int8 on CPU (workers/layers/embedding.py); w8a8's stays in
+# the model's dtype (`_int_mm` on the head was twice oneDNN bf16's time).
+INT8_HEAD = ("int8", "int4")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -68,10 +72,12 @@ class ModelShape:
         plain = r.proj_elements * held + (r.lm_head_elements + r.other_elements) * b
         if device != "cpu":
             return plain
-        if quantization == "none":
+        if quantization not in INT8_HEAD:
             # Float layers on CPU may hold a oneDNN-packed copy beside the plain weight, wherever
-            # the start-up probe picks it (workers/layers/linear_method.py): planned as if all do.
-            return plain + (r.proj_elements + r.lm_head_elements) * b
+            # the start-up probe picks it (workers/layers/linear_method.py): planned as if all do
+            # (w8a8's float layer is its head).
+            floats = r.lm_head_elements + (r.proj_elements if quantization == "none" else 0)
+            return plain + floats * b
         # On CPU the head is quantized to int8 at load (workers/layers/embedding.py): its codes are
         # added; an untied head's float rows are dropped, a tied one's stay for the embedding.
         dropped = 0 if self.cfg.tie_word_embeddings else r.lm_head_elements * b

@@ -38,7 +38,7 @@ from workers.comm_probe import measure_collectives
 from workers.defaults import BLOCK_SIZE
 
 ROWS = (1, 2, 4, 8, 16, 64, 256)
-QUANTS = ("none", "int8", "int4")
+QUANTS = ("none", "int8", "w8a8", "int4")
 COLLECTIVE_SIZES = (576, 4608, 36864, 147456, 589824)
 
 
@@ -71,7 +71,7 @@ def _weights(quant: str, shapes, copies: int, probe):
             w = torch.randn(n, k) * 0.02
             if quant == "none":
                 held = {"weight": w}
-            elif quant == "int8":
+            elif quant in ("int8", "w8a8"):  # w8a8 holds int8's codes
                 codes, scale = quantize_int8(w)
                 held = {"weight": codes, "weight_scale": scale}
             else:

@@ -97,6 +97,37 @@ def test_roofline_terms_follow_the_shape(smollm2_dir):
     assert a["served"] == 0.0  # a profile without the served path prices none
 
 
+def test_w8a8_holds_int8_codes_keeps_a_float_head_and_is_priced_by_its_own_kernel(smollm2_dir):
+    model = ModelShape(load_config(str(smollm2_dir)), "smollm2")
+    r, b = model.rank(1), 2  # bf16
+    # int8 codes for the projections; the head (tied: the embedding) in bf16 plus its oneDNN copy.
+    assert model.weight_bytes(1, "w8a8", "bfloat16") == r.proj_elements + (r.lm_head_elements + r.other_elements) * b \
+        + r.lm_head_elements * b
+    # int8 adds the head's int8 codes instead of a float copy.
+    assert model.weight_bytes(1, "int8", "bfloat16") - model.weight_bytes(1, "w8a8", "bfloat16") \
+        == r.lm_head_elements * (1 - b)
+    hw = toy_cpu_profile()
+    w8a8_elem = {"1": 3e-10, "64": 3e-10, "256": 3e-10}
+    hw.linear_s["w8a8"] = {"1": w8a8_elem, "2": w8a8_elem}
+    step = StepShape((), (100,) * 4)
+    linear = RooflineCost(model, hw, 1, "w8a8", "bfloat16").engine_parts(step)["linear"]
+    head = hw.linear_seconds(r.lm_head_elements, 4, "none", b, 1)  # the head by the float table
+    assert linear == pytest.approx(r.proj_elements * 3e-10 + head)
+    int8 = RooflineCost(model, hw, 1, "int8", "bfloat16").engine_parts(step)["linear"]
+    assert int8 == pytest.approx(r.proj_elements * 1e-10 + hw.linear_seconds(r.lm_head_elements, 4, "int8", 1, 1))
+
+
+def test_a_cpu_profile_without_a_quantizations_figures_is_an_error_naming_it(tmp_path, smollm2_dir):
+    hw = tmp_path / "hw.json"
+    toy_cpu_profile().save(hw)  # none, int8, int4 only: as a profile from before w8a8
+    cmd = [sys.executable, "-m", "cluster.cli", "plan", "--model", str(smollm2_dir), "--hardware", str(hw),
+           "--concurrency", "4", "--num-requests", "8", "--input-len", "32", "--output-len", "8",
+           "--tp", "1", "--replicas", "1", "--quantization", "w8a8"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().startswith("tpserve: error: quantization:") and "no w8a8 matmul figures" in run.stderr
+
+
 def test_the_served_steps_the_profile_measured_are_priced_exactly_and_calibrate_the_rest(smollm2_dir):
     model = ModelShape(load_config(str(smollm2_dir)), "smollm2")
     hw = toy_cpu_profile()
