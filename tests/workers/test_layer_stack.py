@@ -67,35 +67,53 @@ def test_the_stacked_decode_step_equals_the_eager_layers_bit_for_bit(quant_llama
     worker = Worker(WorkerSpec(str(quant_llama_dir), tp_size=1, dtype=dtype, kv_cache_memory=4 << 20,
                                quantization=quantization), 0)
     try:
-        worker.cache.gather_up_to = 0  # every decoding row reads the cache in place (the op's attention)
-        prompts = [[3, 5, 7, 9, 11, 13, 15, 17, 19, 21], list(range(20, 61)), [40, 41, 42]]
-        tables = [[0], [1, 2, 3], [4]]
-        seqs = [PagedSeq(0, len(p), t) for p, t in zip(prompts, tables)]
-        ids = [i for p in prompts for i in p]
-        _, ran = _run(worker, seqs, ids, [len(prompts[0]) - 1], stacked=True)
-        assert not ran  # a prefill step stays in Python
-        lens = [len(p) for p in prompts]
-        steps = [  # (sequences, their new tokens): one row; three rows; a verify span of 3 beside a row
-            ([PagedSeq(lens[0], 1, tables[0])], [30]),
-            ([PagedSeq(n, 1, t) for n, t in zip(lens, tables)], [31, 32, 33]),
-            ([PagedSeq(lens[0], 1, tables[0]), PagedSeq(lens[1], 3, tables[1])], [34, 35, 36, 37]),
-        ]
-        carried = set()
-        for choice in choices:
-            _force(worker, choice)
-            for step, new in steps:
-                rows = list(range(len(new)))
-                eager, ran_eager = _run(worker, step, new, rows, stacked=False)
-                stacked, ran_stacked = _run(worker, step, new, rows, stacked=True)
-                assert ran_stacked and not ran_eager
-                assert stacked.dtype == eager.dtype == getattr(torch, dtype) and stacked.shape == eager.shape
-                assert torch.equal(stacked, eager), (choice, float((stacked.float() - eager.float()).abs().max()))
-                assert eager.float().abs().max() > 0
-                kinds = worker.model.model.layer_stack._plans[len(new)][1]
-                carried |= set(zip(kinds[0::2], kinds[1::2]))
-        assert must_run <= carried, carried
+        carried = _stacked_equals_eager(worker, choices, getattr(torch, dtype))
     finally:
         worker.close()
+    assert must_run <= carried, carried
+
+
+@pytest.mark.parametrize("model", ["qwen2", "mistral"])
+def test_biases_and_a_sliding_window_stay_bit_equal(request, model):
+    """Qwen2's q/k/v biases ride in the op's bias slots; Mistral's window (16, here shorter than
+    the 41-token prompt) reaches paged_decode."""
+    folder = request.getfixturevalue(f"tiny_{model}_dir")
+    worker = Worker(WorkerSpec(str(folder), tp_size=1, dtype="float32", kv_cache_memory=4 << 20), 0)
+    try:
+        _stacked_equals_eager(worker, CHOICES["none"][:3], torch.float32)
+    finally:
+        worker.close()
+
+
+def _stacked_equals_eager(worker: Worker, choices: list[dict], dtype: torch.dtype) -> set:
+    """Prefill three prompts, then decode steps (one row; three rows; a verify span beside a row)
+    with the stack off and on under each kernel choice: bit-equal logits. Returns the (kind, arg)
+    pairs the op carried out."""
+    worker.cache.gather_up_to = 0  # every decoding row reads the cache in place (the op's attention)
+    prompts = [[3, 5, 7, 9, 11, 13, 15, 17, 19, 21], list(range(20, 61)), [40, 41, 42]]
+    tables = [[0], [1, 2, 3], [4]]
+    seqs = [PagedSeq(0, len(p), t) for p, t in zip(prompts, tables)]
+    ids = [i for p in prompts for i in p]
+    _, ran = _run(worker, seqs, ids, [len(prompts[0]) - 1], stacked=True)
+    assert not ran  # a prefill step stays in Python
+    lens = [len(p) for p in prompts]
+    steps = [([PagedSeq(lens[0], 1, tables[0])], [30]),
+             ([PagedSeq(n, 1, t) for n, t in zip(lens, tables)], [31, 32, 33]),
+             ([PagedSeq(lens[0], 1, tables[0]), PagedSeq(lens[1], 3, tables[1])], [34, 35, 36, 37])]
+    carried = set()
+    for choice in choices:
+        _force(worker, choice)
+        for step, new in steps:
+            rows = list(range(len(new)))
+            eager, ran_eager = _run(worker, step, new, rows, stacked=False)
+            stacked, ran_stacked = _run(worker, step, new, rows, stacked=True)
+            assert ran_stacked and not ran_eager
+            assert stacked.dtype == eager.dtype == dtype and stacked.shape == eager.shape
+            assert torch.equal(stacked, eager), (choice, float((stacked.float() - eager.float()).abs().max()))
+            assert eager.float().abs().max() > 0
+            kinds = worker.model.model.layer_stack._plans[len(new)][1]
+            carried |= set(zip(kinds[0::2], kinds[1::2]))
+    return carried
 
 
 def test_a_step_the_op_cannot_carry_stays_in_python_with_the_same_result(quant_llama_dir):
