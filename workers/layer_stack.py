@@ -51,7 +51,6 @@ class LayerStack:
         self.layers, self.eager = layers, eager_before_attention
         self.enabled = tp_size == 1 and enabled_by_env()
         self._plans: dict[int, tuple[list, list[int]] | None] = {}  # rows -> (params, kinds), or None: Python
-        self._kv_of: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch):
         """(x, residual) after the last layer, or None: the caller runs the layers itself."""
@@ -77,20 +76,20 @@ class LayerStack:
         a = first.self_attn.attn
         return torch.ops.tpserve.llama_decode_layers(
             x, rope[0], rope[1], params, kinds, cache.k, cache.v, attn.slot_mapping, in_place.tables, in_place.lens,
-            in_place.rows, self._kv_index(a), a.scale, a.sliding_window or 0, first.input_layernorm.eps,
-            a.num_heads, a.num_kv_heads)
+            in_place.rows, in_place.kv_index(a.heads, a.num_heads), a.scale, a.sliding_window or 0,
+            first.input_layernorm.eps, a.num_heads, a.num_kv_heads)
 
     def _plan(self, rows: int):
         """Every layer's norms and projections at `rows` rows, in the op's order; None if any
         projection has no code or the layers differ in what the op takes once."""
-        first = self.layers[0].self_attn.attn
+        def once(layer):  # what the op takes once for every layer
+            a = layer.self_attn.attn
+            return (a.scale, a.sliding_window, a.num_heads, a.num_kv_heads, layer.input_layernorm.eps,
+                    layer.post_attention_layernorm.eps)
+
         params, kinds = [], []
         for layer in self.layers:
-            a = layer.self_attn.attn
-            if (a.scale, a.sliding_window, a.num_heads, a.num_kv_heads, layer.input_layernorm.eps,
-                    layer.post_attention_layernorm.eps) != (first.scale, first.sliding_window, first.num_heads,
-                                                            first.num_kv_heads, self.layers[0].input_layernorm.eps,
-                                                            self.layers[0].post_attention_layernorm.eps):
+            if once(layer) != once(self.layers[0]):
                 return None
             params += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
             for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
@@ -101,10 +100,3 @@ class LayerStack:
                 params += [call.a, call.b, call.bias]
                 kinds += [call.kind, call.arg]
         return params, kinds
-
-    def _kv_index(self, attn) -> torch.Tensor:
-        """Each query head's KV head, as `_InPlaceDecode` passes it (the identity for MHA)."""
-        if self._kv_of is None:
-            kv = attn.heads.kv_index
-            self._kv_of = kv if kv is not None else torch.arange(attn.num_heads)
-        return self._kv_of

@@ -197,13 +197,19 @@ class _InPlaceDecode:
         self.rows = torch.tensor(rows, dtype=torch.long)
         self.lens = torch.tensor(lens, dtype=torch.long)
 
-    def attend(self, q, kc, vc, heads: HeadLayout, scale, window, out) -> None:
-        kv_of = heads.kv_index
+    @classmethod
+    def kv_index(cls, heads: HeadLayout, num_heads: int) -> torch.Tensor:
+        """Each query head's KV head as `tpserve::paged_decode` takes it (the identity for MHA)."""
+        if heads.kv_index is not None:
+            return heads.kv_index
+        kv_of = cls._kv_of.get(num_heads)
         if kv_of is None:
-            kv_of = self._kv_of.get(q.shape[1])
-            if kv_of is None:
-                kv_of = self._kv_of[q.shape[1]] = torch.arange(q.shape[1])
-        torch.ops.tpserve.paged_decode(q, kc, vc, self.tables, self.lens, self.rows, kv_of, scale, window or 0, out)
+            kv_of = cls._kv_of[num_heads] = torch.arange(num_heads)
+        return kv_of
+
+    def attend(self, q, kc, vc, heads: HeadLayout, scale, window, out) -> None:
+        torch.ops.tpserve.paged_decode(q, kc, vc, self.tables, self.lens, self.rows, self.kv_index(heads, q.shape[1]),
+                                       scale, window or 0, out)
 
 
 class _DecodeGroup:
