@@ -166,3 +166,40 @@ def test_the_quantized_checkpoint_is_written_in_shards_that_hold_the_same_tensor
     largest = max(t.numel() * t.element_size() for t in want.values())
     marker = json.loads((sharded / quantized_checkpoint_module.MARKER).read_text())
     assert marker["peak_queued_bytes"] < shard + 2 * largest, marker
+
+
+def test_int8_keeps_off_the_packed_kernel_where_its_input_width_would_crash_it(tiny_llama_dir):
+    """PyTorch's int8 kernel reads out of bounds unless the input width is a multiple of 16 (the
+    tiny Llama's 72 and 100 crashed the process at load). Those layers and the head take the GEMV
+    or a dequantize instead, and a step's logits match the dequantized matmuls'."""
+    from workers.layers.embedding import ParallelLMHead
+    from workers.layers.linear_method import Int8Linear
+    from workers.paged_cache import PagedSeq
+    from workers.step_plan import PlanOp, StepPlan
+    from workers.worker import Worker
+
+    worker = Worker(WorkerSpec(str(tiny_llama_dir), tp_size=1, dtype="bfloat16", kv_cache_memory=4 << 20,
+                               quantization="int8"), 0)
+    try:
+        layers = [m for m in worker.model.modules()
+                  if isinstance(getattr(m, "quant_method", None), Int8Linear)]
+        held = [m.quantized if isinstance(m, ParallelLMHead) else m for m in layers]
+        assert {h.weight.shape[1] % 16 for h in held} != {0}  # the shapes this test is for
+        for m in layers:
+            assert m.quant_method.packed_rows == 0 or m.quant_method.kernel_takes(
+                (m.quantized if isinstance(m, ParallelLMHead) else m).weight.shape[1])
+
+        def step():
+            seqs = [PagedSeq(0, 7, [0]), PagedSeq(0, 3, [1])]
+            prefill = worker.execute(StepPlan(PlanOp.STEP, seqs, PROMPTS[0] + PROMPTS[1], [6, 9]))
+            return torch.cat([prefill, worker.execute(StepPlan(PlanOp.STEP, [PagedSeq(7, 1, [0]), PagedSeq(3, 1, [1])],
+                                                               [17, 18], [0, 1]))]).float()
+
+        served = step()
+        for m in layers:
+            m.quant_method.gemv_rows = 0
+        dequantized = step()
+        assert served.abs().max() > 0
+        assert (served - dequantized).abs().max() <= 0.02 * dequantized.abs().max()
+    finally:
+        worker.close()

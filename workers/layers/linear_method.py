@@ -277,15 +277,22 @@ class _QuantizedLinear(LinearMethod):
         """A few rows of x in the activations' dtype, for formats that have a GEMV (int8)."""
         raise NotImplementedError
 
+    def kernel_takes(self, in_features: int) -> bool:
+        """Whether the packed CPU kernel is safe at this input width."""
+        return True
+
     def process_weights_after_loading(self, layer, probe):
         if layer.weight.device.type != "cpu":
             return
         dtype = layer.model_dtype
         kd = kernel_dtype(dtype)
         self.prepare(layer, kd)
+        k = layer.weight.shape[1]
+        if not self.kernel_takes(k):
+            self.packed_rows = 0  # a GEMV where one serves, else dequantize
+            return
         if probe is None:
             return
-        k = layer.weight.shape[1]
         xs = {r: torch.randn(r, k, dtype=dtype) for r in PACKED_PROBE_ROWS}
         self.packed_rows = probe.rows_limit(
             self.decision, tuple(layer.weight.shape), dtype, PACKED_PROBE_ROWS,
@@ -343,6 +350,12 @@ class Int8Linear(_QuantizedLinear):
     def packed(self, layer, x):
         return torch.ops.aten._weight_int8pack_mm(x, layer.weight, layer.weight_scale_k)
 
+    def kernel_takes(self, in_features):
+        # torch 2.13's _weight_int8pack_mm reads past the rows of x and W when the input width is
+        # not a multiple of 16: a segmentation fault at 2 rows of K = 72 or 100, and at one row of
+        # a 251 x 72 head (a tiny test Llama, 2026-12-06); every K % 16 == 0 ran clean.
+        return in_features % 16 == 0
+
     def packed_call(self, layer):
         return DecodeCall(INT8_PACKED, 0, layer.weight, layer.weight_scale_k, layer.bias)
 
@@ -354,6 +367,9 @@ class Int8Linear(_QuantizedLinear):
         if probe is None or layer.weight.device.type != "cpu" or not cpu_kernels.available():
             return
         kd = kernel_dtype(layer.model_dtype)
+        if not self.kernel_takes(layer.weight.shape[1]):  # nothing else serves a few rows but a dequantize
+            self.gemv_rows = max(GEMV_PROBE_ROWS)
+            return
         # Against the kernel it replaces, both reading the codes from memory.
         self.gemv_rows = self.probe_gemv_rows(
             layer, probe, "int8-gemv", candidate=lambda x, c: op_gemv(x, c, layer.weight_scale),
