@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from workers import fused_ops
+from workers.huge_pages import huge_page_zeros
 from workers.kv_cache import AttentionBatch, HeadLayout, causal_attention, expand_kv
 from workers.trace import region
 
@@ -45,8 +46,11 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if torch.device(device).type == "cpu":  # read every step, like the weights: workers/huge_pages.py
+            self.k, self.v = huge_page_zeros(shape, dtype), huge_page_zeros(shape, dtype)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size, self.device = num_blocks, block_size, device
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         # Decode steps of up to this many sequences gather; more read the cache in place. The

@@ -19,6 +19,8 @@ from workers.config import ModelConfig
 from workers.defaults import BLOCK_SIZE, CPU_KV_CACHE_BYTES, DTYPE_NAMES, GPU_MEMORY_UTILIZATION
 from workers.errors import ConfigError
 from workers.compiled_step import can_compile, compile_model, warm_up
+from workers import huge_pages
+from workers.huge_pages import place_weights
 from workers.kernel_probe import KernelProbe
 from workers.layers.embedding import ParallelLMHead
 from workers.layers.linear import LinearBase
@@ -188,6 +190,10 @@ class Worker:
         self.model = build_model(self.config, self.group, self.dtype, self.device, spec.quant).eval()
         self.read_counter = load_weights(self.model, weights_folder(spec))
         self.kernel_probe_seconds = self._finish_loading()
+        self.huge_page_bytes = place_weights(self.model) if self.device.type == "cpu" else 0
+        if self.device.type == "cpu" and rank == 0:
+            log.info("weights in 2 MiB pages: %d MiB%s", self.huge_page_bytes >> 20,
+                     "" if self.huge_page_bytes else f" ({huge_pages.available()})")
         self.eos_token_ids = sorted(set(self.config.eos_token_ids + read_generation_eos(spec.model_path)))
         self.block_size = spec.block_size
         self.num_blocks = self._agree_num_blocks()
@@ -293,7 +299,8 @@ class Worker:
         return {"rank": self.rank, "pid": os.getpid(), "param_bytes": param_bytes,
                 "onednn_layers": len(onednn), "onednn_bytes": sum(w.numel() * w.element_size() for w in onednn),
                 "bytes_read": self.read_counter.bytes_read, "load_seconds": self.load_seconds,
-                "kernel_probe_seconds": self.kernel_probe_seconds, "compiled": self.compiled,
+                "kernel_probe_seconds": self.kernel_probe_seconds, "huge_page_bytes": self.huge_page_bytes,
+                "compiled": self.compiled,
                 "compile_seconds": self.compile_seconds,
                 "num_threads": torch.get_num_threads(), "quantization": self.spec.quant.tag,
                 "lm_head": self.model.lm_head.format,

@@ -53,7 +53,12 @@ def _best(fn, passes: int = 3) -> float:
 
 
 def read_bandwidth_gbs() -> float:
-    x = torch.ones(128 << 20)  # 512 MiB of float32
+    """A 512 MiB float32 sum's GB/s, in 2 MiB pages where the engine holds its weights in them
+    (workers/huge_pages.py: a sum in 4 KiB pages read 0.7-0.9x as fast)."""
+    from workers.huge_pages import available, huge_page_bytes
+
+    x = torch.empty(128 << 20) if available() else huge_page_bytes(512 << 20).view(torch.float32)
+    x.fill_(1)
     return x.numel() * 4 / _best(x.sum) / 1e9
 
 
@@ -94,10 +99,12 @@ _LAYERS: dict[str, list] = {}
 def linear_table(quant: str) -> dict[str, float]:
     """Seconds per weight element at each row count, streaming 32 M weights (not cache-resident:
     a smaller set measured a third faster than the engine's real decode step)."""
+    from workers.huge_pages import place_weights
     from workers.kernel_probe import KernelProbe
 
     if quant not in _LAYERS:  # built once per profile, reused by every repeat and thread count
         _LAYERS[quant] = _weights(quant, SHAPES, copies=COPIES, probe=KernelProbe.for_this_machine())
+        place_weights(torch.nn.ModuleList(_LAYERS[quant]))  # in 2 MiB pages, as a rank's weights are
     layers = _LAYERS[quant]
     elements = sum(n * k for n, k in SHAPES) * COPIES
     table = {}
