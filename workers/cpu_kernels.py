@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))  # included by the sources: part of the key
+BUILT_ENV = "TPSERVE_CPU_KERNELS_BUILT"  # the .so this process loaded, for the ranks it starts
 _state: dict[str, str | None] = {}  # "why": None once loaded, else why not; "key": the build's
 
 
@@ -59,6 +60,10 @@ def _load() -> str | None:
     if so is None:
         return "no C++ compiler (g++ or $CXX) on this machine"
     torch.ops.load_library(str(so))
+    # Ranks started from here (their environment is this one's) load this build rather than look
+    # for it in their own cache folder, which a test's private TPSERVE_CACHE_DIR leaves empty: each
+    # rank then built the kernels again (~30 s of a tp 2 test).
+    os.environ[BUILT_ENV] = str(so)
     _register_fakes()
     return None
 
@@ -97,6 +102,9 @@ def _built() -> Path | None:
     digest.update(f"|{machine_key()}|{torch.__version__}|{abi}".encode())
     key = _state["key"] = digest.hexdigest()[:16]
     out = cache_dir() / "kernels" / f"tpserve_cpu-{key}.so"
+    built = Path(os.environ.get(BUILT_ENV, ""))
+    if built.name == out.name and built.is_file():  # the same build, loaded by the process that started us
+        return built
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
