@@ -1,5 +1,5 @@
 """A decode step's stack of Llama decoder layers as one C++ call (`tpserve::llama_decode_layers`,
-workers/csrc/decoder_layers.cpp), on CPU at tp 1.
+workers/csrc/decoder_layers.cpp), on CPU.
 
 Why: at batch 1 a bf16 + int4 SmolLM2 token took ~11 ms, of which its kernels ~6.6 ms; the rest
 was Python and dispatch around 30 layers x ~12 op calls (nn.Module calls, each linear method's
@@ -9,8 +9,9 @@ test_layer_stack.py); only the Python between them is gone.
 
 Which kernel each projection takes stays the linear method's choice: `decode_call(layer, rows)`
 returns the call its `apply` would make at that many rows, as a code the op carries out. A step
-the op cannot carry out runs the layers in Python as before: tp > 1 (the row-parallel all-reduces),
-a prefill or a gathered decode in the step, a compiled step, a projection whose call has no code
+the op cannot carry out runs the layers in Python as before: tp > 1 without the shared-memory
+collectives (gloo; the op runs their all-reduces itself, workers/csrc/shm_all_reduce.h), a prefill
+or a gathered decode in the step, a compiled step, a projection whose call has no code
 (int8/int4 dequantized past their packed rows, the Python GEMV), no built kernels, or
 `TPSERVE_LAYER_STACK=off` (for comparisons).
 """
@@ -22,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from workers import fused_ops
+from workers.errors import WorkerError
 
 # How a projection multiplies; the numbers are decoder_layers.cpp's LinearKind.
 DENSE, ONEDNN, GEMV, INT8_PACKED, INT4_PACKED, W8A8 = range(6)
@@ -45,17 +47,23 @@ def enabled_by_env() -> bool:
 class LayerStack:
     """Runs `layers` (LlamaDecoderLayer) for a decode step in one op where it can (see the module)."""
 
-    def __init__(self, layers, tp_size: int, eager_before_attention):
-        """`eager_before_attention`: the layers' own eager region; a layer holding another (the
-        compiled step's) runs in Python."""
-        self.layers, self.eager = layers, eager_before_attention
-        self.enabled = tp_size == 1 and enabled_by_env()
+    def __init__(self, layers, group, eager_before_attention):
+        """`group`: the layers' TPGroup; `eager_before_attention`: the layers' own eager region; a
+        layer holding another (the compiled step's) runs in Python."""
+        self.layers, self.group, self.eager = layers, group, eager_before_attention
+        self.enabled = enabled_by_env()
         self._plans: dict[int, tuple[list, list[int]] | None] = {}  # rows -> (params, kinds), or None: Python
+        self.steps = 0  # steps the op carried out
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch):
         """(x, residual) after the last layer, or None: the caller runs the layers itself."""
         if not self.enabled or not fused_ops.serves(x):
             return None
+        group, shm = self.group, None
+        if group.size > 1:
+            if group.shm is None or group.local_only:
+                return None
+            shm = group.shm
         attn = batch.attn
         in_place = getattr(attn, "in_place", None)
         rows = x.shape[0]
@@ -74,10 +82,22 @@ class LayerStack:
             return None
         params, kinds = plan
         a = first.self_attn.attn
-        return torch.ops.tpserve.llama_decode_layers(
-            x, rope[0], rope[1], params, kinds, cache.k, cache.v, attn.slot_mapping, in_place.tables, in_place.lens,
-            in_place.rows, in_place.kv_index(a.heads, a.num_heads), a.scale, a.sliding_window or 0,
-            first.input_layernorm.eps, a.num_heads, a.num_kv_heads)
+        state = None if shm is None else shm.stack_state()
+        try:
+            out = torch.ops.tpserve.llama_decode_layers(
+                x, rope[0], rope[1], params, kinds, cache.k, cache.v, attn.slot_mapping, in_place.tables,
+                in_place.lens, in_place.rows, in_place.kv_index(a.heads, a.num_heads), a.scale,
+                a.sliding_window or 0, first.input_layernorm.eps, a.num_heads, a.num_kv_heads, state)
+        except RuntimeError as e:  # a peer that died or hung, as ShmCommunicator raises it
+            if "tpserve-shm: " in str(e):
+                raise WorkerError(str(e).split("tpserve-shm: ", 1)[1].split("\n", 1)[0]) from None
+            raise
+        self.steps += 1
+        if state is not None:
+            waited = shm.take_stack_state(state)
+            if group.timed:
+                group.comm_seconds += waited
+        return out
 
     def _plan(self, rows: int):
         """Every layer's norms and projections at `rows` rows, in the op's order; None if any

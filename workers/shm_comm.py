@@ -219,6 +219,19 @@ class ShmCommunicator:
             if got >= n:
                 return out
 
+    # ---- collectives inside a C++ op (workers/csrc/shm_all_reduce.h) --------------------------
+    def stack_state(self) -> torch.Tensor:
+        """The segment and this rank's counters, for an op that runs all-reduces of its own by
+        this protocol; `take_stack_state` reads the counters back after the call."""
+        return torch.tensor([self._base, self.rank, self.size, self.slot_bytes, int(self.timeout_s * 1e9),
+                             self._seq, self._all_seen, 0], dtype=torch.int64)
+
+    def take_stack_state(self, state: torch.Tensor) -> float:
+        """Takes the op's counters back; returns the seconds it waited for peers."""
+        seq, all_seen, wait_ns = state[5:8].tolist()
+        self._seq, self._all_seen = seq, all_seen
+        return wait_ns * 1e-9
+
     # ---- the protocol ------------------------------------------------------------------------
     def _begin(self) -> int:
         """Next collective; returns its parity once every rank has finished the one that last

@@ -353,6 +353,11 @@ class Worker:
         seconds, self.group.comm_seconds, self.group.timed = self.group.comm_seconds, 0.0, on
         return seconds
 
+    def layer_stack_steps(self) -> int:
+        """Decode steps this rank ran as one C++ call (workers/layer_stack.py)."""
+        stack = getattr(getattr(self.model, "model", None), "layer_stack", None)
+        return 0 if stack is None else stack.steps
+
     def info(self) -> dict:
         return {"config": asdict(self.config), "eos_token_ids": self.eos_token_ids,
                 "max_model_len": self.max_model_len, "tp_size": self.group.size,

@@ -34,9 +34,12 @@ def test_a_killed_rank_turns_into_an_error_not_a_hang(tiny_llama_dir):
     assert not any(p.is_alive() for p in group.processes)
 
 
-def test_idle_followers_outlive_the_collective_timeout_and_a_stopped_rank_fails_the_step(tiny_llama_dir):
+def test_idle_followers_outlive_the_collective_timeout_and_a_stopped_rank_fails_the_step(tiny_llama_dir,
+                                                                                         monkeypatch):
     """Heartbeat plans keep idle ranks inside a short collective timeout; a rank that stops
-    answering (SIGSTOP: a hang, not a death) fails the next step within about that timeout."""
+    answering (SIGSTOP: a hang, not a death) fails the next step within about that timeout. The
+    decode steps read the cache in place, so rank 0 waits inside the layer stack's own all-reduce
+    (workers/csrc/shm_all_reduce.h) when its peer stops."""
     import signal
     import time
 
@@ -44,16 +47,21 @@ def test_idle_followers_outlive_the_collective_timeout_and_a_stopped_rank_fails_
 
     from workers.errors import WorkerError
 
+    monkeypatch.setenv("TPSERVE_PAGED_DECODE", "always")
     group = LocalWorkerGroup(WorkerSpec(str(tiny_llama_dir), tp_size=2, collective_timeout_s=2))
     try:
         time.sleep(4)  # twice the timeout with no work
         out = group.engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0]
         assert len(out.token_ids) == 3
         assert all(p.is_alive() for p in group.processes)
+        assert group.call("layer_stack_steps") > 0
+        stream = iter(group.engine.add_request([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True)))
+        next(stream), next(stream)  # the prefill's token, then a decode step's: decode steps from here
         psutil.Process(group.pids[1]).send_signal(signal.SIGSTOP)
         t0 = time.monotonic()
-        with pytest.raises(WorkerError):
-            group.engine.generate([[5, 6, 7]], SamplingParams(max_tokens=50, ignore_eos=True))
+        with pytest.raises(WorkerError, match="did not reach collective"):
+            for _ in stream:
+                pass
         assert time.monotonic() - t0 < 2 + 8
     finally:
         for p in group.pids:

@@ -154,3 +154,46 @@ def test_the_switch_keeps_the_eager_layers(quant_llama_dir, monkeypatch):
         assert not worker.model.model.layer_stack.enabled
     finally:
         worker.close()
+
+
+def test_at_tp2_the_op_runs_the_all_reduces_gives_the_eager_tokens_and_fails_fast_on_a_dead_peer(
+        quant_llama_dir, monkeypatch):
+    """tp 2 over the shared-memory collectives: the op sums o_proj's and down_proj's partial
+    results itself (workers/csrc/shm_all_reduce.h), and greedy tokens and their logprobs equal the
+    eager layers' (bf16, so the all-reduce's dtype is not float32). A rank that dies mid-step
+    fails the step at once with the Python protocol's error, not after the collective timeout."""
+    import signal
+    import time
+
+    import psutil
+
+    from workers.engine.sampling_params import SamplingParams
+    from workers.errors import WorkerError
+    from workers.launcher import LocalWorkerGroup
+
+    monkeypatch.setenv("TPSERVE_PAGED_DECODE", "always")  # the op's attention reads the cache in place
+    prompts = [[3, 5, 7, 9, 11, 13, 15, 17, 19, 21], [40, 41, 42]]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+    outs, steps = {}, {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv("TPSERVE_LAYER_STACK", mode)
+        group = LocalWorkerGroup(WorkerSpec(str(quant_llama_dir), tp_size=2, dtype="bfloat16", quantization="int8",
+                                            kv_cache_memory=4 << 20, collective_timeout_s=60))
+        try:
+            outs[mode] = group.engine.generate(prompts, params)
+            steps[mode] = group.call("layer_stack_steps")
+            if mode == "on":
+                stream = iter(group.engine.add_request([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True)))
+                next(stream), next(stream)  # past the prefill: decode steps, in the op, from here
+                psutil.Process(group.pids[1]).send_signal(signal.SIGKILL)
+                t0 = time.monotonic()
+                with pytest.raises(WorkerError, match="exited"):
+                    for _ in stream:
+                        pass
+                assert time.monotonic() - t0 < 10  # the timeout is 60 s
+        finally:
+            group.close()
+    assert steps["off"] == 0 and steps["on"] >= 11
+    for eager, stacked in zip(outs["off"], outs["on"]):
+        assert len(stacked.token_ids) == 12
+        assert stacked.token_ids == eager.token_ids and stacked.logprobs == eager.logprobs

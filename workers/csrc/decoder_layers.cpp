@@ -1,4 +1,4 @@
-// tpserve::llama_decode_layers: a decode step's whole stack of Llama decoder layers in one call (CPU, tp 1).
+// tpserve::llama_decode_layers: a decode step's whole stack of Llama decoder layers in one call (CPU).
 //
 // Why: at batch 1 a bf16 + int4 SmolLM2 token spent ~4 of its ~11 ms in Python and dispatch
 // around ~6.6 ms of kernels (2026-12-06 profile: 30 layers x ~12 op calls, each behind nn.Module
@@ -16,15 +16,18 @@
 //   residual, h = add_rms_norm(x, residual)   (the first layer: residual = x, h = rms_norm(x))
 //   q, k, v     = qkv_proj(h) cut by heads; q, k rotated
 //   the new k, v written into the layer's cache slots; out = paged_decode(q, cache)
-//   residual, h = add_rms_norm(o_proj(out), residual)
-//   x           = down_proj(silu_and_mul(gate_up_proj(h)))
-// Returns (x, residual) of the last layer: the model's final norm adds them.
+//   residual, h = add_rms_norm(all_reduce(o_proj(out)), residual)
+//   x           = all_reduce(down_proj(silu_and_mul(gate_up_proj(h))))
+// Returns (x, residual) of the last layer: the model's final norm adds them. The all-reduces run at
+// tp > 1 only, over the replica's shared segment (shm_all_reduce.h), as RowParallelLinear's do.
 //
 // The typed handles below repeat each kernel's own C++ signature (by value or by reference, as it
 // is registered): the dispatcher refuses a call whose signature differs.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "shm_all_reduce.h"
 
 #include <cstdint>
 #include <optional>
@@ -97,7 +100,8 @@ std::tuple<at::Tensor, at::Tensor> llama_decode_layers(
     const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, const c10::List<OptTensor>& params,
     at::IntArrayRef kinds, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
     const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& rows, const at::Tensor& kv_index,
-    double scale, int64_t window, double eps, int64_t num_heads, int64_t num_kv_heads) {
+    double scale, int64_t window, double eps, int64_t num_heads, int64_t num_kv_heads,
+    const std::optional<at::Tensor>& shm_state) {
   const int64_t layers = k_cache.size(0);
   TORCH_CHECK(x_in.dim() == 2 && k_cache.dim() == 5 && v_cache.sizes() == k_cache.sizes(),
               "llama_decode_layers: x [T, hidden], caches [layers, NB, bs, KVH, D]");
@@ -137,6 +141,13 @@ std::tuple<at::Tensor, at::Tensor> llama_decode_layers(
     return linear(in, kinds[c], kinds[c + 1], p(layer, base), p(layer, base + 1), p(layer, base + 2));
   };
 
+  std::optional<tpserve_shm::Comm> comm;  // tp > 1: the row-parallel partial sums meet here
+  if (shm_state.has_value()) comm.emplace(*shm_state);
+  auto reduced = [&](at::Tensor y) {
+    if (comm) comm->all_reduce(y);
+    return y;
+  };
+
   at::Tensor x = x_in, residual, h;
   for (int64_t layer = 0; layer < layers; ++layer) {
     if (layer == 0) {
@@ -153,8 +164,9 @@ std::tuple<at::Tensor, at::Tensor> llama_decode_layers(
     cache_write.call(kc, vc, slots, k, v);
     const at::Tensor attn = at::empty(q.sizes(), q.options());
     paged_decode.call(q.contiguous(), kc, vc, block_tables, seq_lens, rows, kv_index, scale, window, attn);
-    std::tie(residual, h) = add_rms_norm.call(project(layer, 1, attn.view({T, q_size})), residual, *p(layer, 1), eps);
-    x = project(layer, 3, silu_and_mul.call(project(layer, 2, h)));
+    std::tie(residual, h) =
+        add_rms_norm.call(reduced(project(layer, 1, attn.view({T, q_size}))), residual, *p(layer, 1), eps);
+    x = reduced(project(layer, 3, silu_and_mul.call(project(layer, 2, h))));
   }
   return {x, residual};
 }
@@ -165,7 +177,7 @@ TORCH_LIBRARY_FRAGMENT(tpserve, m) {
   m.def(
       "llama_decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor?[] params, int[] kinds, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor slots, Tensor block_tables, Tensor seq_lens, Tensor rows, Tensor kv_index, "
-      "float scale, int window, float eps, int num_heads, int num_kv_heads) -> (Tensor, Tensor)");
+      "float scale, int window, float eps, int num_heads, int num_kv_heads, Tensor(c!)? shm_state) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tpserve, CPU, m) { m.impl("llama_decode_layers", &llama_decode_layers); }

@@ -28,7 +28,8 @@ EARLY_ABORT_TTL_S = 10.0
 def worker_calls(worker) -> dict[str, Callable]:
     """The calls a client may make on rank 0's Worker through the loop, bound here by name once."""
     return {"prefill_logits": worker.prefill_logits, "load_report": worker.load_report,
-            "set_comm_timing": worker.set_comm_timing, "info": worker.info}
+            "set_comm_timing": worker.set_comm_timing, "info": worker.info,
+            "layer_stack_steps": worker.layer_stack_steps}
 
 
 def group_lost(e: BaseException) -> bool:

@@ -111,7 +111,7 @@ class LlamaModel(nn.Module):
                                       device)
         # A decode step's layers in one C++ call where it can (workers/layer_stack.py): same kernels,
         # same result, without the Python between them.
-        self.layer_stack = LayerStack(self.layers, group.size, _before_attention)
+        self.layer_stack = LayerStack(self.layers, group, _before_attention)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
