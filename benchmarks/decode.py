@@ -9,10 +9,10 @@ of rank 0's decode time spent inside collectives (all-reduce and the logits gath
 includes waiting for slower ranks), and each figure's ratio to transformers. With
 --quantizations, each tp runs once per quantization, and each row also shows the weights' bytes
 per rank and the read-bandwidth floor: those bytes / the read bandwidth measured here (a sum over
-a 512 MiB tensor, the way a GEMV reads its weight, in 2 MiB pages as a rank holds its weights). With --collectives shm,gloo, each tp > 1 runs
-once per CPU transport (shared memory, or gloo's TCP loopback). With --dtypes, once per model dtype
-(a quantized bfloat16 model runs its residual stream in bf16; a float32 one casts around the int
-kernels). Every configuration runs in processes of its own (`LocalWorkerGroup`, tp 1 included).
+a 512 MiB tensor, the way a GEMV reads its weight, in 2 MiB pages as a rank holds its weights).
+With --collectives shm,gloo, each tp > 1 runs once per CPU transport (shared memory, or gloo's
+TCP loopback). With --dtypes, once per model dtype (a quantized bfloat16 model runs its residual
+stream in bf16; a float32 one casts around the int kernels). Every configuration runs in processes of its own (`LocalWorkerGroup`, tp 1 included).
 """
 from __future__ import annotations
 

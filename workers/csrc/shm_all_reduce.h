@@ -43,6 +43,14 @@ constexpr double kLivenessS = 0.1;
 // [segment address, rank, size, slot bytes, timeout ns, seq, all_seen, nanoseconds spent waiting].
 enum StateField : int64_t { kBase, kRank, kSize, kSlotBytes, kTimeoutNs, kSeq, kAllSeen, kWaitNs, kFields };
 
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
 inline bool reached(uint32_t word, uint32_t seq) { return static_cast<uint32_t>(word - seq) < (1u << 31); }
 
 inline double now_s() {
@@ -138,7 +146,7 @@ class Comm {
       if (t0 < 0) t0 = now_s();
       const double spin_until = t0 + kSpinS;
       while (!reached(__atomic_load_n(word(r, 0), __ATOMIC_ACQUIRE), seq) && now_s() < spin_until) {
-        __builtin_ia32_pause();
+        cpu_relax();
       }
       if (!reached(__atomic_load_n(word(r, 0), __ATOMIC_ACQUIRE), seq)) sleep_on(r, seq, t0);
     }
