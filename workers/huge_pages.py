@@ -9,13 +9,13 @@ the same 226 MiB buffer in both page sizes, interleaved):
     one thread:  a sum 18.4 -> 27.7 GB/s, tpserve::gemv 14 -> 18 GB/s
     two threads: a sum 30.6 -> 35.1 GB/s, tpserve::gemv 25 -> 25-27 GB/s
 
-and a float32 batch-1 token went from 27-31 to 21.5-26 ms (fresh processes, alternating).
+and a batch-1 token went from 21.2 / 24.4 to 17.6 / 18.5 ms in float32 and from 6.3 / 6.5 to
+5.9 / 6.1 ms in bf16 + int4 (fresh processes, alternating; docs/benchmarks.md).
 
 So after loading, a rank copies its parameters into one arena whose pages are advised
-MADV_HUGEPAGE before first touch, and the KV cache is allocated the same way. llama.cpp gets the
-same effect by reading its weights into one large buffer. oneDNN's packed weights are opaque
-tensors that cannot be placed (they serve 2+ rows, where a step is less bound by reading).
-`TPSERVE_HUGE_PAGES=off` keeps PyTorch's own allocations, for comparisons.
+MADV_HUGEPAGE before first touch, and the KV cache is allocated the same way. oneDNN's packed
+weights are opaque tensors that cannot be placed (they serve 2+ rows, where a step is less bound
+by reading). `TPSERVE_HUGE_PAGES=off` keeps PyTorch's own allocations, for comparisons.
 """
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ from workers.defaults import BLOCK_SIZE, CPU_KV_CACHE_BYTES, DTYPE_NAMES, GPU_ME
 from workers.errors import ConfigError
 from workers.compiled_step import can_compile, compile_model, warm_up
 from workers import huge_pages
-from workers.huge_pages import place_weights
 from workers.kernel_probe import KernelProbe
 from workers.layers.embedding import ParallelLMHead
 from workers.layers.linear import LinearBase
@@ -190,7 +189,7 @@ class Worker:
         self.model = build_model(self.config, self.group, self.dtype, self.device, spec.quant).eval()
         self.read_counter = load_weights(self.model, weights_folder(spec))
         self.kernel_probe_seconds = self._finish_loading()
-        self.huge_page_bytes = place_weights(self.model) if self.device.type == "cpu" else 0
+        self.huge_page_bytes = huge_pages.place_weights(self.model) if self.device.type == "cpu" else 0
         if self.device.type == "cpu" and rank == 0:
             log.info("weights in 2 MiB pages: %d MiB%s", self.huge_page_bytes >> 20,
                      "" if self.huge_page_bytes else f" ({huge_pages.available()})")
