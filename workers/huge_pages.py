@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import sys
 
@@ -73,21 +74,19 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor:
     return raw[start - base:start - base + nbytes]
 
 
-def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """torch.zeros(shape, dtype) on CPU, in huge pages where `available()`."""
-    if available() is not None:
-        return torch.zeros(shape, dtype=dtype)
-    numel = 1
-    for s in shape:
-        numel *= s
-    out = huge_page_bytes(numel * torch.empty((), dtype=dtype).element_size()).view(dtype).view(shape)
-    return out.zero_()
+def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """torch.zeros(shape, dtype, device): on CPU in huge pages where `available()`."""
+    if torch.device(device).type != "cpu" or available() is not None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return huge_page_bytes(nbytes).view(dtype).view(shape).zero_()
 
 
 def place_weights(model: nn.Module) -> int:
     """Moves the model's dense CPU parameters into one huge-page arena (tied parameters stay tied);
-    returns the bytes placed, 0 where huge pages are not available. Call after the weights are
-    loaded and packed, before the first step (the layer stack keeps pointers to what it reads)."""
+    returns the bytes placed, 0 where huge pages are not available or nothing is on the CPU. Call
+    after the weights are loaded and packed, before the first step (the layer stack keeps pointers
+    to what it reads)."""
     if available() is not None:
         return 0
     first: dict[tuple, nn.Parameter] = {}
@@ -103,6 +102,8 @@ def place_weights(model: nn.Module) -> int:
             continue
         first[key] = p
         placed.append(p)
+    if not placed:  # e.g. a CUDA model
+        return 0
     # Each parameter starts on a cache line, as PyTorch's allocator places them.
     sizes = [(p.numel() * p.element_size() + 63) // 64 * 64 for p in placed]
     arena = huge_page_bytes(sum(sizes))

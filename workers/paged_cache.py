@@ -46,11 +46,8 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        if torch.device(device).type == "cpu":  # read every step, like the weights: workers/huge_pages.py
-            self.k, self.v = huge_page_zeros(shape, dtype), huge_page_zeros(shape, dtype)
-        else:
-            self.k = torch.zeros(shape, dtype=dtype, device=device)
-            self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Read every step, like the weights: in 2 MiB pages on CPU (workers/huge_pages.py).
+        self.k, self.v = huge_page_zeros(shape, dtype, device), huge_page_zeros(shape, dtype, device)
         self.num_blocks, self.block_size, self.device = num_blocks, block_size, device
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         # Decode steps of up to this many sequences gather; more read the cache in place. The

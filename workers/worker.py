@@ -189,7 +189,7 @@ class Worker:
         self.model = build_model(self.config, self.group, self.dtype, self.device, spec.quant).eval()
         self.read_counter = load_weights(self.model, weights_folder(spec))
         self.kernel_probe_seconds = self._finish_loading()
-        self.huge_page_bytes = huge_pages.place_weights(self.model) if self.device.type == "cpu" else 0
+        self.huge_page_bytes = huge_pages.place_weights(self.model)  # CPU parameters only
         if self.device.type == "cpu" and rank == 0:
             log.info("weights in 2 MiB pages: %d MiB%s", self.huge_page_bytes >> 20,
                      "" if self.huge_page_bytes else f" ({huge_pages.available()})")
