@@ -19,9 +19,9 @@ by reading). `TPSERVE_HUGE_PAGES=off` keeps PyTorch's own allocations, for compa
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
+import mmap
 import os
 import sys
 
@@ -31,16 +31,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def _madvise():
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = libc.madvise
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
 
 
 def available() -> str | None:
@@ -60,18 +51,28 @@ def available() -> str | None:
 
 
 def huge_page_bytes(nbytes: int) -> torch.Tensor:
-    """An uninitialised uint8 CPU tensor of `nbytes` whose memory starts on a 2 MiB boundary and is
-    advised MADV_HUGEPAGE before anything touches it (the kernel backs the first touch of each
-    2 MiB with one page). The rounding to whole pages, and up to 2 MiB before the
-    boundary, stay with the view's storage."""
+    """An uninitialised (zero) uint8 CPU tensor of `nbytes` whose memory starts on a 2 MiB boundary
+    and is advised MADV_HUGEPAGE before anything touches it, so the kernel backs the first touch of
+    each 2 MiB with one page.
+
+    The memory is a fresh private anonymous mapping of its own, not PyTorch's allocator: glibc serves
+    an allocation under its mmap threshold (which grows to 32 MiB as large blocks are freed) from heap
+    memory a freed tensor already touched in 4 KiB pages, and advice given then changes nothing until
+    khugepaged gets round to it. (CI's tiny-model test found its arena there, with 0 kB in huge pages.)
+    The tensor keeps the mapping alive; the last view's release unmaps it. The rounding to whole
+    pages, and up to 2 MiB before the boundary, are never touched, so they cost no memory."""
     span = (nbytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE  # whole pages, even for a small arena
-    raw = torch.empty(span + HUGE_PAGE, dtype=torch.uint8)
-    base = raw.data_ptr()
-    start = (base + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
-    if span and _madvise()(start, span, MADV_HUGEPAGE) != 0:
-        # Advice only: the memory works in 4 KiB pages all the same.
-        log.warning("madvise(MADV_HUGEPAGE) failed: %s", os.strerror(ctypes.get_errno()))
-    return raw[start - base:start - base + nbytes]
+    if span == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    region = mmap.mmap(-1, span + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` for as long as it lives
+    skip = -raw.data_ptr() % HUGE_PAGE
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE, skip, span)
+    except OSError as e:  # advice only: the memory works in 4 KiB pages all the same
+        log.warning("madvise(MADV_HUGEPAGE) failed: %s", e)
+    return raw[skip:skip + nbytes]
 
 
 def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
