@@ -4,7 +4,6 @@ These use a tiny random Llama over SmolLM2's tokenizer, so replicas load in a se
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -16,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
 from tests.cluster.conftest import ServeProcess
+from tests.ray_head import start_head
 
 
 def check(target: str, service: str = "") -> int | None:
@@ -88,16 +88,11 @@ def test_health_turns_serving_only_after_replicas_load_and_sigterm_leaves_nothin
 
 @pytest.fixture
 def ray_cluster():
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from ray.cluster_utils import Cluster
-
     loopback = {"node_ip_address": "127.0.0.1", "object_store_memory": 128 << 20}
     # The GCS declares a node dead after it misses health checks: 5 x 3 s by default, here 5 x 1 s,
     # so a removed node's actors are reported dead seconds sooner (the node test waits on that).
     fast_node_death = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False,
-                                                            "_system_config": fast_node_death, **loopback})
+    cluster = start_head(num_cpus=4, include_dashboard=False, _system_config=fast_node_death, **loopback)
     cluster.add_node(num_cpus=4, **loopback)
     cluster.wait_for_nodes()
     yield cluster

@@ -7,7 +7,6 @@ in seconds); each test shuts its controller down, so the next starts clean.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -18,6 +17,7 @@ from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
 from tests.cluster.conftest import ServeProcess
 from tests.cluster.helpers import scrape, series, wait_replicas
+from tests.ray_head import start_head
 from tests.reliability import record
 
 STALL_S = 2.0
@@ -25,12 +25,7 @@ STALL_S = 2.0
 
 @pytest.fixture(scope="module")
 def gcs():
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 6, "include_dashboard": False, "node_ip_address": "127.0.0.1", "object_store_memory": 128 << 20})
+    cluster = start_head(num_cpus=6, include_dashboard=False, node_ip_address="127.0.0.1", object_store_memory=128 << 20)
     yield "127.0.0.1:" + cluster.address.rsplit(":", 1)[1]
     cluster.shutdown()
 

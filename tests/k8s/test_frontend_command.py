@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cluster.api.tpserve.v1 import tpserve_pb2 as pb
 from cluster.api.tpserve.v1 import tpserve_pb2_grpc as pb_grpc
 from tests.k8s.render import ROOT, find, render
+from tests.ray_head import start_head
 
 
 def free_port() -> int:
@@ -34,10 +35,6 @@ def healthy(target: str, service: str) -> bool:
 
 
 def test_cpu_dev_frontend_command_runs_here_and_serves(tmp_path, smollm2_dir):
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # a one-node head on loopback only
-    from ray.cluster_utils import Cluster
-
     docs = render("cpu-dev")
     dep = find(docs, "Deployment", "tpserve-frontend")
     container = dep["spec"]["template"]["spec"]["containers"][0]
@@ -47,9 +44,8 @@ def test_cpu_dev_frontend_command_runs_here_and_serves(tmp_path, smollm2_dir):
     probe_port = container["readinessProbe"]["grpc"]["port"]
     # The Ray head the RayCluster would provide, here on loopback (room for one tp-2 replica).
     client_port = free_port()
-    head = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "node_ip_address": "127.0.0.1",
-                                                         "include_dashboard": False, "ray_client_server_port": client_port,
-                                                         "object_store_memory": 128 << 20})
+    head = start_head(num_cpus=4, node_ip_address="127.0.0.1", include_dashboard=False,
+                      ray_client_server_port=client_port, object_store_memory=128 << 20)
     port, metrics, health, http = free_port(), free_port(), free_port(), free_port()
     # Swaps: addresses (the head, the pod IP, the listening address and ports) and paths.
     script = script.replace("0.0.0.0", "127.0.0.1").replace("--port 50051", f"--port {port}") \
