@@ -51,7 +51,7 @@ def available() -> str | None:
 
 
 def huge_page_bytes(nbytes: int) -> torch.Tensor:
-    """An uninitialised (zero) uint8 CPU tensor of `nbytes` whose memory starts on a 2 MiB boundary
+    """A zero-filled uint8 CPU tensor of `nbytes` (the kernel's fresh pages) whose memory starts on a 2 MiB boundary
     and is advised MADV_HUGEPAGE before anything touches it, so the kernel backs the first touch of
     each 2 MiB with one page.
 
@@ -80,6 +80,8 @@ def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     if torch.device(device).type != "cpu" or available() is not None:
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    # The mapping is zero already; the write faults every page in now, at load, as torch.zeros did,
+    # rather than during the first steps that reach each block.
     return huge_page_bytes(nbytes).view(dtype).view(shape).zero_()
 
 
