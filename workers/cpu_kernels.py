@@ -80,6 +80,11 @@ def _register_fakes() -> None:
     def _w8a8_linear(x, codes, scale, gemv):
         return x.new_empty((x.shape[0], codes.shape[0]))
 
+    @torch.library.register_fake("tpserve::int4_gemv")
+    def _int4_gemv(x, packed, group):
+        from workers.quantization import int4_gemv_rows
+        return x.new_empty((x.shape[0], int4_gemv_rows(packed, x.shape[1], group)))
+
     @torch.library.register_fake("tpserve::quantize_rows")
     def _quantize_rows(x):
         return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)

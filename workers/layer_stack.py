@@ -26,7 +26,7 @@ from workers import fused_ops
 from workers.errors import WorkerError
 
 # How a projection multiplies; the numbers are decoder_layers.cpp's LinearKind.
-DENSE, ONEDNN, GEMV, INT8_PACKED, INT4_PACKED, W8A8 = range(6)
+DENSE, ONEDNN, GEMV, INT8_PACKED, INT4_PACKED, W8A8, INT4_GEMV = range(7)
 
 
 class DecodeCall(NamedTuple):

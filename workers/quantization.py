@@ -117,6 +117,73 @@ def int4_pack(codes: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 8)
 
 
+# tpserve::int4_gemv's layout (workers/csrc/int4_gemv.cpp says why and how it reads it): blocks of 16
+# output rows; per group of input columns, group / 8 vectors of 64 bytes of codes (vector j: byte
+# 4 r + t = c[r, 8 j + t] | c[r, 8 j + 4 + t] << 4), then the 16 rows' s and z - 8 s in float16.
+def int4_gemv_scales(scale_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's (s, z - 8 s) [out, groups] in float16, as it multiplies them; a value past
+    float16's range raises OverflowError (the caller keeps PyTorch's kernel)."""
+    s, z = scale_zero[..., 0].float(), scale_zero[..., 1].float()
+    s16, b16 = s.to(torch.float16), (z - 8 * s).to(torch.float16)
+    if not (s16.isfinite().all() and b16.isfinite().all()):
+        raise OverflowError("int4 scales past float16's range")
+    return s16, b16
+
+
+def int4_gemv_pack(codes: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
+    """Codes uint8 [out, in] (0..15) and scale_zero [out, in / group, 2] -> the kernel's bytes."""
+    out_f, in_f = codes.shape
+    groups = scale_zero.shape[1]
+    g = in_f // groups
+    if out_f % INT4_PACK_ROWS or g % 8:
+        raise ConfigError("quantization", f"int4: {out_f} x {in_f} in groups of {g} does not fit tpserve::int4_gemv")
+    s16, b16 = int4_gemv_scales(scale_zero)
+    c = codes.to(torch.uint8).view(out_f // 16, 16, groups, g // 8, 2, 4).permute(0, 2, 3, 1, 5, 4)
+    nibbles = (c[..., 0] | (c[..., 1] << 4)).reshape(out_f // 16, groups, g * 8)
+    scales = torch.stack([s16.view(out_f // 16, 16, groups), b16.view(out_f // 16, 16, groups)], dim=2)  # [B, 16, 2, G]
+    scales = scales.permute(0, 3, 2, 1).contiguous().view(torch.uint8).view(out_f // 16, groups, 64)
+    return torch.cat([nibbles, scales], dim=2).contiguous().view(-1)
+
+
+def int4_gemv_unpack(packed: torch.Tensor, out_f: int, in_f: int, group_size: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's bytes back to codes uint8 [out, in] and its float16 s, z - 8 s [out, in / group]."""
+    groups, blocks = in_f // group_size, out_f // INT4_PACK_ROWS
+    b = packed.view(blocks, groups, group_size * 8 + 64)
+    nib = b[..., :group_size * 8].reshape(blocks, groups, group_size // 8, 16, 4)
+    c = torch.stack([nib & 15, nib >> 4], dim=-1)  # [block, group, j, r, t, half]
+    codes = c.permute(0, 3, 1, 2, 5, 4).reshape(out_f, in_f)
+    sb = b[..., group_size * 8:].contiguous().view(torch.float16).view(blocks, groups, 2, 16)
+    s16, b16 = (sb[:, :, i].permute(0, 2, 1).reshape(out_f, groups) for i in (0, 1))
+    return codes, s16, b16
+
+
+def dequantize_int4_gemv(packed: torch.Tensor, out_f: int, in_f: int, group_size: int) -> torch.Tensor:
+    """The float32 weight the kernel's bytes hold: codes x s + (z - 8 s), its float16 scales."""
+    codes, s16, b16 = int4_gemv_unpack(packed, out_f, in_f, group_size)
+    q = codes.float().view(out_f, in_f // group_size, group_size)
+    return (q * s16.float()[..., None] + b16.float()[..., None]).view(out_f, in_f)
+
+
+def int4_gemv_rows(packed: torch.Tensor, in_features: int, group_size: int) -> int:
+    """Output rows in the kernel's bytes for this input width and group."""
+    return packed.numel() // ((in_features // group_size) * (group_size * 8 + 64)) * INT4_PACK_ROWS
+
+
+def int4_gemv_reference(x: torch.Tensor, codes: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
+    """What tpserve::int4_gemv computes, in float64: x rounded to int8 per group (as w8a8 rounds a
+    row), times the weights dequantized with the kernel's float16 (s, z - 8 s)."""
+    out_f, in_f = codes.shape
+    groups = scale_zero.shape[1]
+    g = in_f // groups
+    xg = x.float().view(x.shape[0], groups, g)  # rounded in float32, as the kernel rounds
+    sx = (xg.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)
+    x_hat = (torch.round(xg / sx).clamp(-127, 127).double() * sx.double()).view(x.shape[0], in_f)
+    s16, b16 = int4_gemv_scales(scale_zero)
+    w = codes.double().view(out_f, groups, g) * s16.double()[..., None] + b16.double()[..., None]
+    return x_hat @ w.view(out_f, in_f).T
+
+
 def check_int4_cut(what: str, out_rows: int, in_start: int, in_end: int, group_size: int) -> None:
     """A rank's slice must be whole groups along the input and whole packing units of output rows."""
     if in_start % group_size or in_end % group_size:

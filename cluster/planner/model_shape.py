@@ -12,10 +12,12 @@ from workers.errors import ConfigError
 from workers.parallel import head_shard, split_sizes
 
 # Bytes per weight element as stored on a rank (what memory holds) and as a decode step reads it.
-# int4 holds the plain codes (1) beside the kernel's packed ones (0.5), and per group of 32 (the
-# default) a float32 (scale, zero) and its bf16 copy for the kernel (12 / 32): workers/layers/linear_method.py.
+# int4 on CPU holds PyTorch's packed codes (0.5) with their bf16 (scale, zero) per group of 32 (the
+# default: 4 / 32), and tpserve::int4_gemv's codes (0.5) with float16 scales (4 / 32), from which a
+# prefill dequantizes (workers/layers/linear_method.py's Int4Linear); elsewhere the plain codes (1)
+# and float32 (scale, zero) (8 / 32): 1.25 either way.
 # w8a8 holds int8's codes (its activations are quantized at each call, nothing more is kept).
-HELD_BYTES = {"none": None, "int8": 1.0, "w8a8": 1.0, "int4": 1.5 + 12 / 32}
+HELD_BYTES = {"none": None, "int8": 1.0, "w8a8": 1.0, "int4": 1.0 + 8 / 32}
 READ_BYTES = {"none": None, "int8": 1.0, "w8a8": 1.0, "int4": 0.5}
 # The quantizations whose LM head is int8 on CPU (workers/layers/embedding.py); w8a8's stays in
 # the model's dtype (`_int_mm` on the head was twice oneDNN bf16's time).

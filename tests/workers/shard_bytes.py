@@ -65,8 +65,10 @@ def llama_projection_shapes(c: dict, tp: int, r: int) -> list[tuple[int, int]]:
 def llama_rank_bytes_quantized(c: dict, tp: int, r: int, method: str, group: int = 32, packed: bool = False) -> int:
     """llama_rank_bytes with the projections quantized: int8 codes (1 byte) + a float32 scale per
     output row; int4 codes (1 byte) + float32 (scale, zero) per group as stored. Once loaded
-    (`packed`), also the kernel's copies: int8's scales in bf16; int4's packed codes (half a byte)
-    and its scales transposed, in bf16; and the LM head quantized to int8 at load."""
+    (`packed`), also the kernel's copies: int8's scales in bf16; int4's instead of its plain codes
+    and scales (PyTorch's packed codes, half a byte, with bf16 (scale, zero); tpserve::int4_gemv's,
+    half a byte, with float16 (s, z - 8 s): the same bytes as stored); and the LM head quantized to
+    int8 at load."""
     n = llama_rank_bytes(c, tp, r)
     for rows, cols in llama_projection_shapes(c, tp, r):
         n -= c["num_hidden_layers"] * 4 * rows * cols
@@ -77,7 +79,7 @@ def llama_rank_bytes_quantized(c: dict, tp: int, r: int, method: str, group: int
         else:
             q = rows * cols + rows * (cols // group) * 2 * 4
             if packed:
-                q += rows * cols // 2 + rows * (cols // group) * 2 * 2
+                q = 2 * (rows * cols // 2 + rows * (cols // group) * 2 * 2)
         n += c["num_hidden_layers"] * q
     if packed:  # the head, quantized to int8 at load from this rank's float vocab rows
         v, h = _rows(c["vocab_size"], tp, r), c["hidden_size"]

@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import folder_env
 from workers import cpu_kernels
-from workers.layer_stack import DENSE, GEMV, INT4_PACKED, INT8_PACKED, ONEDNN, W8A8
+from workers.layer_stack import DENSE, GEMV, INT4_GEMV, INT4_PACKED, INT8_PACKED, ONEDNN, W8A8
 from workers.layers.linear_method import onednn_available, onednn_pack
 from workers.paged_cache import PagedSeq
 from workers.step_plan import PlanOp, StepPlan
@@ -49,9 +49,9 @@ def _force(worker: Worker, choice: dict) -> None:
 CHOICES = {"none": [{}, {"gemv_rows": 0, "onednn_rows": 0}, {"gemv_rows": 4},
                     {"gemv_rows": 0, "onednn_rows": 1 << 30, "onednn_weight": True}],
            "int8": [{}, {"gemv_rows": 0}, {"gemv_rows": 4}],
-           "int4": [{}],
+           "int4": [{}, {"gemv_rows": 0}, {"gemv_rows": 4}],
            "w8a8": [{}, {"gemv_rows": 0}, {"gemv_rows": 4}]}
-MUST_RUN = {"none": {(DENSE, 0), (GEMV, 0)}, "int8": {(GEMV, 0), (INT8_PACKED, 0)}, "int4": {(INT4_PACKED, 32)},
+MUST_RUN = {"none": {(DENSE, 0), (GEMV, 0)}, "int8": {(GEMV, 0), (INT8_PACKED, 0)}, "int4": {(INT4_PACKED, 32), (INT4_GEMV, 32)},
             "w8a8": {(W8A8, 0), (W8A8, 1)}}
 
 

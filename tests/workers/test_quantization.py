@@ -20,7 +20,8 @@ from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from workers.layers.linear_method import PACKED_DEFAULT_ROWS
 from workers.models.llama import LlamaForCausalLM
 from workers.parallel import TPGroup
-from workers.quantization import QuantConfig, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from workers.quantization import (QuantConfig, dequantize_int4, dequantize_int4_gemv, dequantize_int8, int4_gemv_pack,
+                                  quantize_int4, quantize_int8)
 from workers.quantized_checkpoint import quantized_checkpoint
 from workers.tensor_source import TensorSource
 from workers.worker import WorkerSpec
@@ -39,17 +40,20 @@ def private_cache(tmp_path_factory):
 def test_the_kernel_equals_a_matmul_with_the_dequantized_weight(method, dtype):
     """Decode rows take the packed kernel in bf16 (a float32 model casts around it); a prefill
     chunk dequantizes into the model's dtype. Both equal x @ dequantized W^T, the kernel to bf16's
-    precision with its scales in bf16."""
+    precision with its scales in bf16, the dequantized int4 weight with its scales in float16."""
     torch.manual_seed(0)
     w = torch.randn(96, 128)
     quant = QuantConfig(method, 32)
     if method == "int8":
         codes, scale = quantize_int8(w)
         ref, ref_k = dequantize_int8(codes, scale), dequantize_int8(codes, scale.bfloat16().float())
+        ref_dq = ref
         extra = {"weight_scale": scale}
     else:
         codes, scale = quantize_int4(w, 32)
         ref, ref_k = dequantize_int4(codes, scale), dequantize_int4(codes, scale.bfloat16().float())
+        # A prefill dequantizes from tpserve::int4_gemv's bytes: their float16 (s, z - 8 s).
+        ref_dq = dequantize_int4_gemv(int4_gemv_pack(codes, scale), 96, 128, 32)
         extra = {"weight_sz": scale}
     layer = ColumnParallelLinear(128, 96, bias=True, group=TPGroup(0, 1), dtype=dtype, quant=quant)
     bias = torch.randn(96)
@@ -65,7 +69,7 @@ def test_the_kernel_equals_a_matmul_with_the_dequantized_weight(method, dtype):
         if rows <= PACKED_DEFAULT_ROWS:  # the kernel: bf16 activations and scales, fp32 sums
             want, tol = x.bfloat16().float() @ ref_k.T + bias.to(dtype).float(), 1e-2
         else:
-            want, tol = x.float() @ ref.T + bias.to(dtype).float(), (1e-5 if dtype == torch.float32 else 2e-2)
+            want, tol = x.float() @ ref_dq.T + bias.to(dtype).float(), (1e-5 if dtype == torch.float32 else 2e-2)
         err = (y.float() - want).abs().max() / want.abs().max()
         assert err < tol, (rows, err)
     # and the quantization itself is close to the float weight: about 1% for int8, 10% for int4

@@ -5,7 +5,8 @@
 // calls, the linear method's row-count choice, dtype casts and the paged cache's bookkeeping).
 // llama.cpp runs the same graph from C. Here the layer loop, its views and its choices run in C++,
 // and each kernel is the very one the Python path calls (the fused ops, `tpserve::paged_decode`,
-// PyTorch's int8/int4 kernels, oneDNN's packed linear, `tpserve::gemv`, `tpserve::w8a8_linear`),
+// PyTorch's int8/int4 kernels, oneDNN's packed linear, `tpserve::gemv`, `tpserve::w8a8_linear`,
+// `tpserve::int4_gemv`),
 // in the same order on the same inputs, so the result is bit-equal to the eager step's.
 //
 // Which kernel each projection takes is decided in Python (workers/layer_stack.py asks each
@@ -45,6 +46,7 @@ enum LinearKind : int64_t {
   kInt8Packed = 3,   // _weight_int8pack_mm(x in bf16, a = codes, b = scales in bf16), back to x's dtype
   kInt4Packed = 4,   // _weight_int4pack_mm_for_cpu(x in bf16, a = packed, arg = group, b = scales), back
   kW8A8 = 5,         // tpserve::w8a8_linear(x, a = codes, b = scales, gemv = arg != 0)
+  kInt4Gemv = 6,     // tpserve::int4_gemv(x, a = its packed bytes, arg = group) then + bias
 };
 
 constexpr int64_t kLinears = 4;                 // qkv_proj, o_proj, gate_up_proj, down_proj
@@ -90,6 +92,12 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, int64_t arg, const OptTenso
                            .findSchemaOrThrow("tpserve::w8a8_linear", "")
                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
       return plus_bias(op.call(x, *a, *b, arg != 0), bias);
+    }
+    case kInt4Gemv: {
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("tpserve::int4_gemv", "")
+                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+      return plus_bias(op.call(x, *a, arg), bias);
     }
     default:
       TORCH_CHECK(false, "llama_decode_layers: unknown linear kind ", kind);

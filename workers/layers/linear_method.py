@@ -40,9 +40,10 @@ from torch import nn
 
 from workers import cpu_kernels
 from workers.kernel_probe import KernelProbe
-from workers.layer_stack import DENSE, GEMV, INT4_PACKED, INT8_PACKED, ONEDNN, W8A8, DecodeCall
+from workers.layer_stack import DENSE, GEMV, INT4_GEMV, INT4_PACKED, INT8_PACKED, ONEDNN, W8A8, DecodeCall
 from workers.quantization import (QuantConfig, check_int4_cut, dequantize_int4, dequantize_int8,
-                                  fake_quantize_rows, int4_pack, quantize_int4, quantize_int8)
+                                  dequantize_int4_gemv, fake_quantize_rows, int4_gemv_pack, int4_pack, quantize_int4,
+                                  quantize_int8)
 from workers.tensor_source import copy_into
 
 GEMV_BLOCKS = 8
@@ -252,7 +253,7 @@ class _QuantizedLinear(LinearMethod):
 
     decision = ""
     packed_rows = PACKED_DEFAULT_ROWS
-    gemv_rows = 0  # rows up to which `gemv` serves (int8 where the probe says; never int4)
+    gemv_rows = 0  # rows up to which `gemv` serves (int8's tpserve::gemv, int4's tpserve::int4_gemv: the probe says)
 
     def __init__(self, quant: QuantConfig):
         self.quant = quant
@@ -423,11 +424,21 @@ class W8A8Linear(Int8Linear):
 
 class Int4Linear(_QuantizedLinear):
     """int4 codes [out, in] (0..15, one per byte) + float32 (scale, zero) per group of input
-    columns (`weight_sz` [out, in / group, 2]); loaded, also the kernel's packed codes
-    (`weight_packed`) and its scales transposed, in the kernel's dtype (`weight_sz_t`). The plain
-    codes stay: a prefill chunk dequantizes from them."""
+    columns (`weight_sz` [out, in / group, 2]), as loaded. On CPU, once loaded, the layer holds
+    three copies made from them instead:
+    - PyTorch's packed codes (`weight_packed`) and its scales transposed, in the kernel's dtype
+      (`weight_sz_t`), for `_weight_int4pack_mm_for_cpu` (up to `packed_rows` rows);
+    - `tpserve::int4_gemv`'s bytes (`weight_gemv`: codes and float16 scales in one stream,
+      workers/quantization.py), for a few rows (decode; up to `gemv_rows`, which the probe sets
+      where that kernel beats PyTorch's on this machine: it needs AVX-512 VNNI);
+    - and from the same bytes a prefill chunk past the packed rows dequantizes, so the plain codes
+      and float32 scales (1.25 bytes a weight) are dropped: 1.25 bytes a weight in all.
+    `tpserve::int4_gemv` rounds the activations to int8 per group, as llama.cpp's Q8 does, so the
+    rows it serves see x rounded as w8a8 rounds it (per group, not per row). Scales past float16's
+    range keep the plain codes and PyTorch's kernel."""
 
     decision = "int4-packed"
+    shape: tuple[int, int] = (0, 0)  # (out, in) on this rank, once the plain codes are dropped
 
     def create_weights(self, layer, out_local, in_local, dtype, device, loader, what, in_range=None):
         start, end = in_range or (0, in_local)
@@ -447,8 +458,15 @@ class Int4Linear(_QuantizedLinear):
         layer.weight_packed = nn.Parameter(int4_pack(layer.weight.data), requires_grad=False)
         sz_t = layer.weight_sz.data.transpose(0, 1).contiguous().to(kd)  # [in / group, out, 2]
         layer.weight_sz_t = nn.Parameter(sz_t, requires_grad=False)
+        try:
+            layer.weight_gemv = nn.Parameter(int4_gemv_pack(layer.weight.data, layer.weight_sz.data),
+                                             requires_grad=False)
+        except OverflowError:  # scales past float16: PyTorch's kernel keeps every row count
+            layer.weight_gemv = None
 
     def dequantize(self, layer, dtype):
+        if layer.weight is None:
+            return dequantize_int4_gemv(layer.weight_gemv, *self.shape, self.quant.group_size).to(dtype)
         return dequantize_int4(layer.weight, layer.weight_sz).to(dtype)
 
     def packed(self, layer, x):
@@ -457,6 +475,40 @@ class Int4Linear(_QuantizedLinear):
 
     def packed_call(self, layer):
         return DecodeCall(INT4_PACKED, self.quant.group_size, layer.weight_packed, layer.weight_sz_t, layer.bias)
+
+    def gemv(self, layer, x):
+        return torch.ops.tpserve.int4_gemv(x, layer.weight_gemv, self.quant.group_size)
+
+    def decode_call(self, layer, rows):
+        if 0 < rows <= self.gemv_rows:
+            return DecodeCall(INT4_GEMV, self.quant.group_size, layer.weight_gemv, None, layer.bias)
+        return super().decode_call(layer, rows)
+
+    def process_weights_after_loading(self, layer, probe):
+        super().process_weights_after_loading(layer, probe)
+        if getattr(layer, "weight_gemv", None) is None:
+            return  # CUDA (dequantized into F.linear), or scales past float16
+        self.shape = tuple(layer.weight.shape)
+        if probe is not None and cpu_kernels.available() and torch.ops.tpserve.int4_gemv_fast():
+            self.gemv_rows = self._probe_gemv_rows(layer, probe)
+        layer.weight, layer.weight_sz = None, None  # what they held is in weight_gemv (see the class)
+
+    def _probe_gemv_rows(self, layer, probe: KernelProbe) -> int:
+        """tpserve::int4_gemv against the kernel it replaces, each reading its own bytes from memory."""
+        g, kd, dtype = self.quant.group_size, kernel_dtype(layer.model_dtype), layer.model_dtype
+        xs = {r: torch.randn(r, self.shape[1], dtype=dtype) for r in GEMV_PROBE_ROWS}
+        ours, theirs = Streamed(layer.weight_gemv.data), Streamed(layer.weight_packed.data)
+        op, sz_t = torch.ops.tpserve.int4_gemv, layer.weight_sz_t
+        try:
+            return probe.rows_limit(
+                f"int4-gemv@{cpu_kernels.build_key()}", self.shape, dtype, GEMV_PROBE_ROWS,
+                candidate=lambda r: ours(lambda c: op(xs[r], c, g)),
+                incumbent=lambda r: theirs(lambda c: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    xs[r].to(kd), c, g, sz_t).to(dtype)),
+                default=0)
+        finally:
+            ours.release()
+            theirs.release()
 
 
 def linear_method(quant: QuantConfig | None) -> LinearMethod:
