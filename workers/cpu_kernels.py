@@ -85,6 +85,11 @@ def _register_fakes() -> None:
         from workers.quantization import int4_gemv_rows
         return x.new_empty((x.shape[0], int4_gemv_rows(packed, x.shape[1], group)))
 
+    @torch.library.register_fake("tpserve::int4_gemv_dequantize")
+    def _int4_gemv_dequantize(packed, group, k, dtype):
+        from workers.quantization import int4_gemv_rows
+        return packed.new_empty((int4_gemv_rows(packed, k, group), k), dtype=dtype)
+
     @torch.library.register_fake("tpserve::quantize_rows")
     def _quantize_rows(x):
         return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)

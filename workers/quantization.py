@@ -10,7 +10,9 @@ weights; gpt-fast's int8 and int4), on PyTorch's own CPU kernels.
   quality (docs/benchmarks.md). Its checkpoint is int8's (the same codes and scales).
 - int4: per group of `group_size` input columns, asymmetric: w ~ (codes - 8) x scale + zero, codes
   0..15; the matmul is `aten._weight_int4pack_mm_for_cpu` on codes packed at load by
-  `aten._convert_weight_to_int4pack_for_cpu` (packing is a layout, not quantization).
+  `aten._convert_weight_to_int4pack_for_cpu` (packing is a layout, not quantization), and at
+  decode's few rows `tpserve::int4_gemv` on a layout of its own (below), which rounds the
+  activations to int8 per group as it multiplies.
 
 Why these kernels: they ship with the pinned torch, and fed bfloat16 activations (what they are
 written for) they are the fastest matmuls here at decode's few rows. How a layer holds and calls

@@ -13,8 +13,9 @@ from workers import cpu_kernels
 from workers.layers.linear import ColumnParallelLinear
 from workers.layers.linear_method import Int4Linear
 from workers.parallel import TPGroup
-from workers.quantization import (QuantConfig, dequantize_int4, int4_gemv_pack, int4_gemv_reference, int4_gemv_rows,
-                                  int4_gemv_scales, int4_gemv_unpack, quantize_int4)
+from workers.quantization import (QuantConfig, dequantize_int4, dequantize_int4_gemv, int4_gemv_pack,
+                                  int4_gemv_reference, int4_gemv_rows, int4_gemv_scales, int4_gemv_unpack,
+                                  quantize_int4)
 from workers.tensor_source import TensorSource
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler: PyTorch's ops only here")
@@ -65,6 +66,22 @@ def test_the_kernels_bytes_unpack_to_the_codes_and_scales_they_were_made_from():
     got_codes, s16, b16 = int4_gemv_unpack(int4_gemv_pack(codes, sz), 48, 256, 64)
     want_s, want_b = int4_gemv_scales(sz)
     assert torch.equal(got_codes, codes) and torch.equal(s16, want_s) and torch.equal(b16, want_b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,group", [(48, 576, 32), (16, 384, 128)])
+def test_the_bytes_dequantize_in_cpp_as_the_reference_does(dtype, n, k, group):
+    """A prefill chunk's weight (tpserve::int4_gemv_dequantize) is the Python unpacking's, to the
+    one rounding a fused multiply-add saves."""
+    codes, sz = _weights(n, k, group, seed=n)
+    packed = int4_gemv_pack(codes, sz)
+    got = torch.ops.tpserve.int4_gemv_dequantize(packed, group, k, dtype)
+    want = dequantize_int4_gemv(packed, n, k, group)
+    assert got.dtype == dtype and got.shape == (n, k)
+    torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=1e-6 if dtype == torch.float32 else 2 ** -8,
+                               atol=1e-7)
+    with pytest.raises(RuntimeError, match="whole blocks"):
+        torch.ops.tpserve.int4_gemv_dequantize(packed[:-64], group, k, dtype)
 
 
 def test_the_kernel_refuses_bytes_that_are_not_its_layout():

@@ -204,13 +204,67 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t grou
   return y;
 }
 
+// The weight the bytes hold, [N, K] in `dtype` (float32 or bfloat16): codes x s + (z - 8 s), for a
+// prefill chunk past the packed kernel's rows (F.linear on it). A pass of its own: through PyTorch
+// ops (unpack, permute, scale) SmolLM2's gate_up took ~2.7x the time of the plain codes' dequantize.
+template <typename T>
+void dequantize_blocks(const uint8_t* w, int64_t K, int64_t group, int64_t b0, int64_t b1, T* out) {
+  const int64_t G = K / group, vectors = group / 8, gb = group_bytes(group);
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* p = w + b * G * gb;
+    for (int64_t g = 0; g < G; ++g, p += gb) {
+      float s[kRows], z[kRows];
+      for (int64_t r = 0; r < kRows; ++r) {
+        c10::Half hs, hz;
+        std::memcpy(&hs, p + vectors * 64 + 2 * r, 2);
+        std::memcpy(&hz, p + vectors * 64 + 2 * kRows + 2 * r, 2);
+        s[r] = static_cast<float>(hs);
+        z[r] = static_cast<float>(hz);
+      }
+      for (int64_t r = 0; r < kRows; ++r) {
+        T* row = out + (b * kRows + r) * K + g * group;
+        for (int64_t j = 0; j < vectors; ++j)
+          for (int64_t t = 0; t < 4; ++t) {
+            const uint8_t byte = p[j * 64 + 4 * r + t];
+            row[8 * j + t] = static_cast<T>(std::fma(static_cast<float>(byte & 0x0F), s[r], z[r]));
+            row[8 * j + 4 + t] = static_cast<T>(std::fma(static_cast<float>(byte >> 4), s[r], z[r]));
+          }
+      }
+    }
+  }
+}
+
+at::Tensor int4_gemv_dequantize(const at::Tensor& packed, int64_t group, int64_t k, at::ScalarType dtype) {
+  TORCH_CHECK(group > 0 && group % 8 == 0 && k > 0 && k % group == 0, "int4_gemv_dequantize: ", k,
+              " columns in groups of ", group);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int4_gemv_dequantize: float32 or bfloat16");
+  const int64_t block_bytes = (k / group) * group_bytes(group);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 1 &&
+                  packed.numel() > 0 && packed.numel() % block_bytes == 0,
+              "int4_gemv_dequantize: packed is whole blocks of ", block_bytes, " bytes, got ", packed.numel());
+  const int64_t blocks = packed.numel() / block_bytes;
+  at::Tensor out = at::empty({blocks * kRows, k}, packed.options().dtype(dtype));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    if (dtype == at::kFloat)
+      dequantize_blocks(w, k, group, b0, b1, out.data_ptr<float>());
+    else
+      dequantize_blocks(w, k, group, b0, b1, out.data_ptr<c10::BFloat16>());
+  });
+  return out;
+}
+
 bool int4_gemv_fast() { return kFast; }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tpserve, m) {
   m.def("int4_gemv(Tensor x, Tensor packed, int group) -> Tensor");
+  m.def("int4_gemv_dequantize(Tensor packed, int group, int k, ScalarType dtype) -> Tensor");
   m.def("int4_gemv_fast() -> bool", &int4_gemv_fast);  // no tensor to dispatch on: one kernel for all
 }
 
-TORCH_LIBRARY_IMPL(tpserve, CPU, m) { m.impl("int4_gemv", &int4_gemv); }
+TORCH_LIBRARY_IMPL(tpserve, CPU, m) {
+  m.impl("int4_gemv", &int4_gemv);
+  m.impl("int4_gemv_dequantize", &int4_gemv_dequantize);
+}

@@ -23,6 +23,10 @@ Kernels, chosen at start-up by workers/kernel_probe.py on the layer's own weight
   dequantizing the weight and calling F.linear in the activations' dtype wins: the probe finds it.
   int8 at up to 4 rows: `tpserve::gemv` on the codes where the probe times it faster (at one row,
   1.1-2.3x `_weight_int8pack_mm` on SmolLM2's shapes, 2026-12-05), in the activations' own dtype.
+  int4 at up to 4 rows: `tpserve::int4_gemv` (workers/csrc/int4_gemv.cpp: int8-rounded activations
+  times the 4-bit codes by VNNI dot products, llama.cpp's arithmetic) where the probe times it
+  faster: SmolLM2's 120 int4 projections took 2.0 ms a token against PyTorch's kernel's 3.8 ms
+  (streamed, 2026-12-06).
 - w8a8 on CPU: `tpserve::w8a8_linear` (workers/csrc/w8a8.cpp): the rows quantized to int8 per
   row, `_int_mm`, scaled back, in one call; at up to 4 rows, where the probe times it faster,
   `tpserve::gemv` on the dequantized rows (the same products in float32, W read once).
@@ -285,10 +289,10 @@ class _QuantizedLinear(LinearMethod):
     def process_weights_after_loading(self, layer, probe):
         if layer.weight.device.type != "cpu":
             return
-        dtype = layer.model_dtype
+        dtype, shape = layer.model_dtype, tuple(layer.weight.shape)
         kd = kernel_dtype(dtype)
-        self.prepare(layer, kd)
-        k = layer.weight.shape[1]
+        self.prepare(layer, kd)  # int4's drops the plain codes: the probe below times what serves
+        k = shape[1]
         if not self.kernel_takes(k):
             self.packed_rows = 0  # a GEMV where one serves, else dequantize
             return
@@ -296,7 +300,7 @@ class _QuantizedLinear(LinearMethod):
             return
         xs = {r: torch.randn(r, k, dtype=dtype) for r in PACKED_PROBE_ROWS}
         self.packed_rows = probe.rows_limit(
-            self.decision, tuple(layer.weight.shape), dtype, PACKED_PROBE_ROWS,
+            self.decision, shape, dtype, PACKED_PROBE_ROWS,
             candidate=lambda r: lambda: self.packed(layer, xs[r].to(kd)).to(dtype),
             incumbent=lambda r: lambda: F.linear(xs[r], self.dequantize(layer, dtype)),
             default=PACKED_DEFAULT_ROWS)
@@ -437,7 +441,8 @@ class Int4Linear(_QuantizedLinear):
     rows it serves see x rounded as w8a8 rounds it (per group, not per row). Scales past float16's
     range keep the plain codes and PyTorch's kernel."""
 
-    decision = "int4-packed"
+    # Against dequantizing from tpserve::int4_gemv's bytes (named apart from the plain codes' answers).
+    decision = "int4-packed-vs-gemv-bytes"
     shape: tuple[int, int] = (0, 0)  # (out, in) on this rank, once the plain codes are dropped
 
     def create_weights(self, layer, out_local, in_local, dtype, device, loader, what, in_range=None):
@@ -461,13 +466,19 @@ class Int4Linear(_QuantizedLinear):
         try:
             layer.weight_gemv = nn.Parameter(int4_gemv_pack(layer.weight.data, layer.weight_sz.data),
                                              requires_grad=False)
-        except OverflowError:  # scales past float16: PyTorch's kernel keeps every row count
+        except OverflowError:  # scales past float16: the plain codes stay, and PyTorch's kernel
             layer.weight_gemv = None
+            return
+        self.shape = tuple(layer.weight.shape)
+        layer.weight, layer.weight_sz = None, None  # what they held is in weight_gemv (see the class)
 
     def dequantize(self, layer, dtype):
-        if layer.weight is None:
-            return dequantize_int4_gemv(layer.weight_gemv, *self.shape, self.quant.group_size).to(dtype)
-        return dequantize_int4(layer.weight, layer.weight_sz).to(dtype)
+        if layer.weight is not None:
+            return dequantize_int4(layer.weight, layer.weight_sz).to(dtype)
+        g = self.quant.group_size
+        if dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available():
+            return torch.ops.tpserve.int4_gemv_dequantize(layer.weight_gemv, g, self.shape[1], dtype)
+        return dequantize_int4_gemv(layer.weight_gemv, *self.shape, g).to(dtype)
 
     def packed(self, layer, x):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.weight_packed, self.quant.group_size,
@@ -488,10 +499,9 @@ class Int4Linear(_QuantizedLinear):
         super().process_weights_after_loading(layer, probe)
         if getattr(layer, "weight_gemv", None) is None:
             return  # CUDA (dequantized into F.linear), or scales past float16
-        self.shape = tuple(layer.weight.shape)
-        if probe is not None and cpu_kernels.available() and torch.ops.tpserve.int4_gemv_fast():
+        if (probe is not None and layer.model_dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available()
+                and torch.ops.tpserve.int4_gemv_fast()):
             self.gemv_rows = self._probe_gemv_rows(layer, probe)
-        layer.weight, layer.weight_sz = None, None  # what they held is in weight_gemv (see the class)
 
     def _probe_gemv_rows(self, layer, probe: KernelProbe) -> int:
         """tpserve::int4_gemv against the kernel it replaces, each reading its own bytes from memory."""
