@@ -84,6 +84,15 @@ def test_the_bytes_dequantize_in_cpp_as_the_reference_does(dtype, n, k, group):
         torch.ops.tpserve.int4_gemv_dequantize(packed[:-64], group, k, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nan_in_a_row_makes_that_rows_outputs_nan_as_a_float_matmul_would(dtype):
+    codes, sz = _weights(32, 128, 32, seed=2)
+    x = torch.randn(2, 128).to(dtype)
+    x[1, 70] = float("nan")
+    y = torch.ops.tpserve.int4_gemv(x, int4_gemv_pack(codes, sz), 32)
+    assert y[0].isfinite().all() and y[1].isnan().all()
+
+
 def test_the_kernel_refuses_bytes_that_are_not_its_layout():
     codes, sz = _weights(32, 128, 32, seed=0)
     packed = int4_gemv_pack(codes, sz)
@@ -141,3 +150,28 @@ def test_scales_past_float16_keep_the_plain_codes_and_pytorchs_kernel_for_every_
     x = torch.randn(1, 64, dtype=torch.bfloat16)
     want = F.linear(x.float(), dequantize_int4(layer.weight.data, layer.weight_sz.data))
     torch.testing.assert_close(layer(x).float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_the_probe_times_the_kernel_against_pytorchs_and_records_both_choices(tmp_path):
+    """A probed int4 layer records the packed kernel's limit (timed against dequantizing from the
+    kernel's bytes) and, where the kernel is built with VNNI, its own rows against PyTorch's."""
+    import json
+
+    from workers.kernel_probe import KernelProbe
+
+    w = torch.randn(64, 256) * 0.05
+    layer = ColumnParallelLinear(256, 64, bias=False, group=TPGroup(0, 1), dtype=torch.bfloat16,
+                                 quant=QuantConfig("int4", 32))
+    for name, value in zip(("weight", "weight_sz"), quantize_int4(w, 32)):
+        p = getattr(layer, name)
+        p.weight_loader(p, TensorSource.wrap(name, value))
+    layer.finish_loading(KernelProbe(tmp_path / "k.json"))
+    answers = json.loads((tmp_path / "k.json").read_text())
+    method = layer.quant_method
+    packed = [k for k in answers if k.startswith("int4-packed-vs-gemv-bytes|64x256|bfloat16")]
+    assert len(packed) == 1 and answers[packed[0]] == method.packed_rows
+    ours = [k for k in answers if k.startswith("int4-gemv@")]
+    if torch.ops.tpserve.int4_gemv_fast():
+        assert len(ours) == 1 and answers[ours[0]] == method.gemv_rows
+    else:
+        assert ours == [] and method.gemv_rows == 0

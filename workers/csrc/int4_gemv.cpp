@@ -53,11 +53,15 @@ void quantize_groups(const T* x, int64_t M, int64_t K, int64_t group, int8_t* q,
       const T* xg = x + m * K + g * group;
       int8_t* qg = q + m * K + g * group;
       float amax = 0.f;
+      bool nan = false;
       for (int64_t k = 0; k < group; ++k) {
         xf[k] = static_cast<float>(xg[k]);
         amax = std::max(amax, std::fabs(xf[k]));
+        nan |= std::isnan(xf[k]);
       }
-      const float s = std::max(amax / 127.f, 1e-12f);
+      // A NaN would round to a code like any number (and std::max skips it): its group's scale is
+      // NaN instead, so the row's outputs are NaN, as a float matmul's would be.
+      const float s = nan ? std::nanf("") : std::max(amax / 127.f, 1e-12f);
       int32_t sum = 0;
       for (int64_t k = 0; k < group; ++k) {  // divide and round half to even, as the reference does
         const int8_t c = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(xf[k] / s))));
