@@ -10,6 +10,10 @@ includes waiting for slower ranks), and each figure's ratio to transformers. Wit
 --quantizations, each tp runs once per quantization, and each row also shows the weights' bytes
 per rank and the read-bandwidth floor: those bytes / the read bandwidth measured here (a sum over
 a 512 MiB tensor, the way a GEMV reads its weight, in 2 MiB pages as a rank holds its weights).
+Those are the bytes a rank holds: for int4 they include two kernels' copies of each projection
+(PyTorch's packed codes for prefill chunks, tpserve::int4_gemv's for decode) of which a decode step
+reads one, so for int4 the column is not a floor (docs/benchmarks.md, thirteenth session, works
+out the bytes read).
 With --collectives shm,gloo, each tp > 1 runs once per CPU transport (shared memory, or gloo's
 TCP loopback). With --dtypes, once per model dtype (a quantized bfloat16 model runs its residual
 stream in bf16; a float32 one casts around the int kernels). Every configuration runs in processes of its own (`LocalWorkerGroup`, tp 1 included).
