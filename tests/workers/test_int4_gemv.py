@@ -127,6 +127,7 @@ def test_an_int4_layer_serves_its_chosen_rows_through_the_kernel_and_the_rest_fr
     method.gemv_rows, method.packed_rows = 4, 32
     for rows in (1, 4):
         x = torch.randn(rows, 256, dtype=torch.bfloat16)
+        assert torch.equal(layer(x), torch.ops.tpserve.int4_gemv(x, layer.weight_gemv, 32))  # that kernel, no other
         want = int4_gemv_reference(x, codes, sz).to(torch.bfloat16)
         torch.testing.assert_close(layer(x), want, rtol=2 ** -8, atol=1e-3)
     x = torch.randn(5, 256, dtype=torch.bfloat16)
