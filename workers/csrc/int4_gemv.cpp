@@ -1,4 +1,4 @@
-// tpserve::int4_gemv: y = x @ W^T for a few rows of x (decode at batch 1 to 4) with int4 weights,
+// tpserve::int4_gemv: y = x @ W^T for the few rows of a decode step (batch 1 up to tens) with int4 weights,
 // on CPU, as int8 x int4 dot products (AVX-512 VNNI `vpdpbusd`).
 //
 // Why: at batch 1 a bf16 + int4 SmolLM2 token spent 3.5 of its ~6.1 ms in PyTorch's
@@ -89,14 +89,14 @@ inline int32_t load_quad(const int8_t* p) {
   return v;
 }
 
-// y[m, blocks b0..b1) for M rows of x.
+// y[m, blocks b0..b1) for M rows of x (M <= 4: the rows' sums stay in registers). Lines are
+// prefetched up to `end`, the end of the calling thread's range.
 template <int M, typename Y>
 void int4_blocks(const int8_t* q, const float* sx, const float* sq, int64_t K, int64_t group, const uint8_t* w,
-                 int64_t b0, int64_t b1, Y* y, int64_t N) {
+                 int64_t b0, int64_t b1, const uint8_t* end, Y* y, int64_t N) {
   const int64_t G = K / group, vectors = group / 8, gb = group_bytes(group);
   const __m512i low = _mm512_set1_epi8(0x0F);
   const uint8_t* p = w + b0 * G * gb;
-  const uint8_t* end = w + b1 * G * gb;
   for (int64_t b = b0; b < b1; ++b) {
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
@@ -142,7 +142,7 @@ constexpr bool kFast = false;
 // only where `int4_gemv_fast()` says it is built with VNNI).
 template <int M, typename Y>
 void int4_blocks(const int8_t* q, const float* sx, const float* sq, int64_t K, int64_t group, const uint8_t* w,
-                 int64_t b0, int64_t b1, Y* y, int64_t N) {
+                 int64_t b0, int64_t b1, const uint8_t* /*end*/, Y* y, int64_t N) {
   const int64_t G = K / group, vectors = group / 8, gb = group_bytes(group);
   for (int64_t b = b0; b < b1; ++b) {
     float acc[M][kRows] = {};
@@ -171,10 +171,24 @@ void int4_blocks(const int8_t* q, const float* sx, const float* sq, int64_t K, i
 }
 #endif
 
-// x [M, K] float32 or bfloat16 (M 1..4); packed: int4_gemv_pack's bytes, for N output rows (a
-// multiple of 16, read from its size); -> y [M, N] in x's dtype.
+// Up to 4 rows of x times blocks b0..b1 (the rows' sums in registers).
+template <typename Y>
+void int4_rows(int64_t M, const int8_t* q, const float* sx, const float* sq, int64_t K, int64_t group,
+               const uint8_t* w, int64_t b0, int64_t b1, const uint8_t* end, Y* y, int64_t N) {
+  switch (M) {
+    case 1: return int4_blocks<1>(q, sx, sq, K, group, w, b0, b1, end, y, N);
+    case 2: return int4_blocks<2>(q, sx, sq, K, group, w, b0, b1, end, y, N);
+    case 3: return int4_blocks<3>(q, sx, sq, K, group, w, b0, b1, end, y, N);
+    default: return int4_blocks<4>(q, sx, sq, K, group, w, b0, b1, end, y, N);
+  }
+}
+
+// x [M, K] float32 or bfloat16; packed: int4_gemv_pack's bytes, for N output rows (a multiple of
+// 16, read from its size); -> y [M, N] in x's dtype. Past 4 rows (a decode step of several
+// sequences) each block of 16 output rows (5.6 KiB of SmolLM2's qkv, 14 KiB of its down_proj) is
+// read from memory once and multiplied into the rows 4 at a time from L1.
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 4, "int4_gemv: x is [M, K], M 1 to 4");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1, "int4_gemv: x is [M, K], M >= 1");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_gemv: x is float32 or bfloat16");
   TORCH_CHECK(group > 0 && group % 8 == 0 && x.size(1) % group == 0, "int4_gemv: groups of a multiple of 8 columns");
   const int64_t M = x.size(0), K = x.size(1), G = K / group, block_bytes = G * group_bytes(group);
@@ -193,12 +207,12 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t grou
   auto run = [&](auto* xp, auto* yp) {
     quantize_groups(xp, M, K, group, q.data(), sx.data(), sq.data());
     at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-      switch (M) {
-        case 1: return int4_blocks<1>(q.data(), sx.data(), sq.data(), K, group, w, b0, b1, yp, n);
-        case 2: return int4_blocks<2>(q.data(), sx.data(), sq.data(), K, group, w, b0, b1, yp, n);
-        case 3: return int4_blocks<3>(q.data(), sx.data(), sq.data(), K, group, w, b0, b1, yp, n);
-        default: return int4_blocks<4>(q.data(), sx.data(), sq.data(), K, group, w, b0, b1, yp, n);
-      }
+      const uint8_t* end = w + b1 * block_bytes;
+      if (M <= 4) return int4_rows(M, q.data(), sx.data(), sq.data(), K, group, w, b0, b1, end, yp, n);
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t m0 = 0; m0 < M; m0 += 4)
+          int4_rows(std::min<int64_t>(4, M - m0), q.data() + m0 * K, sx.data() + m0 * G, sq.data() + m0 * G, K, group,
+                    w, b, b + 1, end, yp + m0 * n, n);
     });
   };
   if (x.scalar_type() == at::kFloat)

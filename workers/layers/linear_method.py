@@ -23,10 +23,10 @@ Kernels, chosen at start-up by workers/kernel_probe.py on the layer's own weight
   dequantizing the weight and calling F.linear in the activations' dtype wins: the probe finds it.
   int8 at up to 4 rows: `tpserve::gemv` on the codes where the probe times it faster (at one row,
   1.1-2.3x `_weight_int8pack_mm` on SmolLM2's shapes, 2026-12-05), in the activations' own dtype.
-  int4 at up to 4 rows: `tpserve::int4_gemv` (workers/csrc/int4_gemv.cpp: int8-rounded activations
-  times the 4-bit codes by VNNI dot products, llama.cpp's arithmetic) where the probe times it
-  faster: SmolLM2's 120 int4 projections took 2.0 ms a token against PyTorch's kernel's 3.8 ms
-  (streamed, 2026-12-06).
+  int4 at a decode step's rows: `tpserve::int4_gemv` (workers/csrc/int4_gemv.cpp: int8-rounded
+  activations times the 4-bit codes by VNNI dot products, llama.cpp's arithmetic) up to the row
+  count (of 1-32) where the probe times it faster: SmolLM2's 120 int4 projections took 2.0 ms a
+  token against PyTorch's kernel's 3.8 ms (streamed, 2026-12-06).
 - w8a8 on CPU: `tpserve::w8a8_linear` (workers/csrc/w8a8.cpp): the rows quantized to int8 per
   row, `_int_mm`, scaled back, in one call; at up to 4 rows, where the probe times it faster,
   `tpserve::gemv` on the dequantized rows (the same products in float32, W read once).
@@ -52,6 +52,9 @@ from workers.tensor_source import copy_into
 
 GEMV_BLOCKS = 8
 GEMV_PROBE_ROWS = (1, 2, 4)
+# tpserve::int4_gemv takes any row count (past 4, tiles of 4 over each 16-row block read once): its
+# probe goes on to a decode step of tens of sequences, as far as it beats PyTorch's int4 kernel.
+INT4_GEMV_PROBE_ROWS = (1, 2, 4, 8, 16, 32)
 # The GEMV probe times each path over copies of the weight adding up to this many bytes, past any
 # last-level cache here: a model's step streams every weight from memory, and a single weight
 # timed again and again stays cached, where the ranking differs (SmolLM2 at batch 1 on an AVX2
@@ -506,15 +509,15 @@ class Int4Linear(_QuantizedLinear):
     def _probe_gemv_rows(self, layer, probe: KernelProbe) -> int:
         """tpserve::int4_gemv against the kernel it replaces, each reading its own bytes from memory."""
         g, kd, dtype = self.quant.group_size, kernel_dtype(layer.model_dtype), layer.model_dtype
-        xs = {r: torch.randn(r, self.shape[1], dtype=dtype) for r in GEMV_PROBE_ROWS}
+        xs = {r: torch.randn(r, self.shape[1], dtype=dtype) for r in INT4_GEMV_PROBE_ROWS}
         ours, theirs = Streamed(layer.weight_gemv.data), Streamed(layer.weight_packed.data)
         op, sz_t = torch.ops.tpserve.int4_gemv, layer.weight_sz_t
         try:
             return probe.rows_limit(
-                f"int4-gemv@{cpu_kernels.build_key()}", self.shape, dtype, GEMV_PROBE_ROWS,
-                candidate=lambda r: ours(lambda c: op(xs[r], c, g)),
+                f"int4-gemv@{cpu_kernels.build_key()}", self.shape, dtype, INT4_GEMV_PROBE_ROWS,
+                candidate=lambda r: ours(lambda c: op(xs[r], c, g), r),
                 incumbent=lambda r: theirs(lambda c: torch.ops.aten._weight_int4pack_mm_for_cpu(
-                    xs[r].to(kd), c, g, sz_t).to(dtype)),
+                    xs[r].to(kd), c, g, sz_t).to(dtype), r),
                 default=0)
         finally:
             ours.release()
