@@ -12,7 +12,7 @@
 // row: sx = max|x_g| / 127, q = round(x / sx). Then, per output n and group g,
 //   sum_k w_nk x_k ~= sx_g * (s_ng * sum_k c_nk q_k + (z_ng - 8 s_ng) * sum_k q_k),
 // the inner sum exact in int32. So y is exactly x_hat @ W^T (x_hat: x rounded per group) up to
-// float32 summation order, with s and z - 8 s held in float16 (workers/layers/linear_method.py's
+// float32 summation order, with s and z - 8 s held in float16 (workers/quantization.py's
 // `int4_gemv_pack` makes them; its Python reference is the test's oracle).
 //
 // Layout (`int4_gemv_pack`): blocks of 16 output rows, each a run of groups; a group is g / 8
