@@ -105,13 +105,13 @@ def test_the_kernel_refuses_bytes_that_are_not_its_layout():
         torch.ops.tpserve.int4_gemv(torch.randn(0, 128), packed, 32)
 
 
-def _int4_layer(w: torch.Tensor, group: int) -> ColumnParallelLinear:
+def _int4_layer(w: torch.Tensor, group: int, probe=None) -> ColumnParallelLinear:
     layer = ColumnParallelLinear(w.shape[1], w.shape[0], bias=False, group=TPGroup(0, 1), dtype=torch.bfloat16,
                                  quant=QuantConfig("int4", group))
     for name, value in zip(("weight", "weight_sz"), quantize_int4(w, group)):
         p = getattr(layer, name)
         p.weight_loader(p, TensorSource.wrap(name, value))
-    layer.finish_loading(None)
+    layer.finish_loading(probe)
     return layer
 
 
@@ -160,13 +160,7 @@ def test_the_probe_times_the_kernel_against_pytorchs_and_records_both_choices(tm
 
     from workers.kernel_probe import KernelProbe
 
-    w = torch.randn(64, 256) * 0.05
-    layer = ColumnParallelLinear(256, 64, bias=False, group=TPGroup(0, 1), dtype=torch.bfloat16,
-                                 quant=QuantConfig("int4", 32))
-    for name, value in zip(("weight", "weight_sz"), quantize_int4(w, 32)):
-        p = getattr(layer, name)
-        p.weight_loader(p, TensorSource.wrap(name, value))
-    layer.finish_loading(KernelProbe(tmp_path / "k.json"))
+    layer = _int4_layer(torch.randn(64, 256) * 0.05, 32, KernelProbe(tmp_path / "k.json"))
     answers = json.loads((tmp_path / "k.json").read_text())
     method = layer.quant_method
     packed = [k for k in answers if k.startswith("int4-packed-vs-gemv-bytes|64x256|bfloat16")]

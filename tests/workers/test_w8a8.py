@@ -54,6 +54,16 @@ def test_the_kernel_quantizes_rows_as_the_reference_does(k, dtype):
 
 
 @kernels
+def test_a_nan_in_a_row_makes_its_scale_nan_and_leaves_the_other_rows_alone():
+    """Its codes would otherwise stand for a finite row (the maximum skips a NaN)."""
+    x = torch.randn(3, 100)
+    x[1, 50] = float("nan")
+    q, s = torch.ops.tpserve.quantize_rows(x)
+    want_q, want_s = _reference_codes(x[[0, 2]])
+    assert s[1].isnan() and torch.equal(s[[0, 2]], want_s) and torch.equal(q[[0, 2]].float(), want_q)
+
+
+@kernels
 @pytest.mark.parametrize("rows", [1, 3, 5, 64])
 @pytest.mark.parametrize("k", [100, 576])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

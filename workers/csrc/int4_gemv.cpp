@@ -29,6 +29,8 @@
 
 #include <immintrin.h>
 
+#include "int8_codes.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -43,34 +45,15 @@ constexpr int64_t kPrefetchBytes = 8192;
 
 inline int64_t group_bytes(int64_t group) { return group * kRows / 2 + 2 * kRows * 2; }
 
-// x [M, K] (float32 or bfloat16) -> codes q [M, K], and per (m, group): sx and sx * sum(q).
+// x [M, K] (float32 or bfloat16) -> codes q [M, K], and per (m, group): sx and sx * sum(q), rounded
+// as w8a8 rounds a row (int8_codes.h).
 template <typename T>
 void quantize_groups(const T* x, int64_t M, int64_t K, int64_t group, int8_t* q, float* sx, float* sq) {
   const int64_t G = K / group;
-  std::vector<float> xf(group);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t g = 0; g < G; ++g) {
-      const T* xg = x + m * K + g * group;
-      int8_t* qg = q + m * K + g * group;
-      float amax = 0.f;
-      bool nan = false;
-      for (int64_t k = 0; k < group; ++k) {
-        xf[k] = static_cast<float>(xg[k]);
-        amax = std::max(amax, std::fabs(xf[k]));
-        nan |= std::isnan(xf[k]);
-      }
-      // A NaN would round to a code like any number (and std::max skips it): its group's scale is
-      // NaN instead, so the row's outputs are NaN, as a float matmul's would be.
-      const float s = nan ? std::nanf("") : std::max(amax / 127.f, 1e-12f);
-      int32_t sum = 0;
-      for (int64_t k = 0; k < group; ++k) {  // divide and round half to even, as the reference does
-        const int8_t c = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(xf[k] / s))));
-        qg[k] = c;
-        sum += c;
-      }
-      sx[m * G + g] = s;
-      sq[m * G + g] = s * static_cast<float>(sum);
-    }
+  for (int64_t i = 0; i < M * G; ++i) {  // (m, g) = (i / G, i % G): groups tile each row
+    int32_t sum = 0;
+    sx[i] = tpserve_cpu::int8_codes(x + i * group, group, q + i * group, &sum);
+    sq[i] = sx[i] * static_cast<float>(sum);
   }
 }
 

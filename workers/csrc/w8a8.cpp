@@ -23,6 +23,8 @@
 
 #include <immintrin.h>
 
+#include "int8_codes.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,46 +34,10 @@
 
 namespace {
 
-// Divide, as the reference does (x * (1 / s) rounds differently at ties), and round half to even,
-// as torch.round does. |x / s| <= 127 by construction, so the narrowing never saturates.
-inline int8_t quantize_one(float x, float s) {
-  return static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x / s))));
-}
-
-#if defined(__AVX512F__)
-// Sixteen elements of a row as float32.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-#endif
-
 template <typename T>
 void quantize_rows_impl(const T* x, int64_t M, int64_t K, int8_t* q, float* scale) {
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const T* xr = x + m * K;
-      int8_t* qr = q + m * K;
-      int64_t k0 = 0;  // where the vector loops stop and the scalar ones go on
-      float amax = 0.f;
-#if defined(__AVX512F__)
-      k0 = K / 16 * 16;
-      __m512 vmax = _mm512_setzero_ps();
-      for (int64_t k = 0; k < k0; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(xr + k)));
-      amax = _mm512_reduce_max_ps(vmax);
-#endif
-      for (int64_t k = k0; k < K; ++k) amax = std::max(amax, std::fabs(static_cast<float>(xr[k])));
-      const float s = std::max(amax / 127.f, 1e-12f);
-      scale[m] = s;
-#if defined(__AVX512F__)
-      const __m512 vs = _mm512_set1_ps(s);
-      for (int64_t k = 0; k < k0; k += 16) {
-        const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(load16(xr + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
-      }
-#endif
-      for (int64_t k = k0; k < K; ++k) qr[k] = quantize_one(static_cast<float>(xr[k]), s);
-    }
+    for (int64_t m = m0; m < m1; ++m) scale[m] = tpserve_cpu::int8_codes(x + m * K, K, q + m * K, nullptr);
   });
 }
 
