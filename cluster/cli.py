@@ -28,11 +28,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-collectives", default="shm", choices=["shm", "gloo"],
                    help="CPU ranks of one replica on one host: shared-memory collectives (gloo where the ranks "
                         "share no /dev/shm) or always gloo")
-    # Off by default until a quiet machine confirms the gain (docs/benchmarks.md: 1.44x for bf16
-    # int8 at batch 1 in one noisy run, nothing for fp32) and the warm-up is cheaper.
+    # Off by default: the step the engine runs by default (a decode step's layers in one C++ call,
+    # workers/layer_stack.py) decodes ~2x faster and starts ~4x sooner than this one; `on` turns the
+    # layer stack off (docs/benchmarks.md, fourteenth session: 4.9 against 10.5 ms a token for bf16
+    # int4, starts of 2.4-2.8 against 7.9-9.1 s with each cache warm).
     p.add_argument("--compile", default=os.environ.get("TPSERVE_COMPILE", "off"), choices=["on", "off"],
                    help="CPU, Llama family: the step's regions around attention through torch.compile, warmed up "
-                        "at load and cached on disk (experimental; default: $TPSERVE_COMPILE or off)")
+                        "at load and cached on disk (experimental, and slower than the default C++ step; default: "
+                        "$TPSERVE_COMPILE or off)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, vLLM\'s keys: {"method": "ngram", "num_speculative_tokens": 4, '
                         '"prompt_lookup_max": 4, "prompt_lookup_min": 2} or {"method": "draft_model", "model": '

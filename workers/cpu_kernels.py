@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -122,8 +123,11 @@ def _built() -> Path | None:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be building it now
         if out.is_file():
             return out
-        log.info("building tpserve's CPU kernels for this machine (once): %s", out.name)
+        log.info("building tpserve's CPU kernels for this machine (once per machine and torch; the "
+                 "next starts load it): %s", out.name)
+        t = time.perf_counter()
         compile_library(list(SOURCES), out)
+        log.info("built %s in %.0f s", out.name, time.perf_counter() - t)
     return out
 
 

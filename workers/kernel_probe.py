@@ -104,6 +104,8 @@ class KernelProbe:
             return self.answers[key]
         if not self.enabled:
             return default
+        if self.measured == 0:  # a first start on this machine: say why it takes seconds more
+            log.info("timing kernel choices for this machine (once; cached in %s)", self.path)
         limit = 0
         for r in rows:
             cand, inc = time_pair(candidate(r), incumbent(r))

@@ -1,6 +1,7 @@
 """Kernel choices made on the running machine: each candidate computes F.linear's result, the probe
 picks by timing and stops at the first loss, and its answers are cached per machine."""
 import json
+import logging
 import time
 
 import pytest
@@ -123,7 +124,12 @@ def _slow():
     return lambda: time.sleep(0.003)
 
 
-def test_the_probe_takes_the_candidate_up_to_its_first_loss_and_caches_the_answer(tmp_path):
+def _timing_lines(caplog) -> int:
+    return sum("timing kernel choices" in r.getMessage() for r in caplog.records)
+
+
+def test_the_probe_takes_the_candidate_up_to_its_first_loss_and_caches_the_answer(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="workers.kernel_probe")
     path = tmp_path / "kernels.json"
     probe = KernelProbe(path)
     # the candidate wins at 1 and 2 rows, loses at 4; 8 is never reached (or it would win again)
@@ -131,6 +137,7 @@ def test_the_probe_takes_the_candidate_up_to_its_first_loss_and_caches_the_answe
                              candidate=lambda r: _slow() if r == 4 else _fast(),
                              incumbent=lambda r: _fast() if r == 4 else _slow(), default=99)
     assert limit == 2 and probe.measured == 1
+    assert _timing_lines(caplog) == 1  # a first start says why it takes longer
     assert json.loads(path.read_text()) == {f"test|3x5|float32|t{torch.get_num_threads()}": 2}
 
     def never(_):
@@ -138,10 +145,13 @@ def test_the_probe_takes_the_candidate_up_to_its_first_loss_and_caches_the_answe
 
     again = KernelProbe(path)  # a second start: the answer comes from the file, nothing is timed
     assert again.rows_limit("test", (3, 5), torch.float32, (1, 2, 4, 8), never, never, default=99) == 2
-    assert again.measured == 0
+    assert again.measured == 0 and _timing_lines(caplog) == 1  # a warm cache says nothing
     # another shape is its own decision; the file keeps both
     assert again.rows_limit("test", (3, 6), torch.float32, (1,), lambda r: _slow(), lambda r: _fast(), 99) == 0
     assert len(json.loads(path.read_text())) == 2
+    assert _timing_lines(caplog) == 2 and probe.rows_limit(  # once per process that times, not per choice
+        "test", (3, 7), torch.float32, (1,), lambda r: _slow(), lambda r: _fast(), 99) == 0
+    assert _timing_lines(caplog) == 2
 
 
 def test_the_probe_switched_off_takes_the_default_and_times_nothing(tmp_path, monkeypatch):
