@@ -38,7 +38,6 @@ MODES = ("eager", "default", "compile")
 def child(model: str, dtype: str, quantization: str, mode: str) -> None:
     from workers import set_openmp_env
     set_openmp_env()
-    import torch  # noqa: F401
 
     from workers.engine.sampling_params import SamplingParams
     from workers.launcher import InProcessWorkerGroup
