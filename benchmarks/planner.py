@@ -1,7 +1,7 @@
 """The planner checked against measurement on this machine, in one invocation.
 
     python -m benchmarks.planner [--tps 1,2] [--quantizations none,int8] [--concurrency 1,4,16,64]
-                                 [--repeats 3] [--plot docs/planner.png] [--save run.json]
+                                 [--dtype float32] [--repeats 3] [--plot docs/planner.png] [--save run.json]
     python -m benchmarks.planner --replay run.json [--plot ...]
 
 --repeats times:
@@ -73,7 +73,7 @@ def measure_run(args) -> dict:
     hws = []  # the profile each repeat's predictions come from
 
     def new_profile(repeats: int) -> None:
-        hws.append(profile(repeats, model=args.model))
+        hws.append(profile(repeats, model=args.model, dtypes=("float32", args.dtype)))
         if args.hardware_out and len(hws) == 1:
             hws[0].save(args.hardware_out)
         print(f"profile: {hws[-1].source}; read {hws[-1].read_gbs:.1f} GB/s", flush=True)
@@ -92,7 +92,7 @@ def measure_run(args) -> dict:
                 new_profile(1)
             for q, tp in configs[rep % len(configs):] + configs[:rep % len(configs)]:
                 with running_server("--model", args.model, "--tp", str(tp), "--replicas", "1",
-                                    "--quantization", q) as served:
+                                    "--quantization", q, "--dtype", args.dtype) as served:
                     for c in conc:
                         # A fresh seed per repeat: the same prompts again would hit the prefix cache.
                         got.setdefault((q, tp, c), []).append(
@@ -102,7 +102,8 @@ def measure_run(args) -> dict:
     points = [{"tp": tp, "quantization": q, "concurrency": c,
                "measured": {k: [g[k] for g in got[(q, tp, c)]] for k, _ in FIGURES}}
               for q, tp in configs for c in conc]
-    return {"args": {k: getattr(args, k) for k in ("model", "tps", "quantizations", "concurrency", "repeats", "profile")},
+    return {"args": {k: getattr(args, k)
+                     for k in ("model", "tps", "quantizations", "concurrency", "repeats", "profile", "dtype")},
             "elapsed_s": time.perf_counter() - t0, "profiles": [asdict(hw) for hw in hws], "points": points}
 
 
@@ -121,7 +122,7 @@ def predict(run: dict) -> list[dict]:
     for point in run["points"]:
         q, tp, c = point["quantization"], point["tp"], point["concurrency"]
         if q not in planners:
-            planners[q] = [Planner(model, hw, q) for hw in hws]
+            planners[q] = [Planner(model, hw, q, a.get("dtype", "float32")) for hw in hws]
         n = REQUESTS.get(c, 2 * c)
         preds = []
         for rep in range(a["repeats"]):
@@ -139,7 +140,8 @@ def report(run: dict, rows: list[dict], plot: str | None) -> None:
         print(f"  tp {row['tp']} {row['quantization']} c {row['concurrency']}: " + ", ".join(
             f"{label} {row['predicted'][k]:.1f} pred / {statistics.median(row['measured'][k]):.1f} "
             f"meas" for k, label in FIGURES), flush=True)
-    print(f"\n`python -m benchmarks.planner --repeats {a['repeats']} --profile {a['profile']}`, "
+    print(f"\n`python -m benchmarks.planner --repeats {a['repeats']} --profile {a['profile']} "
+          f"--dtype {a.get('dtype', 'float32')}`, "
           f"{time.strftime('%Y-%m-%d')}, {run['elapsed_s']:.0f} s; profiles: "
           + "; ".join(hw["source"].split(', ', 1)[-1] for hw in run["profiles"])
           + f". Measured: median of {a['repeats']} (min-max).\n")
@@ -196,6 +198,7 @@ def main() -> None:
     ap.add_argument("--tps", default="1,2")
     ap.add_argument("--quantizations", default="none,int8")
     ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--dtype", default="float32", help="the served model's dtype (the profile measures it too)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--profile", choices=("each-repeat", "once"), default="each-repeat",

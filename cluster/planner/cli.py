@@ -13,15 +13,23 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--model", default="smollm2-135m",
                    help="the model the served path is measured with (what `tpserve serve` takes; none: not measured)")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="model dtypes to measure, comma-separated (float32 always is: the CPU default; "
+                        "`tpserve plan --dtype` prices only a measured one)")
 
 
 def cmd_profile(args) -> int:
+    from cluster.planner.model_shape import DTYPE_BYTES
     from cluster.planner.profile import profile
 
     if args.repeats < 1:
         raise ConfigError("repeats", f"must be >= 1, got {args.repeats}")
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    for d in dtypes:
+        if d not in DTYPE_BYTES:
+            raise ConfigError("dtypes", f"{d!r} is not one of {', '.join(DTYPE_BYTES)}")
     hw = profile(args.repeats, progress=lambda line: print(line, file=sys.stderr, flush=True),
-                 model=None if args.model == "none" else args.model)
+                 model=None if args.model == "none" else args.model, dtypes=dtypes)
     hw.save(args.out)
     print(f"{hw.name}: read {hw.read_gbs:.1f} GB/s; {hw.source}; wrote {args.out}")
     return 0

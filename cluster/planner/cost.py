@@ -55,17 +55,23 @@ class RooflineCost:
     def _served_calibration(self) -> tuple[dict[str, float], dict[str, float]]:
         """({str(sequences): alone / priced}, {str(sequences): served - alone}) at the profile's
         served points. The scale comes from the step alone in this quantization where the
-        profile measured it (int4 takes int8's: the same kernel family), else unquantized; what
-        serving adds was measured unquantized and applies to every quantization."""
-        points = self.hw.served_points(self.tp)
+        profile measured it (int4 takes int8's: the same kernel family), else unquantized, in the
+        model's dtype ("dtypes": the profile's steps alone in a dtype other than float32); what
+        serving adds was measured unquantized, in this dtype where the profile served it, and
+        applies to every quantization."""
+        points = self.hw.served_points(self.tp, self.dtype)
         if not points:
             return {}, {}
         added = points["added"]
-        by_quant = points.get("alone_by_quantization", {})
+        by_quant, unquantized, prefill = points.get("alone_by_quantization", {}), points["alone"], points.get("prefill", {})
+        own = points.get("dtypes", {}).get(self.dtype)
+        if own:  # measured in this dtype: "none" is one of its quantizations
+            by_quant, prefill = own["alone_by_quantization"], own.get("prefill", {})
+            unquantized = by_quant["none"]
         measured_q = self.quantization
         if measured_q not in by_quant:
             measured_q = "int8" if measured_q != "none" and "int8" in by_quant else "none"
-        alone = points["alone"] if measured_q == "none" else by_quant[measured_q]
+        alone = unquantized if measured_q == "none" else by_quant[measured_q]
         # Priced as it was measured: in that quantization, one replica's ranks on the node.
         measured_as = self.quantization == measured_q and (self.ranks_on_node or self.tp) == self.tp
         priced = self if measured_as else RooflineCost(self.model, self.hw, self.tp, measured_q, self.dtype, self.tp)
@@ -73,7 +79,7 @@ class RooflineCost:
         scale = {n: t / sum(priced.engine_parts(StepShape((), (ctx,) * int(n))).values()) for n, t in alone.items()}
         # A prefill step alone (a profile may lack one), at its tokens: past the decode steps'
         # 64 tokens the steps are mostly prefill chunks, which that scale priced 10-25% off.
-        for n, t in points.get("prefill", {}).get(measured_q, {}).items():
+        for n, t in prefill.get(measured_q, {}).items():
             scale[n] = t / sum(priced.engine_parts(StepShape(((int(n), 0),), ())).values())
         return scale, added
 
@@ -100,8 +106,8 @@ class RooflineCost:
         ranks = self.ranks_on_node or tp
         # int8's and int4's LM head is int8 on CPU (workers/layers/embedding.py); w8a8's stays float.
         head = "int8" if hw.device == "cpu" and self.quantization in INT8_HEAD else "none"
-        linear = hw.linear_seconds(r.proj_elements, tokens, self.quantization, read, ranks) \
-            + hw.linear_seconds(r.lm_head_elements, rows, head, READ_BYTES[head] or self.dbytes, ranks)
+        linear = hw.linear_seconds(r.proj_elements, tokens, self.quantization, read, ranks, self.dtype) \
+            + hw.linear_seconds(r.lm_head_elements, rows, head, READ_BYTES[head] or self.dbytes, ranks, self.dtype)
         kv_read = sum(shape.decode) * self.kv_token_layer_bytes
         prefill_flops = sum(4 * r.q_heads * self.head_dim * n * (start + (n + 1) / 2) for n, start in shape.prefill)
         attention = self.layers * (self.attn_call * (bool(shape.decode) + len(shape.prefill))

@@ -2,7 +2,8 @@
 specifications say (marked as such).
 
 Every cost is per rank. Matmuls are priced per weight element at a row count (the tokens of a
-step): `linear_s[quantization][threads][rows]`, interpolated in log(rows). Per element, not per
+step): `linear_s[dtype][quantization][threads][rows]` (the model's dtype: a bfloat16 model's
+layers run other kernels than a float32 one's), interpolated in log(rows). Per element, not per
 byte, so one table serves every model; as rows grow the same table turns from memory-bound
 (flat) to compute-bound (linear in rows). Collectives are tables of microseconds by elements.
 """
@@ -14,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cluster.planner.model_shape import DTYPE_BYTES
 from workers.errors import ConfigError
 
 
@@ -47,7 +49,8 @@ class HardwareProfile:
     devices_per_node: int  # cores on CPU (a rank per core at most), GPUs on CUDA
     memory_bytes: int  # per device (CPU: the node's RAM, shared by its ranks)
     read_gbs: float  # read bandwidth of one device (CPU: of the node)
-    # linear_s[quantization][threads][rows] = seconds per weight element (CPU, measured)
+    # linear_s[dtype][quantization][threads][rows] = seconds per weight element (CPU, measured);
+    # a profile from before dtypes were measured (quantizations at the top) is float32's
     linear_s: dict = field(default_factory=dict)
     # Roofline parameters (GPU profiles): bytes per element by dtype, peak FLOP/s, efficiencies.
     matmul_tflops: float = 0.0
@@ -68,11 +71,17 @@ class HardwareProfile:
     # decode step of `served_model` at `served_context` tokens, its worker group stepped alone
     # (every tp), and as `tpserve serve` runs it with a `tpserve bench` client on this host (one tp);
     # "alone_by_quantization" {q: {str(sequences): s}} and "prefill" {q: {str(tokens): s}}, a prefill
-    # step alone. Empty for GPU profiles: there the frontend runs on host cores the GPUs do not need.
+    # step alone; "dtypes" {dtype: {"alone_by_quantization" (with "none"), "prefill"}}, the same
+    # steps of the model in a dtype other than float32. Empty for GPU profiles: there the frontend
+    # runs on host cores the GPUs do not need.
     served_s: dict = field(default_factory=dict)
     served_model: str = ""
     served_context: int = 0
     spread: dict = field(default_factory=dict)  # figure -> [min, max] over repeats (measured)
+
+    def __post_init__(self):
+        if self.linear_s and not set(self.linear_s) <= set(DTYPE_BYTES):  # a profile of float32 only, as before
+            self.linear_s = {"float32": self.linear_s}
 
     # ---- I/O -----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -99,14 +108,18 @@ class HardwareProfile:
         return max(1, self.devices_per_node // ranks_on_node) if self.device == "cpu" else 1
 
     def linear_seconds(self, elements: float, rows: int, quantization: str, dtype_bytes: float,
-                       ranks_on_node: int) -> float:
-        """A matmul of `rows` tokens through `elements` weight elements on one rank."""
+                       ranks_on_node: int, dtype: str = "float32") -> float:
+        """A matmul of `rows` tokens through `elements` weight elements on one rank, in a model of `dtype`."""
         if rows <= 0 or elements <= 0:
             return 0.0
-        table = self.linear_s.get(quantization, {}).get(str(self.threads(ranks_on_node)))
+        table = self.linear_s.get(dtype, {}).get(quantization, {}).get(str(self.threads(ranks_on_node)))
         if table:
             return elements * interp(table, rows)
         if self.device == "cpu":  # a CPU is priced by what was measured on it, never a roofline
+            if self.linear_s and dtype not in self.linear_s:
+                raise ConfigError("dtype", f"the hardware profile {self.name!r} has no {dtype} figures (it measured "
+                                           f"{', '.join(sorted(self.linear_s))}); measure them with `tpserve profile "
+                                           f"--dtypes {dtype}`")
             raise ConfigError("quantization", f"the hardware profile {self.name!r} has no {quantization} matmul "
                                               f"figures; measure them with `tpserve profile`")
         memory = elements * dtype_bytes / (self.read_gbs * 1e9 * self.bandwidth_efficiency)
@@ -123,11 +136,13 @@ class HardwareProfile:
         t = str(min(known, key=lambda k: (abs(k - tp), -k)))
         return interp(table[t], max(elements, 1.0), log_x=True)
 
-    def served_points(self, tp: int) -> dict[str, dict[str, float]]:
+    def served_points(self, tp: int, dtype: str = "float32") -> dict[str, dict[str, float]]:
         """The decode steps measured alone at the tp nearest `tp`, and "added": served minus alone
-        at the nearest tp served ({} when none was). The profile serves one tp only (a server
-        start costs seconds; what serving adds is the frontend's and client's work, the same per
-        streamed token whatever the replica's tp)."""
+        at the nearest tp served ({} when none was), in `dtype` where the profile served it (else
+        float32's). The profile serves one tp only (a server start costs seconds; what serving
+        adds is the frontend's and client's work, the same per streamed token whatever the
+        replica's tp), in each dtype it measured: the added time grows with the step it stalls
+        (a bf16 SmolLM2 step of ~10 ms took +9.6 ms served, a float32 one of ~22 ms +7.3 ms)."""
         served = [k for k, v in self.served_s.items() if v.get("served")]
         if not served:
             return {}
@@ -136,8 +151,13 @@ class HardwareProfile:
             return min(keys, key=lambda k: (abs(int(k) - tp), int(k)))
 
         src = self.served_s[nearest(served)]
-        return {**self.served_s[nearest(self.served_s)],
-                "added": {n: src["served"][n] - src["alone"][n] for n in src["served"]}}
+        own = src.get("dtypes", {}).get(dtype, {})
+        if own.get("served"):
+            alone = own["alone_by_quantization"]["none"]
+            added = {n: own["served"][n] - alone[n] for n in own["served"]}
+        else:
+            added = {n: src["served"][n] - src["alone"][n] for n in src["served"]}
+        return {**self.served_s[nearest(self.served_s)], "added": added}
 
     def per_thread(self, figures: dict, ranks_on_node: int) -> float:
         """A figure measured per thread count, at the threads each of these ranks gets."""

@@ -1,12 +1,14 @@
 """`tpserve profile`: measure this machine for the planner (2-core VM, 2026-12-05: 60-177 s at --repeats 1).
 
-    tpserve profile --out hw.json [--repeats 3]
+    tpserve profile --out hw.json [--repeats 3] [--dtypes float32,bfloat16]
 
 What it measures (each figure the median of --repeats, its min-max kept in `spread`):
 - read bandwidth: a sum over a 512 MiB tensor;
-- matmuls: seconds per weight element at 1-512 rows, for none/int8/int4 and for each thread
-  count a rank can have here (cores // tp), through the engine's own layers and the kernels their
-  probe picks on this machine (workers/layers/linear_method.py);
+- matmuls: seconds per weight element at 1-256 rows, for none/int8/w8a8/int4, in a float32 and
+  a bfloat16 model (`--dtypes`: their layers run different kernels; unquantized at one row bf16
+  took 0.45x float32's time per weight on 2026-12-06) and for each thread count a rank can have here (cores // tp), through the
+  engine's own layers and the kernels their probe picks on this machine
+  (workers/layers/linear_method.py);
 - attention over the paged KV cache (the engine's PagedAttentionBatch, on the decode path the
   engine chooses here): the per-layer call, per KV byte read by decode, FLOP/s of a prefill chunk;
 - collectives between real local ranks joined as a replica joins them (workers.comm_probe):
@@ -16,7 +18,7 @@ What it measures (each figure the median of --repeats, its min-max kept in `spre
 - the served path: `--model` (SmolLM2 by default) served by `tpserve serve` (one replica, the
   smallest tp) and streamed by `tpserve bench` from this host: its decode step at one sequence,
   with the frontend's streaming, the Ray poll, detokenizing and the client on the same cores,
-  and the model's worker groups (each tp, unquantized and int8) stepped alone at 1, 4, 16 and 64
+  and the model's worker groups (each tp and dtype, unquantized and int8) stepped alone at 1, 4, 16 and 64
   sequences (sampled once per repeat, so the median spans the profile's run) and through one
   256-token prefill (twice per repeat, a minute apart, the faster kept). Prompts are synthetic.
 Nothing here reads a benchmark result: the planner is calibrated from this file alone.
@@ -39,6 +41,7 @@ from workers.defaults import BLOCK_SIZE
 
 ROWS = (1, 2, 4, 8, 16, 64, 256)
 QUANTS = ("none", "int8", "w8a8", "int4")
+DTYPES = ("float32", "bfloat16")  # model dtypes measured by default (CPU: float16 has no fast kernels here)
 COLLECTIVE_SIZES = (576, 4608, 36864, 147456, 589824)
 
 
@@ -65,9 +68,10 @@ def read_bandwidth_gbs() -> float:
     return x.numel() * 4 / _best(x.sum) / 1e9
 
 
-def _weights(quant: str, shapes, copies: int, probe):
-    """Column-parallel layers holding random weights in each format, loaded and finished as the
-    engine finishes its own (the kernel the probe picks on this machine is the one timed)."""
+def _weights(quant: str, shapes, copies: int, probe, dtype: torch.dtype = torch.float32):
+    """Column-parallel layers of a `dtype` model holding random weights in each format, loaded and
+    finished as the engine finishes its own (the kernel the probe picks on this machine is the one
+    timed)."""
     from workers.layers.linear import ColumnParallelLinear
     from workers.parallel import TPGroup
     from workers.quantization import QuantConfig, quantize_int4, quantize_int8
@@ -85,7 +89,7 @@ def _weights(quant: str, shapes, copies: int, probe):
             else:
                 codes, sz = quantize_int4(w, 32)
                 held = {"weight": codes, "weight_sz": sz}
-            layer = ColumnParallelLinear(k, n, False, TPGroup(0, 1), torch.float32, quant=QuantConfig(quant, 32))
+            layer = ColumnParallelLinear(k, n, False, TPGroup(0, 1), dtype, quant=QuantConfig(quant, 32))
             for name, value in held.items():
                 p = getattr(layer, name)
                 p.weight_loader(p, TensorSource.wrap(name, value))
@@ -96,28 +100,32 @@ def _weights(quant: str, shapes, copies: int, probe):
 
 SHAPES = [(1536, 576), (576, 1536), (960, 576), (576, 576)]  # a SmolLM2-sized layer's projections
 COPIES = 12  # 32 M weights (128 MiB in fp32): far past the caches, as a model's weights are
-_LAYERS: dict[str, list] = {}
+_LAYERS: dict[tuple[str, str], list] = {}
 
 
-def linear_table(quant: str) -> dict[str, float]:
-    """Seconds per weight element at each row count, streaming 32 M weights (not cache-resident:
-    a smaller set measured a third faster than the engine's real decode step)."""
+def linear_table(quant: str, dtype: str = "float32") -> dict[str, float]:
+    """Seconds per weight element at each row count in a `dtype` model (its activations in that
+    dtype), streaming 32 M weights (not cache-resident: a smaller set measured a third faster than
+    the engine's real decode step)."""
     from workers.huge_pages import place_weights
     from workers.kernel_probe import KernelProbe
 
-    if quant not in _LAYERS:  # built once per profile, reused by every repeat and thread count
-        _LAYERS[quant] = _weights(quant, SHAPES, copies=COPIES, probe=KernelProbe.for_this_machine())
-        place_weights(torch.nn.ModuleList(_LAYERS[quant]))  # in 2 MiB pages, as a rank's weights are
-    layers = _LAYERS[quant]
+    tdtype = getattr(torch, dtype)
+    if (quant, dtype) not in _LAYERS:  # built once per profile, reused by every repeat and thread count
+        _LAYERS[(quant, dtype)] = _weights(quant, SHAPES, copies=COPIES, probe=KernelProbe.for_this_machine(),
+                                           dtype=tdtype)
+        place_weights(torch.nn.ModuleList(_LAYERS[(quant, dtype)]))  # in 2 MiB pages, as a rank's weights are
+    layers = _LAYERS[(quant, dtype)]
     elements = sum(n * k for n, k in SHAPES) * COPIES
     table = {}
     for rows in ROWS:
-        x = torch.randn(rows, 576)
-        xs = {576: x, 1536: torch.randn(rows, 1536)}
+        xs = {576: torch.randn(rows, 576, dtype=tdtype), 1536: torch.randn(rows, 1536, dtype=tdtype)}
 
         def run():
-            for layer in layers:
-                layer(xs[layer.weight.shape[1]])
+            # Each layer's input width from SHAPES (`_weights`' order): an int4 layer keeps no
+            # `weight` once its decode kernel's copy is packed.
+            for layer, (_, k) in zip(layers, SHAPES * COPIES):
+                layer(xs[k])
 
         table[str(rows)] = _best(run, passes=1 if rows >= 64 else 3) / elements
     return table
@@ -288,7 +296,8 @@ class AloneSteps:
     dequantize-and-multiply past it); at 4 and 64 sequences too, so the scale is neither
     interpolated across 1-16 nor held flat past 16."""
 
-    def __init__(self, model: str, tps: list[int], quants: tuple[str, ...] = ALONE_QUANTS):
+    def __init__(self, model: str, tps: list[int], quants: tuple[str, ...] = ALONE_QUANTS,
+                 dtypes: tuple[str, ...] = ("float32",)):
         import contextlib
 
         from workers.launcher import LocalWorkerGroup
@@ -298,9 +307,10 @@ class AloneSteps:
         self.groups = {}
         # Started together: a group's start is mostly its processes importing torch and loading
         # the model, one at a time 24 s for the four groups here.
-        keys = [(tp, q) for tp in tps for q in quants]
+        keys = [(tp, d, q) for tp in tps for d in dtypes for q in quants]
         with ThreadPoolExecutor(len(keys)) as pool:
-            futures = [pool.submit(LocalWorkerGroup, WorkerSpec(model, tp_size=tp, quantization=q)) for tp, q in keys]
+            futures = [pool.submit(LocalWorkerGroup, WorkerSpec(model, tp_size=tp, dtype=d, quantization=q))
+                       for tp, d, q in keys]
         error = None
         for key, fut in zip(keys, futures):
             try:
@@ -330,10 +340,10 @@ class AloneSteps:
         if turn % 2:
             order.reverse()
         for c in ALONE_CONCURRENCY:
-            for (tp, q), g in order:
-                self.samples.setdefault((tp, q, c), []).append(decode_step(g.engine, PROMPT, c, ALONE_TOKENS[c]))
-        for (tp, q), g in order:
-            self.prefill_samples.setdefault((tp, q), []).append([prefill_step(g.engine, next(self._prompts))])
+            for key, g in order:
+                self.samples.setdefault((*key, c), []).append(decode_step(g.engine, PROMPT, c, ALONE_TOKENS[c]))
+        for key, g in order:
+            self.prefill_samples.setdefault(key, []).append([prefill_step(g.engine, next(self._prompts))])
 
     def sample_prefill_again(self, turn: int = 0) -> None:
         """Each group's prefill a second time in this repeat, a minute after `sample`'s (the
@@ -347,42 +357,45 @@ class AloneSteps:
         order = list(self.groups.items())
         if turn % 2 == 0:
             order.reverse()
-        for (tp, q), g in order:
-            self.prefill_samples[(tp, q)][-1].append(prefill_step(g.engine, next(self._prompts)))
+        for key, g in order:
+            self.prefill_samples[key][-1].append(prefill_step(g.engine, next(self._prompts)))
 
-    def medians(self) -> dict[int, dict[str, dict[str, float]]]:
-        """tp -> quantization -> {str(sequences): seconds}"""
+    def medians(self) -> dict[int, dict[str, dict[str, dict[str, float]]]]:
+        """tp -> dtype -> quantization -> {str(sequences): seconds}"""
         out: dict = {}
-        for (tp, q, c), v in self.samples.items():
-            out.setdefault(tp, {}).setdefault(q, {})[str(c)] = statistics.median(v)
+        for (tp, d, q, c), v in self.samples.items():
+            out.setdefault(tp, {}).setdefault(d, {}).setdefault(q, {})[str(c)] = statistics.median(v)
         return out
 
-    def prefill_medians(self) -> dict[int, dict[str, dict[str, float]]]:
-        """tp -> quantization -> {str(PREFILL_TOKENS): seconds}: the median over repeats of each
-        repeat's faster sample"""
+    def prefill_medians(self) -> dict[int, dict[str, dict[str, dict[str, float]]]]:
+        """tp -> dtype -> quantization -> {str(PREFILL_TOKENS): seconds}: the median over repeats
+        of each repeat's faster sample"""
         out: dict = {}
-        for (tp, q), v in self.prefill_samples.items():
-            out.setdefault(tp, {}).setdefault(q, {})[str(PREFILL_TOKENS)] = statistics.median(min(r) for r in v)
+        for (tp, d, q), v in self.prefill_samples.items():
+            out.setdefault(tp, {}).setdefault(d, {}).setdefault(q, {})[str(PREFILL_TOKENS)] = \
+                statistics.median(min(r) for r in v)
         return out
 
     def spread(self) -> dict[str, list[float]]:
-        out = {f"alone tp {tp} {q} {c}": [min(v), max(v)] for (tp, q, c), v in self.samples.items()}
-        out.update({f"alone prefill tp {tp} {q} {PREFILL_TOKENS}": [min(map(min, v)), max(map(max, v))]
-                    for (tp, q), v in self.prefill_samples.items()})
+        out = {f"alone tp {tp} {d} {q} {c}": [min(v), max(v)] for (tp, d, q, c), v in self.samples.items()}
+        out.update({f"alone prefill tp {tp} {d} {q} {PREFILL_TOKENS}": [min(map(min, v)), max(map(max, v))]
+                    for (tp, d, q), v in self.prefill_samples.items()})
         return out
 
     def close(self) -> None:
         self._stack.close()
 
 
-def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]],
-                prefill: dict[int, dict[str, dict[str, float]]], progress=print) -> dict[str, dict[str, dict]]:
+def served_path(model: str, alone: dict[int, dict[str, dict[str, dict[str, float]]]],
+                prefill: dict[int, dict[str, dict[str, dict[str, float]]]], progress=print) -> dict[str, dict[str, dict]]:
     """str(tp) -> {"alone": {str(sequences): s}, "alone_by_quantization": {q: {str(sequences): s}},
-    "prefill": {q: {str(tokens): s}}, "served": {str(sequences): s}}: `alone` (AloneSteps.medians:
-    "alone" is the unquantized one), `prefill` (AloneSteps.prefill_medians) and, at the smallest
-    tp only, `model` served unquantized by `tpserve serve` (one replica) and streamed by `tpserve
-    bench` from this host at SERVED_CONCURRENCY, decode steps at context SERVED_CONTEXT. One tp
-    served (hardware.served_points): a server start costs seconds.
+    "prefill": {q: {str(tokens): s}}, "dtypes": {dtype: {"alone_by_quantization", "prefill",
+    "served"}}, "served": {str(sequences): s}}: `alone` (AloneSteps.medians: float32's in the
+    first three, "alone" the unquantized one; the other dtypes' under "dtypes"), `prefill`
+    (AloneSteps.prefill_medians) and, at the smallest tp only, `model` served unquantized in each
+    dtype by `tpserve serve` (one replica) and streamed by `tpserve bench` from this host at
+    SERVED_CONCURRENCY, decode steps at context SERVED_CONTEXT. One tp served
+    (hardware.served_points): a server start costs seconds.
 
     What serving adds is measured on the model's own shapes, because it is not the frontend's CPU
     time alone: while a step's OpenMP threads hold every core, each wake-up of the frontend, the Ray
@@ -395,38 +408,47 @@ def served_path(model: str, alone: dict[int, dict[str, dict[str, float]]],
     from cluster.bench.local_server import running_server
     from cluster.bench.main import main as bench_main
 
-    out = {str(tp): {"alone": by_q["none"], "served": {},
-                     "alone_by_quantization": {q: v for q, v in by_q.items() if q != "none"},
-                     "prefill": prefill.get(tp, {})}
-           for tp, by_q in alone.items()}
+    out = {str(tp): {"alone": by_d["float32"]["none"], "served": {},
+                     "alone_by_quantization": {q: v for q, v in by_d["float32"].items() if q != "none"},
+                     "prefill": prefill.get(tp, {}).get("float32", {}),
+                     "dtypes": {d: {"alone_by_quantization": by_q, "prefill": prefill.get(tp, {}).get(d, {})}
+                                for d, by_q in by_d.items() if d != "float32"}}
+           for tp, by_d in alone.items()}
     tp = min(alone)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, running_server("--model", model, "--tp", str(tp), "--replicas", "1") as srv:
-        served = out[str(tp)]["served"]
-        for c in SERVED_CONCURRENCY:  # the first bench's warm-up request warms the server for all
-            report = os.path.join(tmp, f"bench-{tp}-{c}.json")
-            with contextlib.redirect_stdout(io.StringIO()):  # its report table is not ours to print
-                bench_main(["--target", srv.target, "--concurrency", str(c), "--num-requests", str(c * SERVED_REQUESTS),
-                            "--warmup", "1" if c == SERVED_CONCURRENCY[0] else "0", "--workload", "fixed",
-                            "--input-len", str(len(PROMPT)), "--output-len", str(SERVED_TOKENS + 1), "--out", report,
-                            "--no-progress"])
-            with open(report) as f:
-                served[str(c)] = json.load(f)["runs"][0]["summary"]["tpot"]["median_ms"] / 1e3
-    none = alone[tp]["none"]
-    progress(f"  served path at tp {tp} ({time.perf_counter() - t0:.0f} s): " + ", ".join(
-        f"{c} sequences {(served[c] - none[c]) * 1e3:+.1f} ms per step ({none[c] * 1e3:.1f} alone, "
-        f"{served[c] * 1e3:.1f} served)" for c in served))
-    for t, by_q in sorted(alone.items()):
-        progress(f"  step alone at tp {t}, ms at {', '.join(map(str, ALONE_CONCURRENCY))} sequences: " + "; ".join(
-            f"{q} " + " / ".join(f"{v * 1e3:.1f}" for v in a.values()) for q, a in by_q.items())
-            + f"; a {PREFILL_TOKENS}-token prefill " + ", ".join(
-                f"{q} {v[str(PREFILL_TOKENS)] * 1e3:.1f}" for q, v in prefill.get(t, {}).items()))
+    for d in alone[tp]:  # float32 first (the dict's order), each dtype its own server
+        t0 = time.perf_counter()
+        served = out[str(tp)]["served"] if d == "float32" else out[str(tp)]["dtypes"][d].setdefault("served", {})
+        with tempfile.TemporaryDirectory() as tmp, running_server("--model", model, "--tp", str(tp), "--replicas", "1",
+                                                                  "--dtype", d) as srv:
+            for c in SERVED_CONCURRENCY:  # the first bench's warm-up request warms the server for all
+                report = os.path.join(tmp, f"bench-{tp}-{c}.json")
+                with contextlib.redirect_stdout(io.StringIO()):  # its report table is not ours to print
+                    bench_main(["--target", srv.target, "--concurrency", str(c), "--num-requests",
+                                str(c * SERVED_REQUESTS), "--warmup", "1" if c == SERVED_CONCURRENCY[0] else "0",
+                                "--workload", "fixed", "--input-len", str(len(PROMPT)), "--output-len",
+                                str(SERVED_TOKENS + 1), "--out", report, "--no-progress"])
+                with open(report) as f:
+                    served[str(c)] = json.load(f)["runs"][0]["summary"]["tpot"]["median_ms"] / 1e3
+        none = alone[tp][d]["none"]
+        progress(f"  served path at tp {tp} {d} ({time.perf_counter() - t0:.0f} s): " + ", ".join(
+            f"{c} sequences {(served[c] - none[c]) * 1e3:+.1f} ms per step ({none[c] * 1e3:.1f} alone, "
+            f"{served[c] * 1e3:.1f} served)" for c in served))
+    for t, by_d in sorted(alone.items()):
+        for d, by_q in by_d.items():
+            progress(f"  step alone at tp {t} {d}, ms at {', '.join(map(str, ALONE_CONCURRENCY))} sequences: "
+                     + "; ".join(f"{q} " + " / ".join(f"{v * 1e3:.1f}" for v in a.values()) for q, a in by_q.items())
+                     + f"; a {PREFILL_TOKENS}-token prefill " + ", ".join(
+                         f"{q} {v[str(PREFILL_TOKENS)] * 1e3:.1f}" for q, v in prefill.get(t, {}).get(d, {}).items()))
     return out
 
 
-def profile(repeats: int = 3, progress=print, model: str | None = "smollm2-135m") -> HardwareProfile:
+def profile(repeats: int = 3, progress=print, model: str | None = "smollm2-135m",
+            dtypes: tuple[str, ...] = DTYPES) -> HardwareProfile:
     """`model`: what the served path is measured with (a folder or a name `tpserve serve` takes;
-    None: not measured, the planner then prices no served path)."""
+    None: not measured, the planner then prices no served path). `dtypes`: the model dtypes
+    whose matmuls and steps alone are measured (float32, the CPU default and the served path's,
+    always is)."""
+    dtypes = ("float32", *(d for d in dict.fromkeys(dtypes) if d != "float32"))
     from workers import set_openmp_env
     from workers.launcher import threads_per_rank
 
@@ -444,7 +466,7 @@ def profile(repeats: int = 3, progress=print, model: str | None = "smollm2-135m"
         from workers.model_source import resolve_model
 
         folder = str(resolve_model(model))
-        alone = AloneSteps(folder, sorted({1, min(2, cores)}))
+        alone = AloneSteps(folder, sorted({1, min(2, cores)}), dtypes=dtypes)
         progress(f"  worker groups for the steps alone started at {time.perf_counter() - t0:.0f} s")
     for rep in range(repeats):
         if alone is not None:
@@ -454,17 +476,19 @@ def profile(repeats: int = 3, progress=print, model: str | None = "smollm2-135m"
             if threads == max(thread_counts):
                 keep("read_gbs", read_bandwidth_gbs())
             tables = {}
-            for q in QUANTS:
-                tables[q] = linear_table(q)
-                for rows, s in tables[q].items():
-                    keep(("linear", q, threads, rows), s)
+            for d in dtypes:
+                for q in QUANTS:
+                    tables[(d, q)] = linear_table(q, d)
+                    for rows, s in tables[(d, q)].items():
+                        keep(("linear", d, q, threads, rows), s)
             call, per_byte, flops = attention_figures()
             keep(("attn_call", threads), call)
             keep(("attn_byte", threads), per_byte)
             keep(("attn_flops", threads), flops)
             from cluster.planner.hardware import interp
 
-            step, layer, row = fixed_costs(threads, lambda r: TINY_VOCAB * TINY_HIDDEN * interp(tables["none"], r))
+            head = tables[("float32", "none")]  # the tiny model's LM head, float32 as it runs
+            step, layer, row = fixed_costs(threads, lambda r: TINY_VOCAB * TINY_HIDDEN * interp(head, r))
             keep(("step", threads), step)
             keep(("layer", threads), layer)
             keep("row", row)
@@ -487,7 +511,7 @@ def profile(repeats: int = 3, progress=print, model: str | None = "smollm2-135m"
     coll: dict = {}
     for k, v in med.items():
         if isinstance(k, tuple) and k[0] == "linear":
-            linear.setdefault(k[1], {}).setdefault(str(k[2]), {})[k[3]] = v
+            linear.setdefault(k[1], {}).setdefault(k[2], {}).setdefault(str(k[3]), {})[k[4]] = v
         if isinstance(k, tuple) and k[0] == "coll":
             coll.setdefault(k[1], {}).setdefault(str(k[2]), {})[str(k[3])] = v
     spread = {str(k): [min(v), max(v)] for k, v in samples.items() if len(v) > 1}

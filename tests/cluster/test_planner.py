@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cluster.planner.cost import RooflineCost
 from cluster.planner.hardware import HardwareProfile
@@ -108,13 +109,68 @@ def test_w8a8_holds_int8_codes_keeps_a_float_head_and_is_priced_by_its_own_kerne
         == r.lm_head_elements * (1 - b)
     hw = toy_cpu_profile()
     w8a8_elem = {"1": 3e-10, "64": 3e-10, "256": 3e-10}
-    hw.linear_s["w8a8"] = {"1": w8a8_elem, "2": w8a8_elem}
+    hw.linear_s["bfloat16"] = hw.linear_s["float32"]  # a bf16 model is priced by its dtype's tables
+    hw.linear_s["bfloat16"]["w8a8"] = {"1": w8a8_elem, "2": w8a8_elem}
     step = StepShape((), (100,) * 4)
     linear = RooflineCost(model, hw, 1, "w8a8", "bfloat16").engine_parts(step)["linear"]
-    head = hw.linear_seconds(r.lm_head_elements, 4, "none", b, 1)  # the head by the float table
+    head = hw.linear_seconds(r.lm_head_elements, 4, "none", b, 1, "bfloat16")  # the head by the float table
     assert linear == pytest.approx(r.proj_elements * 3e-10 + head)
     int8 = RooflineCost(model, hw, 1, "int8", "bfloat16").engine_parts(step)["linear"]
-    assert int8 == pytest.approx(r.proj_elements * 1e-10 + hw.linear_seconds(r.lm_head_elements, 4, "int8", 1, 1))
+    assert int8 == pytest.approx(r.proj_elements * 1e-10 + hw.linear_seconds(r.lm_head_elements, 4, "int8", 1, 1,
+                                                                               "bfloat16"))
+
+
+def test_a_bfloat16_model_is_priced_by_its_own_tables_and_steps_and_an_unmeasured_dtype_is_an_error(
+        tmp_path, smollm2_dir):
+    """A bf16 model's layers run other kernels than a float32 one's (unquantized at one row, 0.45x
+    the time per weight here): its matmuls are priced from the profile's bf16 tables and its steps
+    calibrated by its own steps alone. A profile that did not measure a dtype refuses to price it."""
+    model = ModelShape(load_config(str(smollm2_dir)), "smollm2")
+    hw = toy_cpu_profile()
+    half = {"1": 0.5e-10, "64": 0.5e-10, "256": 2e-10}
+    hw.linear_s["bfloat16"] = {q: {"1": half, "2": half} for q in ("none", "int8", "int4")}
+    r = model.rank(1)
+    step = StepShape((), (100,) * 4)
+    f32, bf16 = RooflineCost(model, hw, 1), RooflineCost(model, hw, 1, "none", "bfloat16")
+    assert bf16.engine_parts(step)["linear"] == pytest.approx((r.proj_elements + r.lm_head_elements) * 0.5e-10)
+    assert f32.engine_parts(step)["linear"] == pytest.approx((r.proj_elements + r.lm_head_elements) * 1e-10)
+
+    def price(cost, shape):
+        return sum(cost.engine_parts(shape).values())
+
+    at = {n: StepShape((), (25,) * n) for n in (1, 16)}
+    hw.served_s = {"1": {"alone": {str(n): 1.5 * price(f32, at[n]) for n in at},
+                         "served": {str(n): 1.5 * price(f32, at[n]) + 0.01 for n in at},
+                         "dtypes": {"bfloat16": {"alone_by_quantization": {
+                             "none": {str(n): 0.8 * price(bf16, at[n]) for n in at}}}}}}
+    hw.served_context = 25
+    # Each dtype's measured step comes back, plus what serving adds (float32's where the profile
+    # served no other dtype).
+    assert RooflineCost(model, hw, 1).step_time(at[1]) == pytest.approx(1.5 * price(f32, at[1]) + 0.01)
+    assert RooflineCost(model, hw, 1, "none", "bfloat16").step_time(at[16]) == pytest.approx(
+        0.8 * price(bf16, at[16]) + 0.01)
+    # Served in bf16 too: its own added time (it grows with what the step's threads are stalled in).
+    hw.served_s["1"]["dtypes"]["bfloat16"]["served"] = {str(n): 0.8 * price(bf16, at[n]) + 0.02 for n in at}
+    assert RooflineCost(model, hw, 1, "none", "bfloat16").step_time(at[1]) == pytest.approx(
+        0.8 * price(bf16, at[1]) + 0.02)
+    assert RooflineCost(model, hw, 1).step_time(at[1]) == pytest.approx(1.5 * price(f32, at[1]) + 0.01)
+    # A profile of float32 only (every profile before dtypes were measured) names the field.
+    old = toy_cpu_profile()
+    with pytest.raises(ConfigError, match="^dtype: .*no bfloat16 figures.*--dtypes bfloat16"):
+        RooflineCost(model, old, 1, "none", "bfloat16").step_time(step)
+    path = tmp_path / "hw.json"
+    old.save(path)
+    run = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", "--model", str(smollm2_dir), "--hardware",
+                          str(path), "--concurrency", "4", "--num-requests", "8", "--input-len", "32",
+                          "--output-len", "8", "--tp", "1", "--replicas", "1", "--dtype", "bfloat16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().startswith("tpserve: error: dtype:")
+    # An old profile's file (quantizations at the top of linear_s) loads as float32's tables.
+    data = json.loads(path.read_text())
+    data["linear_s"] = data["linear_s"]["float32"]
+    path.write_text(json.dumps(data))
+    assert set(HardwareProfile.load(path).linear_s) == {"float32"}
 
 
 def test_a_cpu_profile_without_a_quantizations_figures_is_an_error_naming_it(tmp_path, smollm2_dir):
@@ -262,7 +318,8 @@ def test_steps_alone_are_sampled_count_by_count_across_groups_in_a_turned_order(
     monkeypatch.setattr(prof, "prefill_step", lambda engine, first: calls.append((engine, "prefill", 0))
                         or firsts.append(first) or 0.3)
     alone = object.__new__(prof.AloneSteps)
-    alone.groups = {(1, "none"): type("G", (), {"engine": "none"})(), (1, "int8"): type("G", (), {"engine": "int8"})()}
+    alone.groups = {(1, "float32", "none"): type("G", (), {"engine": "none"})(),
+                    (1, "float32", "int8"): type("G", (), {"engine": "int8"})()}
     alone.samples, alone.prefill_samples, alone._prompts = {}, {}, itertools.count(3000)
     alone.sample(0)
     alone.sample(1)
@@ -273,7 +330,8 @@ def test_steps_alone_are_sampled_count_by_count_across_groups_in_a_turned_order(
     assert all(len(v) == 2 for v in alone.samples.values()) and len(alone.samples) == 2 * len(prof.ALONE_CONCURRENCY)
     # Every prefill sample is a prompt not seen before (no prefix-cache hit), one per group and turn.
     assert len(set(firsts)) == 4 and all(len(v) == 2 for v in alone.prefill_samples.values())
-    assert alone.prefill_medians() == {1: {"none": {str(prof.PREFILL_TOKENS): 0.3}, "int8": {str(prof.PREFILL_TOKENS): 0.3}}}
+    assert alone.prefill_medians() == {1: {"float32": {"none": {str(prof.PREFILL_TOKENS): 0.3},
+                                                       "int8": {str(prof.PREFILL_TOKENS): 0.3}}}}
 
 
 def test_each_repeat_keeps_the_faster_of_its_two_prefill_samples(monkeypatch):
@@ -289,12 +347,30 @@ def test_each_repeat_keeps_the_faster_of_its_two_prefill_samples(monkeypatch):
     monkeypatch.setattr(prof, "decode_step", lambda engine, prompt, c, tokens: 0.1)
     monkeypatch.setattr(prof, "prefill_step", lambda engine, first: order.append(engine) or next(times))
     alone = object.__new__(prof.AloneSteps)
-    alone.groups = {(1, "none"): type("G", (), {"engine": "none"})(), (1, "int8"): type("G", (), {"engine": "int8"})()}
+    alone.groups = {(1, "float32", "none"): type("G", (), {"engine": "none"})(),
+                    (1, "float32", "int8"): type("G", (), {"engine": "int8"})()}
     alone.samples, alone.prefill_samples, alone._prompts = {}, {}, itertools.count(3000)
     for turn in range(3):
         alone.sample(turn)
         alone.sample_prefill_again(turn)
     assert order == ["none", "int8", "int8", "none", "int8", "none", "none", "int8", "none", "int8", "int8", "none"]
     # none: min(2.0, 3.0), min(1.6, 1.4), min(9.0, 1.3) -> median(2.0, 1.4, 1.3); int8: 1.0, 1.5, 1.1
-    assert alone.prefill_medians() == {1: {"none": {str(prof.PREFILL_TOKENS): 1.4}, "int8": {str(prof.PREFILL_TOKENS): 1.1}}}
-    assert alone.spread()[f"alone prefill tp 1 none {prof.PREFILL_TOKENS}"] == [1.3, 9.0]
+    assert alone.prefill_medians() == {1: {"float32": {"none": {str(prof.PREFILL_TOKENS): 1.4},
+                                                       "int8": {str(prof.PREFILL_TOKENS): 1.1}}}}
+    assert alone.spread()[f"alone prefill tp 1 float32 none {prof.PREFILL_TOKENS}"] == [1.3, 9.0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_profile_times_every_quantizations_layers_in_each_dtype(monkeypatch, dtype):
+    """Through the engine's own layers as they hold their weights after loading (an int4 layer keeps
+    only its decode kernel's copy and PyTorch's packed one: timing it by `layer.weight` failed)."""
+    from cluster.planner import profile as prof
+
+    monkeypatch.setattr(prof, "COPIES", 1)
+    monkeypatch.setattr(prof, "ROWS", (1, 64))
+    monkeypatch.setattr(prof, "_LAYERS", {})
+    for q in prof.QUANTS:
+        table = prof.linear_table(q, dtype)
+        assert set(table) == {"1", "64"} and all(0 < v < 1e-6 for v in table.values()), (q, table)
+        if q == "none":  # the layers of a `dtype` model
+            assert all(layer.weight.dtype == getattr(torch, dtype) for layer in prof._LAYERS[(q, dtype)])
