@@ -55,7 +55,7 @@ class RooflineCost:
     def _served_calibration(self) -> tuple[dict[str, float], dict[str, float]]:
         """({str(sequences): alone / priced}, {str(sequences): served - alone}) at the profile's
         served points. The scale comes from the step alone in this quantization where the
-        profile measured it (int4 takes int8's: the same kernel family), else unquantized, in the
+        profile measured it (a quantization it did not, w8a8, takes int8's), else unquantized, in the
         model's dtype ("dtypes": the profile's steps alone in a dtype other than float32); what
         serving adds was measured unquantized, in this dtype where the profile served it, and
         applies to every quantization."""

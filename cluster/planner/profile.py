@@ -247,7 +247,10 @@ ALONE_TOKENS = {1: 25, 4: 17, 16: 9, 64: 9}
 SERVED_PROMPT = BLOCK_SIZE + 1  # tokens: the timed steps decode at contexts 18-33
 PROMPT = list(range(100, 100 + SERVED_PROMPT))  # the steps alone; the served bench sends its own of this length
 SERVED_CONTEXT = SERVED_PROMPT + SERVED_TOKENS // 2 + 1  # their mean, as the planner prices them
-ALONE_QUANTS = ("none", "int8")  # int4 takes int8's calibration (the same kernel family)
+# int4 is measured on its own since its decode GEMV is tpserve's (workers/csrc/int4_gemv.cpp), not
+# int8's kernel family: taking int8's scale, its bf16 points were 15-27% optimistic at 1-16
+# sequences (2026-12-06). w8a8 takes int8's.
+ALONE_QUANTS = ("none", "int8", "int4")
 # A prefill step alone, per group: the decode steps' scale at 64 tokens priced every longer step,
 # prefill chunks included, and tp 2 int8's TTFT p90 came out +22..+26% in one validation and
 # -9..-18% in the one before (docs/planner.md) with its decode steps within 12%. The top of the

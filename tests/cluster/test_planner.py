@@ -221,7 +221,8 @@ def test_the_served_steps_the_profile_measured_are_priced_exactly_and_calibrate_
 
 def test_a_quantized_step_alone_calibrates_its_own_quantization(smollm2_dir):
     """int8's kernels change at the probe's row cut-over, so its step alone is measured and its
-    own price scaled by it; int4 (the same kernel family) takes int8's scale."""
+    own price scaled by it; int4 has its own where the profile measured it (since 2026-12-06; its
+    decode kernel is tpserve's GEMV), else takes int8's, as w8a8 does."""
     model = ModelShape(load_config(str(smollm2_dir)), "smollm2")
     hw = toy_cpu_profile()
 
@@ -243,6 +244,8 @@ def test_a_quantized_step_alone_calibrates_its_own_quantization(smollm2_dir):
     int4 = RooflineCost(model, hw, 1, "int4")
     assert int4.step_time(at[64]) == pytest.approx(0.7 * price(q4, at[64]) + 0.01)
     assert RooflineCost(model, hw, 1, "none").step_time(at[16]) == pytest.approx(1.5 * price(plain, at[16]) + 0.01)
+    hw.served_s["1"]["alone_by_quantization"]["int4"] = {str(n): 0.9 * price(q4, at[n]) for n in at}
+    assert RooflineCost(model, hw, 1, "int4").step_time(at[64]) == pytest.approx(0.9 * price(q4, at[64]) + 0.01)
 
 
 def test_a_prefill_step_alone_calibrates_the_steps_at_its_tokens(smollm2_dir):
