@@ -63,7 +63,8 @@ class RooflineCost:
         if not points:
             return {}, {}
         added = points["added"]
-        by_quant, unquantized, prefill = points.get("alone_by_quantization", {}), points["alone"], points.get("prefill", {})
+        by_quant, prefill = points.get("alone_by_quantization", {}), points.get("prefill", {})
+        unquantized = points["alone"]
         own = points.get("dtypes", {}).get(self.dtype)
         if own:  # measured in this dtype: "none" is one of its quantizations
             by_quant, prefill = own["alone_by_quantization"], own.get("prefill", {})

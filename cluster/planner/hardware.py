@@ -71,8 +71,8 @@ class HardwareProfile:
     # decode step of `served_model` at `served_context` tokens, its worker group stepped alone
     # (every tp), and as `tpserve serve` runs it with a `tpserve bench` client on this host (one tp);
     # "alone_by_quantization" {q: {str(sequences): s}} and "prefill" {q: {str(tokens): s}}, a prefill
-    # step alone; "dtypes" {dtype: {"alone_by_quantization" (with "none"), "prefill"}}, the same
-    # steps of the model in a dtype other than float32. Empty for GPU profiles: there the frontend
+    # step alone; "dtypes" {dtype: {"alone_by_quantization" (with "none"), "prefill", "served"}},
+    # the same of the model in a dtype other than float32. Empty for GPU profiles: there the frontend
     # runs on host cores the GPUs do not need.
     served_s: dict = field(default_factory=dict)
     served_model: str = ""
@@ -141,8 +141,9 @@ class HardwareProfile:
         at the nearest tp served ({} when none was), in `dtype` where the profile served it (else
         float32's). The profile serves one tp only (a server start costs seconds; what serving
         adds is the frontend's and client's work, the same per streamed token whatever the
-        replica's tp), in each dtype it measured: the added time grows with the step it stalls
-        (a bf16 SmolLM2 step of ~10 ms took +9.6 ms served, a float32 one of ~22 ms +7.3 ms)."""
+        replica's tp), in each dtype it measured, since the added time depends on the step it
+        stalls (2026-12-06, SmolLM2 at one sequence: +11.1 and +9.9 ms on a ~12 ms bf16 step,
+        +10.6 and +10.2 ms on a ~25 ms float32 one, in two profiles)."""
         served = [k for k, v in self.served_s.items() if v.get("served")]
         if not served:
             return {}

@@ -1,4 +1,4 @@
-"""`tpserve profile`: measure this machine for the planner (2-core VM, 2026-12-05: 60-177 s at --repeats 1).
+"""`tpserve profile`: measure this machine for the planner (2-core VM, 2026-12-06: 123 s at --repeats 1, both dtypes).
 
     tpserve profile --out hw.json [--repeats 3] [--dtypes float32,bfloat16]
 
@@ -6,9 +6,9 @@ What it measures (each figure the median of --repeats, its min-max kept in `spre
 - read bandwidth: a sum over a 512 MiB tensor;
 - matmuls: seconds per weight element at 1-256 rows, for none/int8/w8a8/int4, in a float32 and
   a bfloat16 model (`--dtypes`: their layers run different kernels; unquantized at one row bf16
-  took 0.45x float32's time per weight on 2026-12-06) and for each thread count a rank can have here (cores // tp), through the
-  engine's own layers and the kernels their probe picks on this machine
-  (workers/layers/linear_method.py);
+  took 0.45x float32's time per weight on 2026-12-06) and for each thread count a rank can have
+  here (cores // tp), through the engine's own layers and the kernels their probe picks on this
+  machine (workers/layers/linear_method.py);
 - attention over the paged KV cache (the engine's PagedAttentionBatch, on the decode path the
   engine chooses here): the per-layer call, per KV byte read by decode, FLOP/s of a prefill chunk;
 - collectives between real local ranks joined as a replica joins them (workers.comm_probe):
@@ -16,9 +16,9 @@ What it measures (each figure the median of --repeats, its min-max kept in `spre
 - fixed costs: a tiny random Llama (hidden 64, SmolLM2's 49,152-entry vocabulary) run by the
   engine core at 2 and 8 layers and at 1 and 16 sequences: per step, per layer, per sampled row;
 - the served path: `--model` (SmolLM2 by default) served by `tpserve serve` (one replica, the
-  smallest tp) and streamed by `tpserve bench` from this host: its decode step at one sequence,
+  smallest tp, each dtype) and streamed by `tpserve bench` from this host: its decode step at one sequence,
   with the frontend's streaming, the Ray poll, detokenizing and the client on the same cores,
-  and the model's worker groups (each tp and dtype, unquantized and int8) stepped alone at 1, 4, 16 and 64
+  and the model's worker groups (each tp and dtype; unquantized, int8 and int4) stepped alone at 1, 4, 16 and 64
   sequences (sampled once per repeat, so the median spans the profile's run) and through one
   256-token prefill (twice per repeat, a minute apart, the faster kept). Prompts are synthetic.
 Nothing here reads a benchmark result: the planner is calibrated from this file alone.
@@ -390,7 +390,8 @@ class AloneSteps:
 
 
 def served_path(model: str, alone: dict[int, dict[str, dict[str, dict[str, float]]]],
-                prefill: dict[int, dict[str, dict[str, dict[str, float]]]], progress=print) -> dict[str, dict[str, dict]]:
+                prefill: dict[int, dict[str, dict[str, dict[str, float]]]],
+                progress=print) -> dict[str, dict[str, dict]]:
     """str(tp) -> {"alone": {str(sequences): s}, "alone_by_quantization": {q: {str(sequences): s}},
     "prefill": {q: {str(tokens): s}}, "dtypes": {dtype: {"alone_by_quantization", "prefill",
     "served"}}, "served": {str(sequences): s}}: `alone` (AloneSteps.medians: float32's in the
