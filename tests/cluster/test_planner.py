@@ -377,3 +377,12 @@ def test_the_profile_times_every_quantizations_layers_in_each_dtype(monkeypatch,
         assert set(table) == {"1", "64"} and all(0 < v < 1e-6 for v in table.values()), (q, table)
         if q == "none":  # the layers of a `dtype` model
             assert all(layer.weight.dtype == getattr(torch, dtype) for layer in prof._LAYERS[(q, dtype)])
+
+
+def test_tpserve_profile_names_a_bad_dtype_before_measuring_anything(tmp_path):
+    out = tmp_path / "hw.json"
+    run = subprocess.run([sys.executable, "-m", "cluster.cli", "profile", "--out", str(out), "--repeats", "1",
+                          "--dtypes", "float32,float64"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().startswith("tpserve: error: dtypes:") and "'float64'" in run.stderr
+    assert not out.exists()
