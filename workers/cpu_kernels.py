@@ -43,6 +43,12 @@ def available() -> bool:
     return _state["why"] is None
 
 
+def takes(dtype: torch.dtype) -> bool:
+    """Whether the kernels are loaded and take activations of `dtype`: float32 and bfloat16 (their
+    C++ has no float16 path; a float16 model keeps PyTorch's kernels)."""
+    return dtype in (torch.float32, torch.bfloat16) and available()
+
+
 def build_key() -> str:
     """The loaded build's key (sources, machine, torch): probe decisions are named after it."""
     if not available():

@@ -207,3 +207,30 @@ def test_int8_keeps_off_the_packed_kernel_where_its_input_width_would_crash_it(t
         assert (served - dequantized).abs().max() <= 0.02 * dequantized.abs().max()
     finally:
         worker.close()
+
+
+@pytest.mark.parametrize("quantization", ["int8", "w8a8", "int4"])
+def test_a_float16_model_quantized_on_cpu_keeps_pytorchs_kernels_and_gives_float32s_logits(
+        quant_llama_dir, quantization, monkeypatch, tmp_path):
+    """tpserve's CPU kernels take float32 and bfloat16 activations only. A float16 model's start-up
+    probe of the int8 GEMV (its layers', or int4's and int8's LM head) and w8a8's first call raised
+    "x is float32 or bfloat16": the replica could not start. It now keeps PyTorch's kernels, the
+    probe on (a file of this test's own), and its logits follow the float32 model's (probe off:
+    PyTorch's kernels too, fed bf16)."""
+    from workers.kernel_probe import KernelProbe
+    from workers.worker import Worker
+
+    def logits(dtype: str) -> torch.Tensor:
+        worker = Worker(WorkerSpec(str(quant_llama_dir), tp_size=1, dtype=dtype, kv_cache_memory=4 << 20,
+                                   quantization=quantization), 0)
+        try:
+            return worker.prefill_logits(PROMPTS).float()
+        finally:
+            worker.close()
+
+    full = logits("float32")
+    with monkeypatch.context() as mp:
+        mp.setattr(KernelProbe, "for_this_machine", classmethod(lambda cls: KernelProbe(tmp_path / "k.json")))
+        half = logits("float16")
+    assert torch.isfinite(half).all() and full.abs().max() > 0
+    assert (half - full).abs().max() <= 0.03 * full.abs().max()

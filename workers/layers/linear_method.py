@@ -208,7 +208,7 @@ class PlainLinear(LinearMethod):
                 incumbent=lambda r: streamed(lambda c: F.linear(xp[r], c), r), default=0)
             if self.onednn_rows:
                 self.onednn_weight = onednn_pack(w.data)
-        if w.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available():
+        if cpu_kernels.takes(w.dtype):
             kernel, decision = op_gemv, f"gemv-op@{cpu_kernels.build_key()}"
         elif w.dtype == torch.float32 and w.shape[0] % GEMV_BLOCKS == 0:
             kernel, decision = gemv, "gemv-streamed"
@@ -372,7 +372,7 @@ class Int8Linear(_QuantizedLinear):
 
     def process_weights_after_loading(self, layer, probe):
         super().process_weights_after_loading(layer, probe)
-        if probe is None or layer.weight.device.type != "cpu" or not cpu_kernels.available():
+        if probe is None or layer.weight.device.type != "cpu" or not cpu_kernels.takes(layer.model_dtype):
             return
         kd = kernel_dtype(layer.model_dtype)
         if not self.kernel_takes(layer.weight.shape[1]):  # nothing else serves a few rows but a dequantize
@@ -407,7 +407,7 @@ class W8A8Linear(Int8Linear):
 
     def process_weights_after_loading(self, layer, probe):
         # Nothing to prepare: the kernel takes the codes and float32 scales as loaded.
-        self.fused = layer.weight.device.type == "cpu" and cpu_kernels.available()
+        self.fused = layer.weight.device.type == "cpu" and cpu_kernels.takes(layer.model_dtype)
         if probe is None or not self.fused:
             return
         op = torch.ops.tpserve.w8a8_linear
@@ -479,7 +479,7 @@ class Int4Linear(_QuantizedLinear):
         if layer.weight is not None:
             return dequantize_int4(layer.weight, layer.weight_sz).to(dtype)
         g = self.quant.group_size
-        if dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available():
+        if cpu_kernels.takes(dtype):
             return torch.ops.tpserve.int4_gemv_dequantize(layer.weight_gemv, g, self.shape[1], dtype)
         return dequantize_int4_gemv(layer.weight_gemv, *self.shape, g).to(dtype)
 
@@ -502,8 +502,7 @@ class Int4Linear(_QuantizedLinear):
         super().process_weights_after_loading(layer, probe)
         if getattr(layer, "weight_gemv", None) is None:
             return  # CUDA (dequantized into F.linear), or scales past float16
-        if (probe is not None and layer.model_dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available()
-                and torch.ops.tpserve.int4_gemv_fast()):
+        if probe is not None and cpu_kernels.takes(layer.model_dtype) and torch.ops.tpserve.int4_gemv_fast():
             self.gemv_rows = self._probe_gemv_rows(layer, probe)
 
     def _probe_gemv_rows(self, layer, probe: KernelProbe) -> int:
